@@ -1,0 +1,57 @@
+# AudioVisualCaps builder. `make help` lists the targets; each `## name: text` line documents one.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+AVCAPS := $(VENV)/bin/avcaps
+CONFIG ?= manifests/audiocaps.yaml
+WORKDIR ?=
+ARGS ?=
+RUN_FLAGS = --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR)) $(ARGS)
+# A CPU build of torch where there is no GPU (it lies on this machine's disk); the default
+# CUDA build where nvidia-smi answers.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
+
+.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7
+
+## help: list every target with a line on what it does
+help:
+	@awk -F': ' '/^## /{sub(/^## /,""); printf "  %-16s %s\n", $$1, substr($$0, length($$1)+3)}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[gpu,dev]'
+	touch $@
+
+## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
+setup: $(VENV)/.installed
+
+## test: run the test suite (sets itself up first)
+test: setup
+	$(PY) -m pytest
+
+## lint: ruff check of the whole tree
+lint: setup
+	$(VENV)/bin/ruff check .
+
+## demo: run the whole pipeline offline on manifests/demo.yaml (12 test clips, stand-in media and models)
+demo: setup
+	$(PY) -m standins.demo --config manifests/demo.yaml
+
+## status: show every stage of a run (CONFIG=..., WORKDIR=...)
+status: setup
+	$(AVCAPS) status $(RUN_FLAGS)
+
+## stage-0: ingest the AudioCaps CSVs into the clip table (CONFIG=..., WORKDIR=..., ARGS=...)
+stage-0: setup
+	$(AVCAPS) run 0 $(RUN_FLAGS)
+
+## bench: run the benchmarks and print their figures (recorded by hand in BENCHMARKS.md)
+bench: setup
+	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider --override-ini=testpaths=tests/benchmarks
+
+## clean-demo: remove the demo's run folder
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,169 @@
+"""The ``avcaps`` command line: ``run``, ``status``, ``config show`` (+ the application's groups).
+
+Every command takes ``--config FILE`` and ``--workdir DIR`` so two runs never share state by
+accident: the run folder comes from the config's ``workdir`` unless ``--workdir`` overrides it.
+Exit status: 0 when the stage ran, even if some items failed (their failures are in the ledger);
+2 when the run itself could not proceed (bad config, bad manifest, missing upstream).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline.errors import AbortRun
+
+DEFAULT_CONFIG = "manifests/audiocaps.yaml"
+
+
+def config_options(fn: Any) -> Any:
+    fn = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config value, e.g. --set caption.batch_size=64 (repeatable).",
+    )(fn)
+    fn = click.option(
+        "--workdir",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Run folder (overrides the config's workdir).",
+    )(fn)
+    fn = click.option(
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path),
+        default=DEFAULT_CONFIG,
+        show_default=True,
+        help="YAML run manifest.",
+    )(fn)
+    return fn
+
+
+def load_context(config_path: Path, workdir: Path | None, overrides: tuple[str, ...]) -> Any:
+    from pipeline.config import load_config
+    from pipeline.registry import config_model
+    from pipeline.stage import RunContext
+
+    extra = list(overrides)
+    if workdir is not None:
+        extra.append(f"workdir={workdir}")
+    cfg = load_config(config_model(), config_path, extra)
+    return RunContext(workdir=Path(cfg.workdir), config=cfg)  # type: ignore[attr-defined]
+
+
+class AvcapsGroup(click.Group):
+    """Turns :class:`AbortRun` into a one-line error and exit code 2, and loads the
+    application's command groups lazily (``avcaps review``, ``avcaps eval`` ...)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from pipeline.registry import app
+
+        return sorted(set(super().list_commands(ctx)) | set(getattr(app(), "COMMANDS", {})))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, name)
+        if cmd is not None:
+            return cmd
+        from pipeline.registry import app, load_object
+
+        spec = getattr(app(), "COMMANDS", {}).get(name)
+        return load_object(spec) if spec else None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AbortRun as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=AvcapsGroup)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """Build AudioVisualCaps: staged, resumable batch jobs over AudioCaps clips."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command()
+@click.argument("stage")
+@config_options
+@click.option("--shard", default=None, metavar="I/N", help="Only items whose clip_id hashes to shard I of N.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Process at most N pending items.")
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stage 0: a seeded sample of N clips per split (sets manifest.sample_per_split).",
+)
+@click.option("--retry-failed", is_flag=True, help="Re-queue every failed item, permanent ones too.")
+@click.option("--force", is_flag=True, help="Redo every item, finished ones too.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def run(
+    stage: str,
+    config_path: Path,
+    workdir: Path | None,
+    overrides: tuple[str, ...],
+    shard: str | None,
+    limit: int | None,
+    sample: int | None,
+    retry_failed: bool,
+    force: bool,
+    no_progress: bool,
+) -> None:
+    """Run STAGE (a number 0-7 or a name such as `download`)."""
+    from pipeline.registry import find_stage
+    from pipeline.runner import run_stage
+    from pipeline.sharding import parse_shard
+    from pipeline.stage import RunOptions
+
+    if sample is not None:
+        overrides = (*overrides, f"manifest.sample_per_split={sample}")
+    ctx = load_context(config_path, workdir, overrides)
+    cls = find_stage(stage)
+    options = RunOptions(
+        shard=parse_shard(shard),
+        limit=limit,
+        retry_failed=retry_failed,
+        force=force,
+        progress=not no_progress,
+    )
+    report = run_stage(cls, ctx, options)
+    click.echo(report.line())
+
+
+@main.command()
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+def status(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Show every stage: ok / failed_permanent / failed_transient / pending, with reasons."""
+    from pipeline.status import format_table, run_status
+
+    ctx = load_context(config_path, workdir, overrides)
+    result = run_status(ctx)
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else format_table(result))
+
+
+@main.group()
+def config() -> None:
+    """Inspect run manifests."""
+
+
+@config.command("show")
+@config_options
+def config_show(config_path: Path, workdir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Print the resolved config (defaults filled in, overrides applied)."""
+    from pipeline.config import dump_config
+
+    ctx = load_context(config_path, workdir, overrides)
+    click.echo(dump_config(ctx.config), nl=False)

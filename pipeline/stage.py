@@ -1,0 +1,151 @@
+"""The one stage interface (after datatrove's ``PipelineStep`` and NeMo Curator's
+``ProcessingStage``).
+
+A stage names itself and its upstream stage, loads heavy things once in :meth:`Stage.setup`, and
+maps a batch of items to a batch of results in :meth:`Stage.process`. It never loops over the
+dataset, never shards and never writes the ledger: the runner does.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pipeline.errors import ItemError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+    from pydantic import BaseModel
+
+    from pipeline.config import StageConfig
+
+Status = Literal["ok", "failed_permanent", "failed_transient"]
+STATUSES: tuple[str, ...] = ("ok", "failed_permanent", "failed_transient", "pending")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of a stage needs (used by executors that schedule workers)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+@dataclass
+class Item:
+    """One clip as a stage sees it: the clip row plus the ok outputs of every upstream stage."""
+
+    clip_id: str
+    data: dict[str, Any]
+    attempt: int = 1
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+
+@dataclass
+class Result:
+    """What a stage says about one item. ``outputs`` must match the stage's output schema."""
+
+    clip_id: str
+    status: Status = "ok"
+    outputs: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    message: str = ""
+
+    @classmethod
+    def ok(cls, clip_id: str, **outputs: Any) -> Result:
+        return cls(clip_id, "ok", outputs)
+
+    @classmethod
+    def failed(cls, clip_id: str, error: ItemError, **outputs: Any) -> Result:
+        return cls(clip_id, error.status, outputs, error.reason, error.message)  # type: ignore[arg-type]
+
+
+@dataclass
+class RunContext:
+    """Where a run's files live, and the resolved config."""
+
+    workdir: Path
+    config: BaseModel
+
+    @property
+    def media_dir(self) -> Path:
+        return self.workdir / "media"
+
+    def stage_dir(self, stage: type[Stage] | Stage) -> Path:
+        return self.workdir / stage.dirname()
+
+
+@dataclass
+class RunOptions:
+    """Options of one ``avcaps run`` invocation."""
+
+    shard: tuple[int, int] | None = None
+    limit: int | None = None
+    retry_failed: bool = False
+    force: bool = False
+    progress: bool = True
+
+
+class Stage(ABC):
+    """Base of every stage. Subclasses set the class variables and implement the hooks."""
+
+    number: ClassVar[int]
+    name: ClassVar[str]
+    upstream: ClassVar[str | None] = None
+    description: ClassVar[str] = ""
+    resources: ClassVar[Resources] = Resources()
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+
+    @classmethod
+    def dirname(cls) -> str:
+        return f"{cls.number:02d}-{cls.name}"
+
+    @property
+    def folder(self) -> Path:
+        return self.ctx.stage_dir(self)
+
+    def output_schema(self) -> list[pa.Field]:
+        """The typed output columns this stage adds to its ledger (if it keeps one)."""
+        return []
+
+    def setup(self) -> None:
+        """Load heavy things (models, clients) once per worker."""
+
+    def teardown(self) -> None:
+        """Release what :meth:`setup` acquired."""
+
+    def extra_stats(self, state: pd.DataFrame) -> dict[str, Any]:
+        """Stage-specific figures added to ``stats.json`` and ``avcaps status --json``."""
+        return {}
+
+
+class ItemStage(Stage):
+    """A stage that maps items to results; the runner owns the loop, sharding and ledger."""
+
+    @property
+    def stage_config(self) -> StageConfig:
+        return getattr(self.config, self.name)
+
+    def wants(self, data: dict[str, Any]) -> bool:
+        """Whether this stage applies to a clip at all (for example, only the test split)."""
+        return True
+
+    @abstractmethod
+    def process(self, batch: list[Item]) -> list[Result]:
+        """Map a batch of items to one result per item (any order)."""
+
+
+class WholeStage(Stage):
+    """A stage that works on the run as a whole (ingest, export, publish)."""
+
+    @abstractmethod
+    def run(self, options: RunOptions) -> dict[str, Any]:
+        """Do the work; return a summary that is saved in the stage's ``stats.json``."""
