@@ -28,8 +28,9 @@ $(VENV)/.installed: pyproject.toml
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
 setup: $(VENV)/.installed
 
-## test: run the test suite (sets itself up first)
+## test: ruff check, then the test suite (sets itself up first)
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 ## lint: ruff check of the whole tree

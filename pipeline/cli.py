@@ -167,3 +167,7 @@ def config_show(config_path: Path, workdir: Path | None, overrides: tuple[str, .
 
     ctx = load_context(config_path, workdir, overrides)
     click.echo(dump_config(ctx.config), nl=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -278,7 +278,7 @@ def run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions) -> RunRepo
     atomic_write_text(ctx.workdir / "config.yaml", dump_config(ctx.config))
     atomic_write_text(ctx.workdir / "runs" / f"{stamp}-{cls.dirname()}.yaml", dump_config(ctx.config))
     for folder in (stage.folder, ctx.media_dir):
-        clean_temp_files(folder, older_than_s=3600)
+        clean_temp_files(folder)
     if isinstance(stage, WholeStage):
         t0 = time.monotonic()
         summary = stage.run(options)
