@@ -66,7 +66,8 @@ def latest(info: dict) -> pd.DataFrame:
 
 
 def work(info: dict) -> list[str]:
-    return info["log"].read_text().split() if info["log"].exists() else []
+    lines = info["log"].read_text().splitlines() if info["log"].exists() else []
+    return [line.split()[0] for line in lines]
 
 
 def test_runs_every_item_once_and_rerun_does_nothing(run: dict) -> None:

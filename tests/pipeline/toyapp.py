@@ -61,7 +61,7 @@ class ToyStage(ItemStage):
         cfg = self.stage_config
         if cfg.work_log:  # type: ignore[attr-defined]
             with open(cfg.work_log, "a") as fh:  # type: ignore[attr-defined]
-                fh.write("".join(f"{it.clip_id}\n" for it in batch))
+                fh.write("".join(f"{it.clip_id} {os.getpid()}\n" for it in batch))
                 fh.flush()
                 os.fsync(fh.fileno())
         out = []
