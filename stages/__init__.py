@@ -6,6 +6,8 @@ schema and the extra CLI command groups through the names below.
 
 STAGES: list[str] = [
     "stages.manifest:ManifestStage",
+    "stages.export:ExportStage",
+    "stages.publish:PublishStage",
 ]
 CONFIG_MODEL = "stages.config:RunConfig"
 COMMANDS: dict[str, str] = {}

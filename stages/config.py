@@ -7,9 +7,13 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline.config import StrictModel
+from stages.export import ExportConfig
 from stages.manifest import ManifestConfig
+from stages.publish import PublishConfig
 
 
 class RunConfig(StrictModel):
     workdir: Path = Field(Path("runs/audiocaps"), description="Run folder: ledgers, media, export.")
     manifest: ManifestConfig = ManifestConfig()
+    export: ExportConfig = ExportConfig()
+    publish: PublishConfig = PublishConfig()
