@@ -402,12 +402,14 @@ def write_shards(
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=schema)
-    n = max(1, math.ceil(table.nbytes / max_bytes)) if table.num_rows else 1
-    per = max(1, math.ceil(table.num_rows / n)) if table.num_rows else 0
+    if not table.num_rows:
+        return []  # an empty split is left out (datasets cannot read a 0-row shard)
+    per = max(1, math.ceil(table.num_rows / math.ceil(table.nbytes / max_bytes)))
+    n = math.ceil(table.num_rows / per)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(n):
-        part = table.slice(i * per, per) if per else table
+        part = table.slice(i * per, per)
         path = folder / f"{split}-{i:05d}-of-{n:05d}.parquet"
         # No statistics timestamps exist in Parquet; created_by names the pyarrow version only.
         pq.write_table(part, path, compression="zstd", row_group_size=10_000)
@@ -503,7 +505,8 @@ class ExportStage(WholeStage):
                 for split, rows in by_split.items():
                     hf_split = HF_SPLITS[split]
                     paths = write_shards(rows, schema, tmp / "data" / variant, hf_split, cfg.max_shard_bytes)
-                    files[variant][hf_split] = [p.relative_to(tmp).as_posix() for p in paths]
+                    if paths:
+                        files[variant][hf_split] = [p.relative_to(tmp).as_posix() for p in paths]
             first = rows_by_variant[cfg.variants[0]]
             all_rows = [r for rows in first.values() for r in rows]
             counts = {HF_SPLITS[s]: len(r) for s, r in first.items()}
