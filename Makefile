@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[gpu,dev,ray]'
+	$(PY) -m pip install -q -e '.[gpu,dev,ray,publish]'
 	touch $@
 
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
@@ -48,6 +48,14 @@ status: setup
 ## stage-0: ingest the AudioCaps CSVs into the clip table (CONFIG=..., WORKDIR=..., ARGS=...)
 stage-0: setup
 	$(AVCAPS) run 0 $(RUN_FLAGS)
+
+## stage-6: export the dataset (Parquet configs per training variant, card, stats) to WORKDIR/export
+stage-6: setup
+	$(AVCAPS) run 6 $(RUN_FLAGS)
+
+## stage-7: publish WORKDIR/export to the Hub (ARGS="--set publish.repo_id=o/n"; HF_TOKEN in the env)
+stage-7: setup
+	$(AVCAPS) run 7 $(RUN_FLAGS)
 
 ## bench: run the benchmarks and print their figures (recorded by hand in BENCHMARKS.md)
 bench: setup

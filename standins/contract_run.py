@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+FULL = Path("manifests/audiocaps.yaml")
 # Visual captions cycled over the clips: plain, an acronym start, an empty one, a proper noun.
 VISUAL_CAPTIONS = (
     "a man riding a motorcycle down a road.",
@@ -93,15 +94,17 @@ def _wav(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def build_manifest(workdir: Path, sample_per_split: int, overrides: list[str] | None = None) -> Any:
+def build_manifest(
+    workdir: Path, sample_per_split: int | None, overrides: list[str] | None = None, config: Path = FULL
+) -> Any:
     """Run the real stage 0 on a seeded sample of the AudioCaps CSVs; returns the RunContext."""
     from pipeline.cli import load_context
     from pipeline.runner import run_stage
     from pipeline.stage import RunOptions
     from stages.manifest import ManifestStage
 
-    sets = [f"manifest.sample_per_split={sample_per_split}", *(overrides or [])]
-    ctx = load_context(Path("manifests/audiocaps.yaml"), workdir, tuple(sets))
+    sets = [f"manifest.sample_per_split={sample_per_split}"] if sample_per_split else []
+    ctx = load_context(config, workdir, (*sets, *(overrides or [])))
     run_stage(ManifestStage, ctx, RunOptions(progress=False))
     return ctx
 
@@ -109,26 +112,28 @@ def build_manifest(workdir: Path, sample_per_split: int, overrides: list[str] | 
 def build_contract_run(
     workdir: Path,
     *,
-    sample_per_split: int = 6,
+    config: Path = FULL,
+    sample_per_split: int | None = 6,
     download_failures: dict[str, str] | None = None,
     skip: dict[str, set[str]] | None = None,
     merge_splits: tuple[str, ...] = ("test",),
-    verdicts: dict[str, str] | None = None,
+    verdicts: dict[str, str | None] | None = None,
     review_default: str | None = "accept",
     overrides: list[str] | None = None,
 ) -> ContractRun:
     """Write stages 1-5 for the sampled clips.
 
-    ``download_failures``: clip_id -> failure reason; ``skip``: stage folder -> clip ids with no
-    row at all (a stage not done yet); ``verdicts``: clip_id -> verdict for merged clips, the
-    others get ``review_default`` (None: no review row).
+    ``config``: the run manifest whose stage 0 runs (``sample_per_split`` None keeps its own
+    sampling); ``download_failures``: clip_id -> failure reason; ``skip``: stage folder -> clip ids
+    with no row at all (a stage not done yet); ``verdicts``: clip_id -> verdict for merged clips
+    (None: no review row), the others get ``review_default``.
     """
     import pandas as pd
 
     from pipeline.io import atomic_path
     from pipeline.ledger import Ledger
 
-    ctx = build_manifest(workdir, sample_per_split, overrides)
+    ctx = build_manifest(workdir, sample_per_split, overrides, config)
     clips_df = Ledger(workdir / "00-manifest" / "ledger").latest()
     clips = {cid: row for cid, row in zip(clips_df.index, clips_df.to_dict("records"), strict=True)}
     download_failures = download_failures or {}
