@@ -262,9 +262,16 @@ def plan_export(tables: RunTables, allow_unreviewed: bool) -> Plan:
                     + " (pull the reviews, or include raw merges flagged with "
                     "--set export.allow_unreviewed=true)"
                 )
-        if split == "test" or (split == "val" and current & merged):
-            if split == "val":
-                current = current & merged
+        merge_df = tables.stages[MERGE]
+        val_merged = split == "val" and merge_df is not None and bool(current & set(merge_df.index))
+        if val_merged:
+            # The merge stage ran on val: val is a merged split, and every val clip needs its merge.
+            n = _missing(tables, MERGE, current)
+            if n:
+                problems.append(_missing_line(MERGE, n, len(current), split))
+            avail["failed_merge"] = tables.failed(MERGE, current)
+            current = current & merged
+        if split == "test" or val_merged:
             plan.merged_splits.append(split)
             verdicts = {
                 cid: (str(reviews.at[cid, "verdict"]) if cid in reviewed else UNREVIEWED) for cid in current

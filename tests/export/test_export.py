@@ -187,6 +187,12 @@ def test_merged_validation_split_uses_its_merges(tmp_path: Path, export: Callabl
     stats = json.loads((folder / "statistics.json").read_text())
     assert stats["merged_splits"] == ["validation", "test"]
     assert set(stats["splits"]["validation"]) == {"AudioCaps", "AudioVisualCaps"}
+    val = sorted(c for c, r in run.clips.items() if r["split"] == "val")
+    rebuilt = build_contract_run(
+        tmp_path / "partial", sample_per_split=2, merge_splits=("val", "test"), skip={"04-merge": {val[0]}}
+    )
+    with pytest.raises(AbortRun, match=r"stage 04-merge: 1 of 2 val item\(s\) have no result yet"):
+        export(rebuilt.workdir)
 
 
 @pytest.mark.slow
