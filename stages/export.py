@@ -352,14 +352,19 @@ def merged_references(tables: RunTables, row: dict[str, Any]) -> tuple[list[str]
 
 
 def build_rows(
-    tables: RunTables, plan: Plan, variant: str, cfg: ExportConfig, proper_nouns: frozenset[str]
+    tables: RunTables,
+    plan: Plan,
+    variant: str,
+    cfg: ExportConfig,
+    proper_nouns: frozenset[str],
+    bases: dict[str, dict[str, Any]],
 ) -> dict[str, list[dict[str, Any]]]:
-    """The rows of one config, per split, sorted by ``clip_id``."""
+    """The rows of one config, per split, sorted by ``clip_id`` (``bases``: :func:`base_row` by id)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for split, ids in plan.ids.items():
         rows = []
         for cid in ids:
-            row = base_row(tables, cid)
+            row = dict(bases[cid])
             if split in plan.merged_splits:
                 refs, verdict = merged_references(tables, row)
                 sources = ["merged"] * len(refs)
@@ -497,7 +502,8 @@ class ExportStage(WholeStage):
         if cfg.proper_nouns_from_corpus:
             proper = proper_nouns_from(c for caps in tables.clips["audio_captions"] for c in _py(caps))
         schema = row_schema(cfg.embed_media)
-        rows_by_variant = {v: build_rows(tables, plan, v, cfg, proper) for v in cfg.variants}
+        bases = {cid: base_row(tables, cid) for ids in plan.ids.values() for cid in ids}
+        rows_by_variant = {v: build_rows(tables, plan, v, cfg, proper, bases) for v in cfg.variants}
         excluded: dict[str, str] = {}
         if cfg.embed_media:
             for by_split in rows_by_variant.values():
