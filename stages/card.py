@@ -100,7 +100,14 @@ def render_card(stats: dict[str, Any], cfg: ExportConfig) -> str:
                 split,
                 a["clips"],
                 _reasons(a.get("failed_download", {})),
-                _reasons({**a.get("failed_keyframes", {}), **a.get("failed_caption", {})}),
+                _reasons(
+                    {
+                        **{f"keyframes:{k}": v for k, v in a.get("failed_keyframes", {}).items()},
+                        **{f"caption:{k}": v for k, v in a.get("failed_caption", {}).items()},
+                        **{f"merge:{k}": v for k, v in a.get("failed_merge", {}).items()},
+                        **({"media missing": a["media_missing"]} if a.get("media_missing") else {}),
+                    }
+                ),
                 a["exported"],
             ]
         )
@@ -110,7 +117,13 @@ def render_card(stats: dict[str, Any], cfg: ExportConfig) -> str:
             stat_rows.append([split, source, s["captions"], f"{s['words_per_caption']:.2f}", s["vocabulary"]])
     unreviewed = stats["unreviewed_test_items"]
     avail_table = _table(
-        ["split", "AudioCaps clips", "not downloadable (reason)", "media/caption failures", "exported"],
+        [
+            "split",
+            "AudioCaps clips",
+            "not downloadable (reason)",
+            "later failures (stage:reason)",
+            "exported",
+        ],
         avail_rows,
     )
     revisions = ", ".join(prov["caption_revision"]) or "n/a"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -71,7 +70,9 @@ class ExportConfig(StrictModel):
     embed_media: bool = Field(
         False, description="Embed the middle keyframe and the audio (datasets Image/Audio features)."
     )
-    max_shard_bytes: int = Field(256 * 1024 * 1024, gt=0, description="Upper bound of one Parquet shard.")
+    max_shard_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="Upper bound of one Parquet shard (uncompressed rows + media)."
+    )
     proper_nouns_from_corpus: bool = Field(
         True,
         description="`and` variant: keep the capital of words seen capitalised mid-caption, never lowercase.",
@@ -387,44 +388,85 @@ def build_rows(
     return out
 
 
-def add_media(rows: list[dict[str, Any]], workdir: Path, excluded: dict[str, str]) -> list[dict[str, Any]]:
-    """Embed the middle keyframe and the audio; a clip whose files are gone is excluded, named."""
-    kept = []
-    for row in rows:
-        try:
-            media = {}
-            for column, key in (("image", "frame_path"), ("audio", "audio_path")):
-                if not row[key]:
-                    raise FileNotFoundError(f"no {key} in the ledger")
-                path = workdir / row[key]
-                media[column] = {"bytes": path.read_bytes(), "path": path.name}
-        except OSError as exc:
-            excluded[row["clip_id"]] = f"media missing: {exc}"
-            continue
-        kept.append({**row, **media})
-    return kept
+MEDIA_COLUMNS = (("image", "frame_path"), ("audio", "audio_path"))
+
+
+def drop_missing_media(
+    plan: Plan, bases: dict[str, dict[str, Any]], workdir: Path, excluded: dict[str, str]
+) -> None:
+    """Embedding media: a clip whose keyframe or audio file is gone is excluded, named, counted."""
+    for split, ids in plan.ids.items():
+        kept = []
+        for cid in ids:
+            missing = [
+                key
+                for _, key in MEDIA_COLUMNS
+                if not bases[cid][key] or not (workdir / bases[cid][key]).is_file()
+            ]
+            if missing:
+                excluded[cid] = "media missing: " + ", ".join(
+                    f"{key}={bases[cid][key] or '(none in the ledger)'}" for key in missing
+                )
+            else:
+                kept.append(cid)
+        plan.availability[split]["media_missing"] = len(ids) - len(kept)
+        plan.availability[split]["exported"] = len(kept)
+        plan.ids[split] = kept
+
+
+def _with_media(row: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    media = {}
+    for column, key in MEDIA_COLUMNS:
+        path = workdir / row[key]
+        media[column] = {"bytes": path.read_bytes(), "path": path.name}
+    return {**row, **media}
+
+
+def _row_bytes(row: dict[str, Any], workdir: Path, embed: bool) -> int:
+    """Uncompressed size of a row: its text, plus its media files when they are embedded."""
+    size = len(json.dumps(row, default=str))
+    if embed:
+        size += sum((workdir / row[key]).stat().st_size for _, key in MEDIA_COLUMNS)
+    return size
 
 
 # -- writing ------------------------------------------------------------------------------------------
 def write_shards(
-    rows: list[dict[str, Any]], schema: pa.Schema, folder: Path, split: str, max_bytes: int
+    rows: list[dict[str, Any]],
+    schema: pa.Schema,
+    folder: Path,
+    split: str,
+    max_bytes: int,
+    workdir: Path,
+    embed: bool,
 ) -> list[Path]:
-    """``<split>-NNNNN-of-NNNNN.parquet`` shards of at most about ``max_bytes`` (in memory) each."""
+    """``<split>-NNNNN-of-NNNNN.parquet`` shards of at most ``max_bytes`` uncompressed each.
+
+    Rows are grouped greedily in ``clip_id`` order (a row larger than the bound gets its own
+    shard); media is read shard by shard, so memory holds one shard's media at most.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=schema)
-    if not table.num_rows:
-        return []  # an empty split is left out (datasets cannot read a 0-row shard)
-    per = max(1, math.ceil(table.num_rows / math.ceil(table.nbytes / max_bytes)))
-    n = math.ceil(table.num_rows / per)
+    groups: list[list[dict[str, Any]]] = []
+    size = 0
+    for row in rows:
+        n = _row_bytes(row, workdir, embed)
+        if not groups or (groups[-1] and size + n > max_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(row)
+        size += n
+    # An empty split is left out: datasets cannot read a 0-row shard.
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(n):
-        part = table.slice(i * per, per)
-        path = folder / f"{split}-{i:05d}-of-{n:05d}.parquet"
-        # No statistics timestamps exist in Parquet; created_by names the pyarrow version only.
-        pq.write_table(part, path, compression="zstd", row_group_size=10_000)
+    for i, group in enumerate(groups):
+        if embed:
+            group = [_with_media(row, workdir) for row in group]
+        table = pa.Table.from_pylist(group, schema=schema)
+        path = folder / f"{split}-{i:05d}-of-{len(groups):05d}.parquet"
+        # Parquet keeps no write time; created_by names the pyarrow version only.
+        pq.write_table(table, path, compression="zstd", row_group_size=10_000)
         paths.append(path)
     return paths
 
@@ -503,12 +545,10 @@ class ExportStage(WholeStage):
             proper = proper_nouns_from(c for caps in tables.clips["audio_captions"] for c in _py(caps))
         schema = row_schema(cfg.embed_media)
         bases = {cid: base_row(tables, cid) for ids in plan.ids.values() for cid in ids}
-        rows_by_variant = {v: build_rows(tables, plan, v, cfg, proper, bases) for v in cfg.variants}
         excluded: dict[str, str] = {}
         if cfg.embed_media:
-            for by_split in rows_by_variant.values():
-                for split in by_split:
-                    by_split[split] = add_media(by_split[split], workdir, excluded)
+            drop_missing_media(plan, bases, workdir, excluded)
+        rows_by_variant = {v: build_rows(tables, plan, v, cfg, proper, bases) for v in cfg.variants}
         dest = workdir / cfg.folder
         tmp = workdir / f".tmp-export-{uuid.uuid4().hex[:8]}"
         try:
@@ -517,7 +557,15 @@ class ExportStage(WholeStage):
                 files[variant] = {}
                 for split, rows in by_split.items():
                     hf_split = HF_SPLITS[split]
-                    paths = write_shards(rows, schema, tmp / "data" / variant, hf_split, cfg.max_shard_bytes)
+                    paths = write_shards(
+                        rows,
+                        schema,
+                        tmp / "data" / variant,
+                        hf_split,
+                        cfg.max_shard_bytes,
+                        workdir,
+                        cfg.embed_media,
+                    )
                     if paths:
                         files[variant][hf_split] = [p.relative_to(tmp).as_posix() for p in paths]
             first = rows_by_variant[cfg.variants[0]]

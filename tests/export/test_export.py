@@ -219,4 +219,9 @@ def test_embedded_media_and_bounded_shards(
     assert first_test not in set(ds["test"]["clip_id"])
     stats = json.loads((folder / "statistics.json").read_text())
     assert list(stats["excluded_media_missing"]) == [first_test]
+    assert (
+        stats["excluded_media_missing"][first_test]
+        == f"media missing: audio_path=media/audio/{first_test}.wav"
+    )
     assert stats["counts"]["test"] == 3
+    assert "| test | 6 | removed 1 | media missing 1 | 3 |" in (folder / "README.md").read_text()
