@@ -205,8 +205,10 @@ merged splits, audio and visual captions merged by an LLM, then reviewed by peop
 
 ## Statistics (as in the paper's Table 2)
 
-Tokenization: {stats["tokenization"]}. With this rule the AudioCaps test split has 10.27 words per
-caption, the paper's figure; the paper's vocabulary figure uses a tokenizer it does not name.
+Tokenization: {stats["tokenization"]}.
+On the full AudioCaps test CSV this rule gives 10.27 words per caption, the paper's figure (its
+vocabulary figure, 1,319, uses a tokenizer the paper does not name). The table covers the clips in
+this export.
 
 {_table(["split", "captions", "#captions", "#words/caption", "#vocabulary"], stat_rows)}
 
