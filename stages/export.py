@@ -33,6 +33,7 @@ from pydantic import Field, field_validator
 from pipeline.config import StrictModel
 from pipeline.errors import AbortRun
 from pipeline.io import atomic_write_text
+from pipeline.runner import _py
 from pipeline.stage import RunOptions, WholeStage
 from stages.caption_stats import TOKENIZATION, caption_stats
 from stages.variants import VARIANTS, UnknownVariant, build_variant, check_variants, clean, proper_nouns_from
@@ -146,12 +147,6 @@ def _latest(workdir: Path, dirname: str) -> pd.DataFrame | None:
 
     ledger = Ledger(workdir / dirname / "ledger")
     return ledger.latest() if ledger.exists() else None
-
-
-def _py(value: Any) -> Any:
-    from pipeline.runner import _py as to_py
-
-    return to_py(value)
 
 
 @dataclass
