@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[gpu,dev]'
+	$(PY) -m pip install -q -e '.[gpu,dev,eval]'
 	touch $@
 
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)

@@ -8,4 +8,9 @@ STAGES: list[str] = [
     "stages.manifest:ManifestStage",
 ]
 CONFIG_MODEL = "stages.config:RunConfig"
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "eval": "evalkit.cli:eval_cmd",
+    "fetch-spice": "evalkit.cli:fetch_spice",
+    "perturb": "evalkit.cli:perturb",
+    "robustness": "evalkit.cli:robustness",
+}
