@@ -64,9 +64,11 @@ def match_ids(
 ) -> Match:
     """Matched, missing (a reference without prediction) and extra (a prediction without reference)
     clip ids. Missing ones are an error unless ``allow_missing``; extra ones are only counted."""
-    matched = sorted(set(predictions) & set(references))
-    missing = sorted(set(references) - set(predictions))
-    extra = sorted(set(predictions) - set(references))
+    # Reference order, as a direct pycocoevalcap run over the reference file would use: the
+    # corpus means (ROUGE-L, CIDEr-D) then match it to the last bit.
+    matched = [c for c in references if c in predictions]
+    missing = [c for c in references if c not in predictions]
+    extra = [c for c in predictions if c not in references]
     if not matched:
         raise AbortRun(
             f"no prediction matches a reference clip id (predictions e.g. {extra[:3]}, "
