@@ -10,7 +10,7 @@ clean               both streams as they are
 visual_black        an all-black RGB image of the same size (PNG, lossless)
 visual_white        an all-white RGB image of the same size
 visual_noise        uniform random RGB pixels 0..255 of the same size
-audio_silent        zeros, same number of samples, channels and rate (32-bit float WAV)
+audio_silent        zeros, same number of samples, channels and rate (16-bit PCM WAV)
 audio_gaussian      N(0, noise_std^2) samples (full scale is 1.0), same length and rate
 visual_shuffled     every clip gets another clip's image: a seeded derangement (nobody keeps
                     its own, every image used exactly once)
@@ -180,7 +180,9 @@ def _write_wav(dest: Path, samples: Any, rate: int) -> None:
     if dest.exists():
         return
     with atomic_path(dest) as tmp:
-        sf.write(str(tmp), samples, rate, subtype="FLOAT", format="WAV")
+        # 16-bit PCM: what every audio loader reads, and byte-for-byte reproducible (libsndfile
+        # stamps float WAVs with the time of writing in a PEAK chunk).
+        sf.write(str(tmp), samples, rate, subtype="PCM_16", format="WAV")
 
 
 def _image_for(condition: str, size: tuple[int, int], seed: int, clip_id: str) -> Any:
