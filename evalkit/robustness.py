@@ -176,14 +176,20 @@ def plot(report: dict[str, Any], dest: Path) -> None:
     ax2.axhline(0, color="black", linewidth=0.8)
     b = report["bias"]
     ax2.set_title(f"modality-bias index = {fmt(b['index'], 2)} (+1 audio-biased, -1 visual-biased)")
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    ax2.legend(
-        handles=[
-            Patch(color="#d95f02", label="audio perturbed"),
-            Patch(color="#1b9e77", label="visual perturbed"),
-        ]
-    )
+    handles: list[Any] = [
+        Patch(color="#d95f02", label="audio perturbed"),
+        Patch(color="#1b9e77", label="visual perturbed"),
+    ]
+    for side, color in (("audio", "#d95f02"), ("visual", "#1b9e77")):
+        if b[f"drop_{side}"] is not None:
+            ax2.axhline(100 * b[f"drop_{side}"], color=color, linestyle="--", linewidth=1)
+            handles.append(Line2D([], [], color=color, linestyle="--", label=f"mean {side} drop"))
+    # Head room above the tallest bar for the legend.
+    ax2.set_ylim(min([0.0, *drops]) * 1.1, max([1.0, *drops]) * 1.4)
+    ax2.legend(handles=handles, loc="upper left")
     fig.tight_layout()
     with atomic_path(dest) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
