@@ -12,7 +12,7 @@ RUN_FLAGS = --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR)) $(ARGS)
 # CUDA build where nvidia-smi answers.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7
+.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice
 
 ## help: list every target with a line on what it does
 help:
@@ -51,6 +51,10 @@ stage-0: setup
 ## bench: run the benchmarks and print their figures (recorded by hand in BENCHMARKS.md)
 bench: setup
 	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider --override-ini=testpaths=tests/benchmarks
+
+## fetch-spice: install the CoreNLP 3.6.0 jars SPICE needs (internet, or ZIP=stanford-corenlp-full-2015-12-09.zip; SPICE_DIR=...)
+fetch-spice: setup
+	$(AVCAPS) fetch-spice $(if $(SPICE_DIR),--spice-dir $(SPICE_DIR)) $(if $(ZIP),--from-zip $(ZIP))
 
 ## clean-demo: remove the demo's run folder
 clean-demo:

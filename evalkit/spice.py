@@ -137,8 +137,10 @@ class SpiceRunner:
                 self.command(in_file, out_file), capture_output=True, text=True, check=False
             )
             if proc.returncode != 0 or not out_file.is_file():
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-                raise RuntimeError(f"java exited with {proc.returncode}: {' | '.join(tail)}")
+                lines = (proc.stderr or proc.stdout).strip().splitlines()
+                # The first exception line says what went wrong; the stack below it rarely does.
+                cause = [ln.strip() for ln in lines if "Exception" in ln or "Error" in ln][:2] or lines[-2:]
+                raise RuntimeError(f"java exited with {proc.returncode}: {' | '.join(cause)}")
             results = json.loads(out_file.read_text())
 
         def f_score(item: dict[str, Any]) -> float:
