@@ -72,23 +72,25 @@ def read_predictions(path: Path | str) -> dict[str, str]:
     return out
 
 
-def find_export_files(root: Path, split: str, config_name: str | None) -> list[Path]:
-    """The Parquet files of one split in an export folder (or a run folder holding ``export/``)."""
+def find_export_files(root: Path, split: str, config_name: str | None) -> dict[str, list[Path]]:
+    """config -> its Parquet files of one split, in an export folder (or a run folder holding
+    ``export/``); all configs unless ``config_name`` picks one."""
     base = root / "export" if (root / "export" / "data").is_dir() else root
     data = base / "data"
     if not data.is_dir():
         raise AbortRun(f"{root}: no export found (expected {data})")
     configs = sorted(p.name for p in data.iterdir() if p.is_dir())
-    if config_name is None:
-        if len(configs) != 1:
-            raise AbortRun(f"{data}: several configs {configs}; choose one with --config-name")
-        config_name = configs[0]
-    if config_name not in configs:
+    if config_name is not None and config_name not in configs:
         raise AbortRun(f"{data}: no config {config_name!r} (have {configs})")
-    files = sorted((data / config_name).glob(f"{split}-*.parquet"))
-    if not files:
-        raise AbortRun(f"{data / config_name}: no {split}-*.parquet files")
-    return files
+    out = {}
+    for name in [config_name] if config_name else configs:
+        files = sorted((data / name).glob(f"{split}-*.parquet"))
+        if not files:
+            raise AbortRun(f"{data / name}: no {split}-*.parquet files")
+        out[name] = files
+    if not out:
+        raise AbortRun(f"{data}: no configs")
+    return out
 
 
 def _references_from_parquet(files: list[Path]) -> dict[str, list[str]]:
@@ -96,10 +98,12 @@ def _references_from_parquet(files: list[Path]) -> dict[str, list[str]]:
 
     out: dict[str, list[str]] = {}
     for f in files:
-        table = pq.read_table(f)
-        column = next((c for c in REFERENCE_LIST_COLUMNS if c in table.column_names), None)
-        if "clip_id" not in table.column_names or column is None:
+        names = pq.read_schema(f).names
+        column = next((c for c in REFERENCE_LIST_COLUMNS if c in names), None)
+        if "clip_id" not in names or column is None:
             raise AbortRun(f"{f}: needs columns clip_id and one of {REFERENCE_LIST_COLUMNS}")
+        # Only the two columns: an export may embed images and audio in other ones.
+        table = pq.read_table(f, columns=["clip_id", column])
         for clip_id, refs in zip(
             table.column("clip_id").to_pylist(), table.column(column).to_pylist(), strict=True
         ):
@@ -112,6 +116,23 @@ def _references_from_parquet(files: list[Path]) -> dict[str, list[str]]:
     return out
 
 
+def _references_from_export(root: Path, split: str, config_name: str | None) -> dict[str, list[str]]:
+    """The export's references of ``split``. The configs differ in their training captions only, so
+    without ``--config-name`` every config must hold the same references (checked)."""
+    by_config = {
+        name: _references_from_parquet(files)
+        for name, files in find_export_files(root, split, config_name).items()
+    }
+    (first, refs), *others = by_config.items()
+    for name, other in others:
+        if other != refs:
+            raise AbortRun(
+                f"{root}: the {split} references of configs {first!r} and {name!r} differ; "
+                "choose one with --config-name"
+            )
+    return refs
+
+
 def read_references(
     path: Path | str, split: str = "test", config_name: str | None = None
 ) -> dict[str, list[str]]:
@@ -120,7 +141,7 @@ def read_references(
 
     path = Path(path)
     if path.is_dir():
-        return _references_from_parquet(find_export_files(path, split, config_name))
+        return _references_from_export(path, split, config_name)
     if not path.is_file():
         raise AbortRun(f"references not found: {path}")
     suffix = path.suffix.lower()

@@ -108,8 +108,14 @@ def test_cli_reads_every_reference_format_and_prints_all_formats(loo, tmp_path: 
     data = tmp_path / "run" / "export" / "data" / "default"
     data.mkdir(parents=True)
     for k, chunk in enumerate((ids[:25], ids[25:])):
-        table = pa.table({"clip_id": chunk, "captions": [refs[c] for c in chunk]})
+        table = pa.table(
+            {"clip_id": chunk, "captions": [refs[c] for c in chunk], "image": [b"x"] * len(chunk)}
+        )
         pq.write_table(table, data / f"test-{k:05d}-of-00002.parquet")
+    # A second config (another training variant) with the same test references, as the export has.
+    (data.parent / "concat").mkdir()
+    for f in data.iterdir():
+        (data.parent / "concat" / f.name).write_bytes(f.read_bytes())
     jsonl = write_jsonl(tmp_path / "r.jsonl", [{"clip_id": c, "captions": refs[c]} for c in ids])
     csv_refs = tmp_path / "r.csv"
     csv_refs.write_text("clip_id,caption\n" + "".join(f'{c},"{r}"\n' for c in ids for r in refs[c]))
@@ -123,13 +129,23 @@ def test_cli_reads_every_reference_format_and_prints_all_formats(loo, tmp_path: 
     loaded = [read_references(s) for s in sources]
     assert loaded[0] == loaded[1] == loaded[3] == loaded[4] == {c: refs[c] for c in ids}
     assert set(loaded[2]) == set(ids[:25])
+    assert read_references(tmp_path / "run", config_name="concat") == loaded[0]
+    pq.write_table(
+        pa.table({"clip_id": ids[:3], "captions": [["other"]] * 3}),
+        data.parent / "concat" / "test-00000-of-00002.parquet",
+    )
+    with pytest.raises(AbortRun, match="differ; choose one with --config-name"):
+        read_references(tmp_path / "run")
+    assert read_references(tmp_path / "run", config_name="default") == loaded[0]
+    with pytest.raises(AbortRun, match="no config 'nope'"):
+        read_references(tmp_path / "run", config_name="nope")
+    with pytest.raises(AbortRun, match="no val-"):
+        read_references(tmp_path / "run", split="val")
 
     runner = CliRunner()
     out = tmp_path / "scores.json"
-    r = runner.invoke(
-        main,
-        ["eval", str(pred_file), "--refs", str(tmp_path / "run"), "--format", "json", "--output", str(out)],
-    )
+    args = ["eval", str(pred_file), "--refs", str(tmp_path / "run"), "--config-name", "default"]
+    r = runner.invoke(main, [*args, "--format", "json", "--output", str(out)])
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     assert set(report["metrics"]) == set(METRICS)
