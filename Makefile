@@ -50,7 +50,7 @@ stage-0: setup
 
 ## bench: run the benchmarks and print their figures (recorded by hand in BENCHMARKS.md)
 bench: setup
-	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider --override-ini=testpaths=tests/benchmarks
+	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider --override-ini=testpaths=tests/benchmarks -o "python_files=bench_*.py test_*.py"
 
 ## fetch-spice: install the CoreNLP 3.6.0 jars SPICE needs (internet, or ZIP=stanford-corenlp-full-2015-12-09.zip; SPICE_DIR=...)
 fetch-spice: setup

@@ -151,21 +151,27 @@ def evaluate_sets(
 ) -> dict[str, Scores]:
     """Score several prediction sets (e.g. one per robustness condition) against one reference set.
 
-    References and predictions are tokenized once each (two JVM calls in all), METEOR runs in the
-    shared process, SPICE (when available) once per set.
+    References and predictions are tokenized in one JVM call, METEOR runs in the shared process,
+    SPICE (when available) once per set.
     """
     from evalkit.spice import spice_runner
 
     matches = {name: match_ids(preds, references, allow_missing) for name, preds in prediction_sets.items()}
     spice, reason = spice_runner(spice_dir) if use_spice else (None, "SPICE disabled (--no-spice)")
-    gts_all = tokenize(references)
-    res_all = tokenize(
-        {(name, cid): [prediction_sets[name][cid]] for name, m in matches.items() for cid in m.matched}
+    # One tokenizer JVM for everything: it works line by line, so batching changes no token.
+    matched_refs = {cid for m in matches.values() for cid in m.matched}
+    tokens = tokenize(
+        {("ref", cid): refs for cid, refs in references.items() if cid in matched_refs}
+        | {
+            ("pred", name, cid): [prediction_sets[name][cid]]
+            for name, m in matches.items()
+            for cid in m.matched
+        }
     )
     out: dict[str, Scores] = {}
     for name, m in matches.items():
-        gts = {cid: gts_all[cid] for cid in m.matched}
-        res = {cid: res_all[(name, cid)] for cid in m.matched}
+        gts = {cid: tokens[("ref", cid)] for cid in m.matched}
+        res = {cid: tokens[("pred", name, cid)] for cid in m.matched}
         scores = score_tokenized(gts, res, spice, reason)
         scores.counts = m.counts()
         out[name] = scores
