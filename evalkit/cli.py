@@ -117,6 +117,14 @@ def fetch_spice(spice_dir: Path | None, from_zip: Path | None, base_url: str | N
     help="Instead of --run: a .csv or .jsonl with clip_id,image,audio.",
 )
 @click.option(
+    "--export",
+    "export_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Instead of --run: an export folder (its --split clips, embedded media or paths).",
+)
+@click.option("--config-name", default=None, help="With --export: the config to read (default: the first).")
+@click.option(
     "--out",
     type=click.Path(path_type=Path),
     required=True,
@@ -140,6 +148,8 @@ def perturb(
     run_dir: Path | None,
     split: str,
     manifest: Path | None,
+    export_dir: Path | None,
+    config_name: str | None,
     out: Path,
     seed: int,
     noise_std: float,
@@ -147,14 +157,16 @@ def perturb(
 ) -> None:
     """Write one input set per robustness condition (clean, visual black/white/noise, audio
     silent/Gaussian, shuffled visual/audio): OUT/<condition>/manifest.csv (clip_id,image,audio)."""
-    from evalkit.perturb import CONDITIONS, read_manifest_sources, read_run_sources
+    from evalkit.perturb import CONDITIONS, read_export_sources, read_manifest_sources, read_run_sources
     from evalkit.perturb import perturb as run_perturb
     from pipeline.errors import AbortRun
 
-    if (run_dir is None) == (manifest is None):
-        raise AbortRun("give exactly one of --run DIR and --manifest FILE")
+    if sum(x is not None for x in (run_dir, manifest, export_dir)) != 1:
+        raise AbortRun("give exactly one of --run DIR, --export DIR and --manifest FILE")
     if run_dir is not None:
         sources = read_run_sources(run_dir, None if split == "all" else split)
+    elif export_dir is not None:
+        sources = read_export_sources(export_dir, out / "sources", split, config_name)
     else:
         sources = read_manifest_sources(manifest)  # type: ignore[arg-type]
     summary = run_perturb(sources, out, seed=seed, noise_std=noise_std, conditions=conditions or CONDITIONS)

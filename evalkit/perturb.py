@@ -112,6 +112,51 @@ def read_run_sources(run_dir: Path, split: str | None = "test") -> dict[str, Sou
     return out
 
 
+def read_export_sources(
+    export: Path, media_dir: Path, split: str = "test", config_name: str | None = None
+) -> dict[str, Source]:
+    """clip_id -> Source from an export folder (or a run folder holding ``export/``): its
+    ``frame_path`` / ``audio_path`` columns (relative to the run folder), or, when the export
+    embeds its media (``image`` / ``audio`` columns with bytes), those bytes, written once to
+    ``media_dir``. Every config holds the same clips of a split; the first one (or
+    ``config_name``) is read."""
+    import pyarrow.parquet as pq
+
+    from evalkit.data import find_export_files
+
+    base = export / "export" if (export / "export" / "data").is_dir() else export
+    run_dir = base.parent
+    files = next(iter(find_export_files(export, split, config_name).values()))
+    out: dict[str, Source] = {}
+    for f in files:
+        names = pq.read_schema(f).names
+        embedded = {"image", "audio"} <= set(names)
+        needed = ["clip_id"] + (["image", "audio"] if embedded else ["frame_path", "audio_path"])
+        if not set(needed) <= set(names):
+            raise AbortRun(f"{f}: needs columns {needed} (an export of AudioVisualCaps)")
+        for row in pq.read_table(f, columns=needed).to_pylist():
+            cid = row["clip_id"]
+            if not embedded:
+                if not row["frame_path"] or not row["audio_path"]:
+                    raise AbortRun(f"{f}: clip {cid} has no frame_path / audio_path")
+                out[cid] = Source(cid, run_dir / row["frame_path"], run_dir / row["audio_path"])
+                continue
+            paths = []
+            for column in ("image", "audio"):
+                media = row[column] or {}
+                if not media.get("bytes"):
+                    raise AbortRun(f"{f}: clip {cid} has no embedded {column}")
+                dest = media_dir / column / f"{cid}{Path(media.get('path') or '').suffix}"
+                if not dest.exists():
+                    with atomic_path(dest) as tmp:
+                        tmp.write_bytes(media["bytes"])
+                paths.append(dest)
+            out[cid] = Source(cid, paths[0], paths[1])
+    if not out:
+        raise AbortRun(f"{export}: no clips in split {split!r}")
+    return out
+
+
 def read_manifest_sources(path: Path) -> dict[str, Source]:
     """clip_id -> Source from a CSV or JSONL with ``clip_id,image,audio`` (paths relative to the
     manifest's folder or absolute)."""

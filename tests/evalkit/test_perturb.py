@@ -19,6 +19,7 @@ from evalkit.perturb import (
     derangement,
     perturb,
     read_condition_manifest,
+    read_export_sources,
     read_manifest_sources,
     read_run_sources,
 )
@@ -239,4 +240,55 @@ def test_run_folder_source_and_cli(media: Path, tmp_path: Path) -> None:
     rows = read_condition_manifest(tmp_path / "p" / "audio_gaussian" / "manifest.csv")
     assert [x["clip_id"] for x in rows] == ids[2:]
     r = CliRunner().invoke(main, ["perturb", "--out", str(tmp_path / "q")])
-    assert r.exit_code == 2 and "exactly one of --run" in r.output
+    assert r.exit_code == 2 and "exactly one of --run DIR, --export DIR" in r.output
+
+
+def test_export_sources_paths_and_embedded_media(media: Path, tmp_path: Path) -> None:
+    """An export as stage 6 writes it: frame_path / audio_path relative to the run folder, and
+    with embed_media the bytes in image / audio struct columns."""
+    import pyarrow.parquet as pq
+
+    sources = read_manifest_sources(media)
+    ids = sorted(sources)
+    run = tmp_path / "run"
+    for cid in ids:
+        for kind, src in (("frames", sources[cid].image), ("audio", sources[cid].audio)):
+            dest = run / "media" / kind / f"{cid}{src.suffix}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(src.read_bytes())
+    rel = {
+        c: (f"media/frames/{c}{sources[c].image.suffix}", f"media/audio/{c}{sources[c].audio.suffix}")
+        for c in ids
+    }
+    for config in ("and", "concat"):
+        folder = run / "export" / "data" / config
+        folder.mkdir(parents=True)
+        table = pa.table(
+            {
+                "clip_id": ids,
+                "captions": [["a dog barks"]] * len(ids),
+                "frame_path": [rel[c][0] for c in ids],
+                "audio_path": [rel[c][1] for c in ids],
+            }
+        )
+        pq.write_table(table, folder / "test-00000-of-00001.parquet")
+    found = read_export_sources(run, tmp_path / "unused")
+    assert sorted(found) == ids and found[ids[0]].image == run / rel[ids[0]][0]
+    assert read_export_sources(run / "export", tmp_path / "unused", config_name="concat") == found
+
+    embedded = tmp_path / "embedded" / "data" / "and"
+    embedded.mkdir(parents=True)
+    media_col = [{"bytes": sources[c].image.read_bytes(), "path": sources[c].image.name} for c in ids]
+    audio_col = [{"bytes": sources[c].audio.read_bytes(), "path": sources[c].audio.name} for c in ids]
+    pq.write_table(
+        pa.table({"clip_id": ids, "frame_path": [None] * len(ids), "image": media_col, "audio": audio_col}),
+        embedded / "test-00000-of-00001.parquet",
+    )
+    out = tmp_path / "p"
+    r = CliRunner().invoke(main, ["perturb", "--export", str(tmp_path / "embedded"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = read_condition_manifest(out / "visual_noise" / "manifest.csv")
+    assert [x["clip_id"] for x in rows] == ids
+    for x in read_condition_manifest(out / "clean" / "manifest.csv"):
+        assert Path(x["image"]).read_bytes() == sources[x["clip_id"]].image.read_bytes()
+        assert Path(x["audio"]).read_bytes() == sources[x["clip_id"]].audio.read_bytes()
