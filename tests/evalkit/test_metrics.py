@@ -181,3 +181,15 @@ def test_bad_prediction_files_name_the_line(tmp_path: Path) -> None:
         read_predictions(c)
     c.write_text("clip_id,caption\na,a dog barks\nb,\n")
     assert read_predictions(c) == {"a": "a dog barks", "b": ""}
+
+
+def test_empty_and_punctuation_only_predictions_score_like_pycocoevalcap(loo) -> None:
+    """A model may say nothing; the tokenizer keeps its (empty) line and the clip scores low."""
+    preds, refs = loo
+    ids = list(refs)[:60]
+    some = {c: ("" if i % 10 == 0 else "..." if i % 10 == 1 else preds[c]) for i, c in enumerate(ids)}
+    sub = {c: refs[c] for c in ids}
+    scores = evaluate(some, sub, use_spice=False)
+    direct = direct_pycocoevalcap(some, sub, meteor=False)
+    assert all(scores.values[m] == direct[m] for m in direct)
+    assert scores.counts["matched"] == 60
