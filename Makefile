@@ -12,7 +12,7 @@ RUN_FLAGS = --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR)) $(ARGS)
 # CUDA build where nvidia-smi answers.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7
+.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice
 
 ## help: list every target with a line on what it does
 help:
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[gpu,dev,ray,publish]'
+	$(PY) -m pip install -q -e '.[gpu,dev,ray,publish,eval]'
 	touch $@
 
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
@@ -59,7 +59,11 @@ stage-7: setup
 
 ## bench: run the benchmarks and print their figures (recorded by hand in BENCHMARKS.md)
 bench: setup
-	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider --override-ini=testpaths=tests/benchmarks
+	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider --override-ini=testpaths=tests/benchmarks -o "python_files=bench_*.py test_*.py"
+
+## fetch-spice: install the CoreNLP 3.6.0 jars SPICE needs (internet, or ZIP=stanford-corenlp-full-2015-12-09.zip; SPICE_DIR=...)
+fetch-spice: setup
+	$(AVCAPS) fetch-spice $(if $(SPICE_DIR),--spice-dir $(SPICE_DIR)) $(if $(ZIP),--from-zip $(ZIP))
 
 ## clean-demo: remove the demo's run folder
 clean-demo:

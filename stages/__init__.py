@@ -10,4 +10,9 @@ STAGES: list[str] = [
     "stages.publish:PublishStage",
 ]
 CONFIG_MODEL = "stages.config:RunConfig"
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "eval": "evalkit.cli:eval_cmd",
+    "fetch-spice": "evalkit.cli:fetch_spice",
+    "perturb": "evalkit.cli:perturb",
+    "robustness": "evalkit.cli:robustness",
+}
