@@ -32,6 +32,12 @@ def _writer_is_dead(name: str) -> bool:
     return False
 
 
+def temp_name(name: str) -> str:
+    """A temporary name for ``name`` in the form :func:`clean_temp_files` understands. For files
+    written by external tools (yt-dlp, ffmpeg) that cannot go through :func:`atomic_path`."""
+    return f"{TMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
+
+
 @contextlib.contextmanager
 def atomic_path(dest: Path | str) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success fsync and rename it to ``dest``."""
@@ -39,7 +45,7 @@ def atomic_path(dest: Path | str) -> Iterator[Path]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Host and pid in the name let a later run tell a dead writer's leftovers from a live
     # writer's file; keeping the suffix lets tools that pick a format by extension still work.
-    tmp = dest.with_name(f"{TMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{dest.name}")
+    tmp = dest.with_name(temp_name(dest.name))
     try:
         yield tmp
         with open(tmp, "rb") as fh:

@@ -1,0 +1,461 @@
+"""Stage 1: download each clip's 10-s section with yt-dlp, and validate it by decoding.
+
+yt-dlp runs through its Python API on a URL made from ``download.url_template`` (YouTube by
+default; tests and the demo point it at 127.0.0.1). Only the clip's section is fetched
+(``download_ranges``), cut exactly (``force_keyframes_at_cuts``: ffmpeg re-encodes the section)
+and capped in height. Nothing can hang: yt-dlp has a socket timeout, ffmpeg a read timeout
+(``-rw_timeout``), and the source probe an open/read timeout.
+
+yt-dlp can report success on an empty, stream-less or truncated file, so every file is decoded
+with PyAV before it counts (both streams present, duration within tolerance of 10 s or of the
+source's end). Failures are classified by :func:`classify` into permanent reasons (``private``,
+``removed``, ``copyright``, ``http_404``...) that are never retried, and transient ones
+(``http_429``, ``bot_check``, ``timeout``...) that the runner retries with backoff.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from pipeline.config import StageConfig
+from pipeline.errors import AbortRun, ItemError, PermanentError, TransientError
+from pipeline.io import atomic_path, temp_name
+from pipeline.stage import Item, ItemStage, Resources, Result
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
+
+class DownloadConfig(StageConfig):
+    batch_size: int = Field(8, gt=0, description="Clips per process() call (and per ledger commit).")
+    max_attempts: int = Field(4, gt=0, description="Attempts for a clip failing transiently.")
+    backoff_s: float = Field(30.0, ge=0, description="First retry delay; doubles per attempt.")
+    url_template: str = Field(
+        "https://www.youtube.com/watch?v={id}", description="Source URL; {id} is the YouTube id."
+    )
+    max_height: int = Field(360, gt=0, description="Video height cap (BLIP-2 sees 224-384 px).")
+    concurrency: int = Field(2, gt=0, description="Clips downloaded at once (threads) in a batch.")
+    delay_s: float = Field(
+        0.0, ge=0, description="Politeness: least seconds between two download starts, run-wide."
+    )
+    jitter_s: float = Field(0.0, ge=0, description="Random extra delay (0..jitter_s) per start.")
+    rate_limit: int | None = Field(None, gt=0, description="yt-dlp byte rate limit per download (B/s).")
+    cookies_file: Path | None = Field(None, description="Netscape cookies file (YouTube bot checks).")
+    proxy: str | None = Field(None, description="Proxy URL for yt-dlp and ffmpeg.")
+    socket_timeout_s: float = Field(20.0, gt=0, description="yt-dlp socket timeout.")
+    read_timeout_s: float = Field(30.0, gt=0, description="ffmpeg -rw_timeout: a stalled read fails.")
+    retries: int = Field(1, ge=0, description="yt-dlp's own retries inside one attempt.")
+    encode_preset: str = Field("ultrafast", description="x264 preset of the exact-cut re-encode.")
+    duration_tolerance_s: float = Field(0.6, ge=0, description="Allowed shortfall of the clip duration.")
+    require_audio: bool = Field(True, description="A clip without an audio stream fails (no_audio).")
+    reuse_existing: bool = Field(
+        True, description="Keep a valid file already in place (left by a run killed before its commit)."
+    )
+
+
+# -- failure classification ---------------------------------------------------------------------
+
+# (reason, transient?, lower-case substrings). Order matters: rate-limit texts first, because
+# YouTube's "Video unavailable. This content isn't available, try again later." contains
+# "video unavailable"; apostrophes are normalized (real messages use a curly one).
+TEXT_RULES: list[tuple[str, bool, tuple[str, ...]]] = [
+    ("bot_check", True, ("not a bot", "confirm you're not", "unusual traffic")),
+    ("rate_limited", True, ("try again later", "rate-limit", "rate limit", "too many requests")),
+    ("account_terminated", False, ("account associated with this video has been terminated",)),
+    ("copyright", False, ("copyright",)),
+    ("private", False, ("private video", "this video is private", "video is private")),
+    ("age_restricted", False, ("confirm your age", "age-restricted", "inappropriate for some users")),
+    ("members_only", False, ("members-only", "members only", "join this channel")),
+    ("geo_blocked", False, ("not available in your country", "not available from your location")),
+    ("removed", False, ("removed by the uploader", "has been removed", "violating youtube")),
+    ("live_or_premiere", True, ("live event will begin", "premieres in", "premiere will begin")),
+    ("unavailable", False, ("video unavailable", "video is unavailable", "not available")),
+    ("unsupported", False, ("unsupported url",)),
+    ("timeout", True, ("timed out", "timeout")),
+    ("connection", True, ("connection refused", "connection reset", "remote end closed", "unreachable")),
+]
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: yt-dlp's ``exc_info[1]``, ``.cause``, ``__cause__``/``__context__``."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        info = getattr(e, "exc_info", None)
+        if isinstance(info, tuple) and len(info) > 1 and isinstance(info[1], BaseException):
+            todo.append(info[1])
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            todo.append(cause)
+        todo += [e.__cause__, e.__context__]
+    return seen
+
+
+def _http_status(exc: BaseException) -> int | None:
+    from yt_dlp.networking.exceptions import HTTPError
+
+    for e in _causes(exc):
+        if isinstance(e, HTTPError):
+            return int(e.status)
+        status = getattr(e, "code", None)
+        if type(e).__name__ == "HTTPError" and isinstance(status, int):  # urllib's
+            return status
+    return None
+
+
+def classify(exc: BaseException) -> ItemError:
+    """Map a yt-dlp (or network) exception to a permanent or transient item error."""
+    from yt_dlp.networking.exceptions import TransportError
+    from yt_dlp.utils import GeoRestrictedError, UnsupportedError
+
+    causes = _causes(exc)
+    text = " | ".join(str(e) for e in causes).replace("’", "'").replace("‘", "'")
+    low = text.lower()
+    message = str(exc).removeprefix("ERROR: ")[:500]
+
+    # Rate limiting and bot checks first: their texts can contain "Video unavailable".
+    for reason, _transient, needles in TEXT_RULES[:2]:
+        if any(n in low for n in needles):
+            return TransientError(reason, message)
+    status = _http_status(exc)
+    if status is not None:
+        if status == 429 or status == 408 or status >= 500 or status == 403:
+            # 403 from YouTube's media hosts is usually an expired URL or throttling.
+            return TransientError(f"http_{status}", message)
+        return PermanentError(f"http_{status}", message)
+    if any(isinstance(e, GeoRestrictedError) for e in causes):
+        return PermanentError("geo_blocked", message)
+    if any(isinstance(e, UnsupportedError) for e in causes):
+        return PermanentError("unsupported", message)
+    for reason, transient, needles in TEXT_RULES[2:]:
+        if any(n in low for n in needles):
+            return (TransientError if transient else PermanentError)(reason, message)
+    if any(isinstance(e, (TransportError, TimeoutError, ConnectionError)) for e in causes):
+        return TransientError("connection", message)
+    return TransientError("download_error", message)
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+
+def decode_media(path: Path) -> dict[str, Any]:
+    """Decode every frame and audio sample of ``path`` (PyAV); return what was found.
+
+    A truncated or corrupt file raises or comes out short here, whatever its header claims.
+    """
+    import av
+
+    found: dict[str, Any] = {"video_end_s": 0.0, "audio_end_s": 0.0, "has_audio": False}
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise PermanentError("no_video", f"{path.name}: no video stream")
+        vs = container.streams.video[0]
+        found.update(width=vs.codec_context.width, height=vs.codec_context.height)
+        streams = [vs]
+        if container.streams.audio:
+            found["has_audio"] = True
+            streams.append(container.streams.audio[0])
+        n_video = 0
+        for frame in container.decode(*streams):
+            if frame.pts is None:
+                continue
+            start = float(frame.pts * frame.time_base)
+            if isinstance(frame, av.AudioFrame):
+                found["audio_end_s"] = max(found["audio_end_s"], start + frame.samples / frame.sample_rate)
+            else:
+                n_video += 1
+                rate = float(vs.average_rate or 25)
+                found["video_end_s"] = max(found["video_end_s"], start + 1.0 / rate)
+        first = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
+        found["video_end_s"] -= first
+        found["frames"] = n_video
+    if n_video == 0:
+        raise PermanentError("corrupt_download", f"{path.name}: no decodable video frame")
+    return found
+
+
+def probe_source(url: str, timeout_s: float) -> float | None:
+    """The duration of a direct media URL (seconds), or raise the classified probe failure.
+
+    Used when yt-dlp's info has no duration (direct files), and to tell why ffmpeg failed (yt-dlp
+    runs it quietly and only says "ffmpeg exited with code 1").
+    """
+    import av
+
+    try:
+        with av.open(
+            url, timeout=(timeout_s, timeout_s), options={"rw_timeout": str(int(timeout_s * 1e6))}
+        ) as c:
+            return float(c.duration / 1e6) if c.duration else None
+    except av.error.HTTPNotFoundError as exc:
+        raise PermanentError("http_404", f"source probe: {exc}") from exc
+    except av.error.HTTPForbiddenError as exc:
+        raise TransientError("http_403", f"source probe: {exc}") from exc
+    except av.error.HTTPServerError as exc:
+        raise TransientError("http_5xx", f"source probe: {exc}") from exc
+    except av.error.HTTPClientError as exc:
+        raise PermanentError("http_4xx", f"source probe: {exc}") from exc
+    except av.error.InvalidDataError as exc:
+        raise PermanentError("corrupt_source", f"source probe: {exc}") from exc
+    except (av.error.ExitError, TimeoutError, av.error.TimeoutError) as exc:
+        raise TransientError("timeout", f"source probe: {exc}") from exc
+    except av.error.FFmpegError as exc:
+        raise TransientError("source_probe", f"source probe: {exc}") from exc
+
+
+class _Politeness:
+    """Run-wide least gap between download starts (shared by the threads of a stage)."""
+
+    def __init__(self, delay_s: float, jitter_s: float) -> None:
+        self.delay_s, self.jitter_s = delay_s, jitter_s
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.delay_s and not self.jitter_s:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.delay_s + random.uniform(0, self.jitter_s)
+        time.sleep(max(0.0, start - now))
+
+
+class _QuietLogger:
+    """yt-dlp's logger: keeps the last error lines for the message, prints nothing
+    (``quiet=True`` alone still prints ERROR lines)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def debug(self, msg: str) -> None:
+        pass
+
+    def info(self, msg: str) -> None:
+        pass
+
+    def warning(self, msg: str) -> None:
+        pass
+
+    def error(self, msg: str) -> None:
+        if msg.strip():
+            self.errors.append(msg.strip())
+
+
+class DownloadStage(ItemStage):
+    number = 1
+    name = "download"
+    upstream = "manifest"
+    description = "Download each clip's 10-s section with yt-dlp; validate it by decoding."
+    resources = Resources(cpus=1.0)
+
+    @property
+    def cfg(self) -> DownloadConfig:
+        return self.config.download  # type: ignore[attr-defined,no-any-return]
+
+    def output_schema(self) -> list[pa.Field]:
+        import pyarrow as pa
+
+        return [
+            pa.field("video_path", pa.string()),
+            pa.field("video_duration_s", pa.float64()),
+            pa.field("audio_duration_s", pa.float64()),
+            pa.field("source_duration_s", pa.float64()),
+            pa.field("video_width", pa.int32()),
+            pa.field("video_height", pa.int32()),
+            pa.field("file_bytes", pa.int64()),
+            pa.field("source_url", pa.string()),
+        ]
+
+    def setup(self) -> None:
+        import shutil
+
+        if shutil.which("ffmpeg") is None:
+            raise AbortRun("ffmpeg is not on PATH: yt-dlp needs it to cut clip sections")
+        if self.cfg.cookies_file is not None and not self.cfg.cookies_file.is_file():
+            raise AbortRun(f"download.cookies_file not found: {self.cfg.cookies_file}")
+        if "{id}" not in self.cfg.url_template:
+            raise AbortRun(f"download.url_template has no {{id}}: {self.cfg.url_template!r}")
+        self._polite = _Politeness(self.cfg.delay_s, self.cfg.jitter_s)
+        (self.ctx.media_dir / "video").mkdir(parents=True, exist_ok=True)
+
+    def process(self, batch: list[Item]) -> list[Result]:
+        if len(batch) == 1 or self.cfg.concurrency == 1:
+            return [self._one(item) for item in batch]
+        with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(batch))) as pool:
+            return list(pool.map(self._one, batch))
+
+    def _one(self, item: Item) -> Result:
+        try:
+            return Result.ok(item.clip_id, **self.download(item))
+        except ItemError as exc:
+            return Result.failed(item.clip_id, exc)
+
+    def _ydl_options(self, outtmpl: str, start: float, end: float, logger: _QuietLogger) -> dict[str, Any]:
+        from yt_dlp.utils import download_range_func
+
+        cfg = self.cfg
+        h = cfg.max_height
+        opts: dict[str, Any] = {
+            "outtmpl": outtmpl,
+            # The height filter allows unknown heights (direct files); the scale filter below caps them.
+            "format": f"bv*[height<=?{h}]+ba/b[height<=?{h}]/b",
+            "format_sort": [f"res:{h}", "ext:mp4:m4a"],  # h264/aac: a fast exact-cut re-encode
+            "merge_output_format": "mp4",
+            "download_ranges": download_range_func(None, [(start, end)]),
+            "force_keyframes_at_cuts": True,
+            "external_downloader_args": {
+                "ffmpeg_i": ["-rw_timeout", str(int(cfg.read_timeout_s * 1e6))],
+                "ffmpeg_o": ["-preset", cfg.encode_preset, "-vf", f"scale=-2:'min(ih,{h})'"],
+            },
+            "socket_timeout": cfg.socket_timeout_s,
+            "retries": cfg.retries,
+            "fragment_retries": cfg.retries,
+            "extractor_retries": cfg.retries,
+            "noplaylist": True,
+            "quiet": True,
+            "no_warnings": True,
+            "noprogress": True,
+            "logger": logger,
+            "overwrites": True,
+            "continuedl": False,
+            "cachedir": False,
+        }
+        if cfg.cookies_file is not None:
+            opts["cookiefile"] = str(cfg.cookies_file)
+        if cfg.proxy:
+            opts["proxy"] = cfg.proxy
+        if cfg.rate_limit:
+            opts["ratelimit"] = cfg.rate_limit
+        return opts
+
+    def download(self, item: Item) -> dict[str, Any]:
+        """Fetch, validate and place one clip; return its output columns or raise an ItemError."""
+        import yt_dlp
+
+        cfg = self.cfg
+        clip_id = item.clip_id
+        start, end = float(item["start_s"]), float(item["end_s"])
+        url = cfg.url_template.format(id=item["youtube_id"])
+        video_dir = self.ctx.media_dir / "video"
+
+        if cfg.reuse_existing:
+            for old in video_dir.glob(f"{clip_id}.*"):
+                try:
+                    return self._validate_and_place(old, old, url, end - start, None)
+                except ItemError:
+                    old.unlink(missing_ok=True)  # invalid: download it again
+
+        stem = temp_name(clip_id)
+        logger = _QuietLogger()
+        self._polite.wait()
+        info: dict[str, Any] | None = None
+        try:
+            try:
+                opts = self._ydl_options(str(video_dir / f"{stem}.%(ext)s"), start, end, logger)
+                with yt_dlp.YoutubeDL(opts) as ydl:
+                    info = ydl.extract_info(url, download=True)
+            except Exception as exc:
+                err = classify(exc)
+                if err.reason == "download_error" and "ffmpeg exited" in str(exc):
+                    # yt-dlp runs ffmpeg quietly; probe the source to learn why it failed.
+                    probe_source(self._direct_url(info, url), cfg.read_timeout_s)
+                    err = TransientError("ffmpeg_failed", f"{err.message} (the source probes fine)")
+                raise err from exc
+            files = [p for p in video_dir.glob(f"{stem}.*") if p.suffix in (".mp4", ".mkv", ".webm")]
+            if info is None or not files or files[0].stat().st_size == 0:
+                raise TransientError("no_file", "yt-dlp reported success but wrote no file")
+            src_dur = info.get("duration")
+            if not src_dur:
+                src_dur = probe_source(self._direct_url(info, url), cfg.read_timeout_s)
+            expected = min(end - start, max(0.0, float(src_dur) - start)) if src_dur else end - start
+            dest = video_dir / f"{clip_id}{files[0].suffix}"
+            return self._validate_and_place(files[0], dest, url, expected, src_dur)
+        finally:
+            for p in video_dir.glob(f"{stem}*"):  # yt-dlp's .part/.ytdl leftovers included
+                p.unlink(missing_ok=True)
+
+    @staticmethod
+    def _direct_url(info: dict[str, Any] | None, url: str) -> str:
+        if info and isinstance(info.get("url"), str):
+            return str(info["url"])
+        return url
+
+    def _validate_and_place(
+        self, path: Path, dest: Path, url: str, expected_s: float, src_dur: float | None
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        try:
+            found = decode_media(path)
+        except ItemError:
+            raise
+        except Exception as exc:  # PyAV: InvalidDataError and friends
+            raise PermanentError("corrupt_download", f"{dest.name}: cannot decode: {exc}") from exc
+        if cfg.require_audio and not found["has_audio"]:
+            raise PermanentError("no_audio", f"{dest.name}: the source has no audio stream")
+        duration = found["video_end_s"]
+        if expected_s <= 0:
+            raise PermanentError("too_short", f"source ends before the clip starts ({src_dur} s)")
+        if duration < expected_s - cfg.duration_tolerance_s:
+            raise TransientError(
+                "truncated", f"{dest.name}: {duration:.2f} s of video decoded, {expected_s:.2f} s expected"
+            )
+        if path != dest:
+            with atomic_path(dest) as tmp:
+                os.replace(path, tmp)
+        rel = dest.relative_to(self.ctx.workdir).as_posix()
+        return {
+            "video_path": rel,
+            "video_duration_s": round(duration, 3),
+            "audio_duration_s": round(found["audio_end_s"], 3),
+            "source_duration_s": float(src_dur) if src_dur else None,
+            "video_width": found["width"],
+            "video_height": found["height"],
+            "file_bytes": dest.stat().st_size,
+            "source_url": url,
+        }
+
+    def extra_stats(self, state: pd.DataFrame) -> dict[str, Any]:
+        """The availability report: per split, downloaded / permanent by reason / transient."""
+        return availability_report(self, state)
+
+
+def availability_report(stage: ItemStage, state: pd.DataFrame) -> dict[str, Any]:
+    from pipeline.runner import eligible_items
+
+    try:
+        eligible = eligible_items(stage, stage.ctx)
+    except AbortRun:
+        return {}
+    report: dict[str, Any] = {}
+    splits = eligible["split"] if "split" in eligible.columns else None
+    groups = eligible.groupby(splits) if splits is not None else [("all", eligible)]
+    for split, group in groups:
+        cur = state.reindex(group.index)
+        status = cur["status"].fillna("pending")
+        n = len(group)
+        ok = int((status == "ok").sum())
+        perm = cur[status == "failed_permanent"]["reason"].value_counts().sort_index()
+        trans = cur[status == "failed_transient"]["reason"].value_counts().sort_index()
+        report[str(split)] = {
+            "clips": n,
+            "downloaded": ok,
+            "available_pct": round(100.0 * ok / n, 2) if n else None,
+            "permanent": {str(k): int(v) for k, v in perm.items()},
+            "transient": {str(k): int(v) for k, v in trans.items()},
+            "pending": int((status == "pending").sum()),
+        }
+    return {"availability": report}

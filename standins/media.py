@@ -1,0 +1,264 @@
+"""Stand-in media for tests and the demo: generated clips, and an HTTP server with fault modes.
+
+YouTube's own pages cannot be served here, so the download stage runs for real (yt-dlp's generic
+extractor, ffmpeg) against files served on 127.0.0.1. The clips are made with ffmpeg:
+
+- the picture is a flat gray whose level changes every second of *source* time
+  (:func:`level_for_second`), so a test can tell from a decoded frame which second it came from;
+- the audio is a 440 Hz tone (or none, for the clip without audio).
+
+The server (:class:`MediaServer`) serves a folder with HTTP Range support (ffmpeg seeks in mp4
+files with ranges) and a fault mode per file: an HTTP status, a stall mid-transfer, garbage bytes,
+a truncated file, each optionally clearing after the first k requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import random
+import re
+import shutil
+import socketserver
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# (video codec args, audio codec args, container extension) per codec profile.
+PROFILES: dict[str, tuple[list[str], list[str], str]] = {
+    "h264": (["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"], ["-c:a", "aac"], "mp4"),
+    "h264_faststart": (
+        ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-movflags", "+faststart"],
+        ["-c:a", "aac"],
+        "mp4",
+    ),
+    "mpeg4": (["-c:v", "mpeg4", "-q:v", "5"], ["-c:a", "libmp3lame"], "mkv"),
+    "vp9": (["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8"], ["-c:a", "libopus"], "webm"),
+}
+
+FAULTS = ("404", "410", "429", "500", "503", "stall", "garbage", "truncated")
+
+
+def level_for_second(second: int) -> int:
+    """Gray level of the picture during second ``second`` of the source (0..255, steps of 20)."""
+    return 15 + 20 * (second % 12)
+
+
+def second_for_level(level: float) -> int | None:
+    """Inverse of :func:`level_for_second` modulo 12 (None when ``level`` is between two steps)."""
+    k = round((level - 15) / 20)
+    return k if 0 <= k < 12 and abs(level - level_for_second(k)) <= 6 else None
+
+
+def make_clip(
+    dest: Path,
+    duration_s: float,
+    *,
+    profile: str = "h264",
+    audio: bool = True,
+    size: str = "96x64",
+    fps: int = 10,
+    tone_hz: float = 440.0,
+) -> Path:
+    """Write a test clip of ``duration_s`` seconds to ``dest`` (extension from ``profile``)."""
+    vcodec, acodec, ext = PROFILES[profile]
+    dest = dest.with_suffix(f".{ext}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # geq computes the gray level from the frame time T; 12 levels repeat every 12 s.
+    level = "15+20*mod(floor(T+0.0001),12)"
+    video = f"color=c=black:s={size}:r={fps}:d={duration_s},format=gray,geq=lum='{level}',format=yuv420p"
+    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", video]
+    if audio:
+        cmd += ["-f", "lavfi", "-i", f"sine=frequency={tone_hz}:sample_rate=44100:duration={duration_s}"]
+    cmd += [*vcodec, "-g", str(2 * fps)]
+    cmd += [*acodec, "-ac", "1"] if audio else ["-an"]
+    cmd += ["-t", str(duration_s), str(dest)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return dest
+
+
+@dataclass
+class Fault:
+    """A fault served for one file: ``mode`` (one of :data:`FAULTS`) for the first ``times``
+    requests (None: for ever), then the file itself."""
+
+    mode: str
+    times: int | None = None
+    served: int = 0
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet: tests read the hit counts
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _send_status(self, code: int) -> None:
+        payload = f"{code} stand-in error\n".encode()
+        self.send_response(code)
+        if code == 429:
+            self.send_header("Retry-After", "1")
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _serve(self, body: bool) -> None:
+        srv = self.server.media
+        name = self.path.split("?", 1)[0].lstrip("/")
+        with srv.lock:
+            srv.hits[name] = srv.hits.get(name, 0) + 1
+            fault = srv.faults.get(name)
+            mode = None
+            if fault is not None and (fault.times is None or fault.served < fault.times):
+                fault.served += 1
+                mode = fault.mode
+        path = srv.root / name
+        if mode is not None and mode.isdigit():
+            self._send_status(int(mode))
+            return
+        if not path.is_file() or "/" in name:
+            self._send_status(404)
+            return
+        data = path.read_bytes()
+        if mode == "garbage":
+            data = random.Random(name).randbytes(len(data))
+        elif mode == "truncated":
+            data = data[: len(data) * 2 // 5]
+        total = len(data)
+        start, end = 0, total - 1
+        rng = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "").strip())
+        status = 200
+        if rng and (rng.group(1) or rng.group(2)):
+            if rng.group(1):
+                start = int(rng.group(1))
+                end = min(int(rng.group(2)), total - 1) if rng.group(2) else total - 1
+            else:
+                start = max(0, total - int(rng.group(2)))
+            if start >= total:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{total}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+        self.send_response(status)
+        ctype = {".mp4": "video/mp4", ".webm": "video/webm", ".mkv": "video/x-matroska"}
+        self.send_header("Content-Type", ctype.get(path.suffix, "application/octet-stream"))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(end - start + 1))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{total}")
+        self.end_headers()
+        if not body:
+            return
+        chunk = data[start : end + 1]
+        try:
+            if mode == "stall":
+                # Half the bytes, then silence with the connection open: only a read timeout ends it.
+                self.wfile.write(chunk[: len(chunk) // 2])
+                self.wfile.flush()
+                srv.stop_event.wait(srv.stall_s)
+                return
+            self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    media: MediaServer
+
+
+class MediaServer:
+    """Serve ``root`` on 127.0.0.1 (a free port), threaded, with per-file fault modes.
+
+    Use as a context manager. ``url_template`` is the download stage's ``url_template`` for files
+    named ``<youtube_id><suffix>``.
+    """
+
+    def __init__(self, root: Path, stall_s: float = 120.0) -> None:
+        self.root = Path(root)
+        self.faults: dict[str, Fault] = {}
+        self.hits: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.stall_s = stall_s
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> MediaServer:
+        httpd = _Server(("127.0.0.1", 0), _Handler)
+        httpd.media = self
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, name="media-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> MediaServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "server not started"
+        return int(self._httpd.server_address[1])
+
+    def url_template(self, suffix: str = ".mp4") -> str:
+        return f"http://127.0.0.1:{self.port}/{{id}}{suffix}"
+
+    def set_fault(self, name: str, mode: str, times: int | None = None) -> None:
+        if mode not in FAULTS:
+            raise ValueError(f"unknown fault mode {mode!r} (known: {', '.join(FAULTS)})")
+        with self.lock:
+            self.faults[name] = Fault(mode, times)
+
+
+def make_sources(folder: Path, clips: list[tuple[str, int]], extra_s: int = 2) -> None:
+    """Generate one source video per ``(youtube_id, start_s)`` in ``folder`` as ``<id>.mp4``,
+    long enough to hold the clip's 10-s section (``start_s + 10 + extra_s`` seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def one(clip: tuple[str, int]) -> None:
+        yt, start = clip
+        dest = folder / f"{yt}.mp4"
+        if not dest.exists():
+            tmp = make_clip(folder / f".tmp-{yt}", start + 10 + extra_s)
+            os.replace(tmp, dest)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(one, clips))
+
+
+@contextlib.contextmanager
+def serving(root: Path) -> Iterator[MediaServer]:
+    with MediaServer(root) as srv:
+        yield srv
+
+
+def copy_clip(src: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return dest
