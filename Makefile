@@ -49,6 +49,14 @@ status: setup
 stage-0: setup
 	$(AVCAPS) run 0 $(RUN_FLAGS)
 
+## stage-1: download each clip's 10-s section with yt-dlp, validated by decoding (CONFIG=..., WORKDIR=..., ARGS=...)
+stage-1: setup
+	$(AVCAPS) run 1 $(RUN_FLAGS)
+
+## stage-2: extract keyframes (JPEG) and 16 kHz mono audio with quality flags (CONFIG=..., WORKDIR=..., ARGS=...)
+stage-2: setup
+	$(AVCAPS) run 2 $(RUN_FLAGS)
+
 ## stage-6: export the dataset (Parquet configs per training variant, card, stats) to WORKDIR/export
 stage-6: setup
 	$(AVCAPS) run 6 $(RUN_FLAGS)

@@ -9,6 +9,7 @@ from pydantic import Field
 from pipeline.config import StrictModel
 from stages.download import DownloadConfig
 from stages.export import ExportConfig
+from stages.keyframes import KeyframesConfig
 from stages.manifest import ManifestConfig
 from stages.publish import PublishConfig
 
@@ -17,5 +18,6 @@ class RunConfig(StrictModel):
     workdir: Path = Field(Path("runs/audiocaps"), description="Run folder: ledgers, media, export.")
     manifest: ManifestConfig = ManifestConfig()
     download: DownloadConfig = DownloadConfig()
+    keyframes: KeyframesConfig = KeyframesConfig()
     export: ExportConfig = ExportConfig()
     publish: PublishConfig = PublishConfig()

@@ -72,6 +72,20 @@ def _export_upstream_bridge(stack: contextlib.ExitStack, workdir: Path) -> list[
     return [f"workdir={bridge}"]
 
 
+@prepare("download")
+def serve_demo_media(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
+    """Generate a source video for each demo clip and serve them on 127.0.0.1 (for yt-dlp)."""
+    import pandas as pd
+
+    from standins.media import MediaServer, make_sources
+
+    clips = pd.read_parquet(workdir / "00-manifest" / "ledger", columns=["youtube_id", "start_s"])
+    root = workdir / "standin-media"
+    make_sources(root, [(str(r.youtube_id), int(r.start_s)) for r in clips.itertuples()])
+    server = stack.enter_context(MediaServer(root))
+    return [f"download.url_template={server.url_template()}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import load_context
     from pipeline.registry import stage_classes

@@ -53,20 +53,10 @@ def second_for_level(level: float) -> int | None:
     return k if 0 <= k < 12 and abs(level - level_for_second(k)) <= 6 else None
 
 
-def make_clip(
-    dest: Path,
-    duration_s: float,
-    *,
-    profile: str = "h264",
-    audio: bool = True,
-    size: str = "96x64",
-    fps: int = 10,
-    tone_hz: float = 440.0,
-) -> Path:
-    """Write a test clip of ``duration_s`` seconds to ``dest`` (extension from ``profile``)."""
-    vcodec, acodec, ext = PROFILES[profile]
-    dest = dest.with_suffix(f".{ext}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def _encode(
+    dest: Path, duration_s: float, profile: str, audio: bool, size: str, fps: int, tone_hz: float
+) -> None:
+    vcodec, acodec, _ = PROFILES[profile]
     # geq computes the gray level from the frame time T; 12 levels repeat every 12 s.
     level = "15+20*mod(floor(T+0.0001),12)"
     video = f"color=c=black:s={size}:r={fps}:d={duration_s},format=gray,geq=lum='{level}',format=yuv420p"
@@ -77,7 +67,46 @@ def make_clip(
     cmd += [*acodec, "-ac", "1"] if audio else ["-an"]
     cmd += ["-t", str(duration_s), str(dest)]
     subprocess.run(cmd, check=True, capture_output=True)
+
+
+def make_clip(
+    dest: Path,
+    duration_s: float,
+    *,
+    profile: str = "h264",
+    audio: bool = True,
+    size: str = "96x64",
+    fps: int = 10,
+    tone_hz: float = 440.0,
+) -> Path:
+    """Write a test clip of ``duration_s`` seconds to ``dest`` (extension from ``profile``).
+
+    Clips over a minute (AudioCaps starts go up to 590 s) are a 12-s encoded period (the gray
+    levels repeat every 12 s) looped by stream copy, which takes a fraction of the time; the loop
+    drifts by a few ms per period (the audio period is a little longer than 12 s), so tests that
+    check the level of a frame use clips of a minute or less.
+    """
+    ext = PROFILES[profile][2]
+    dest = dest.with_suffix(f".{ext}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if duration_s <= 60:
+        _encode(dest, duration_s, profile, audio, size, fps, tone_hz)
+        return dest
+    base = dest.parent / f".base-{profile}-{int(audio)}-{size}-{fps}-{tone_hz:g}.{ext}"
+    with _BASE_LOCK:
+        if not base.exists():
+            tmp = base.with_name(f".tmp-{os.getpid()}-{base.name}")
+            _encode(tmp, 12, profile, audio, size, fps, tone_hz)
+            os.replace(tmp, base)
+    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(base)]
+    cmd += ["-c", "copy", "-t", str(duration_s)]
+    if PROFILES[profile][0][-2:] == ["-movflags", "+faststart"]:
+        cmd += ["-movflags", "+faststart"]
+    subprocess.run([*cmd, str(dest)], check=True, capture_output=True)
     return dest
+
+
+_BASE_LOCK = threading.Lock()
 
 
 @dataclass

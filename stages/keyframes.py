@@ -1,0 +1,250 @@
+"""Stage 2: keyframes (JPEG) and 16 kHz mono audio (exactly the clip length) from each clip.
+
+Everything is decoded in-process with PyAV in one pass over the file (no ffmpeg process per
+frame: spawning one costs ~80 ms by itself, see BENCHMARKS.md). By default one frame is taken at
+the clip's middle (the frame LAVCap-style models see); ``keyframes.frames: N`` takes N uniformly
+spaced frames at ``(k + 0.5) * D / N``. A frame "at t" is the one on screen at t (the last frame
+starting at or before t). The audio is resampled to 16 kHz mono, trimmed to exactly
+``sample_rate * clip length`` samples (PyAV gives a few more: 160,125 for 10 s), and a short
+source is padded with silence at the end, which is recorded.
+
+Quality flags are recorded, never used to drop a clip: a black or flat (near-constant) frame,
+silent audio (dBFS under a threshold), a padded duration.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from pipeline.config import StageConfig
+from pipeline.errors import ItemError, PermanentError
+from pipeline.io import atomic_path
+from pipeline.stage import Item, ItemStage, Result
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+
+class KeyframesConfig(StageConfig):
+    batch_size: int = Field(32, gt=0, description="Clips per process() call (and per ledger commit).")
+    frames: int = Field(1, gt=0, description="Frames per clip: 1 = the middle frame; N = N uniform frames.")
+    frame_max_side: int | None = Field(
+        384, gt=0, description="Downscale so the longer side is at most this (null: keep the size)."
+    )
+    jpeg_quality: int = Field(90, ge=1, le=95, description="JPEG quality of the keyframes.")
+    sample_rate: int = Field(16000, gt=0, description="Audio sample rate (mono).")
+    audio_format: Literal["flac", "wav"] = Field("flac", description="Audio container (16-bit PCM).")
+    black_luma: float = Field(16.0, ge=0, description="A frame with mean luma below this is black.")
+    flat_std: float = Field(4.0, ge=0, description="A frame with luma std below this is flat.")
+    silent_dbfs: float = Field(-60.0, description="Audio under this RMS level (dBFS) is silent.")
+    workers: int = Field(2, gt=0, description="Clips decoded at once (threads; PyAV releases the GIL).")
+
+
+def frame_targets(duration_s: float, n: int) -> list[float]:
+    """Target times (s from the clip start): the middle for n = 1, else ``(k + 0.5) * D / n``."""
+    return [(k + 0.5) * duration_s / n for k in range(n)]
+
+
+def dbfs(samples: np.ndarray) -> float:
+    """RMS level of float samples in [-1, 1], in dBFS (-120 for digital silence)."""
+    import numpy as np
+
+    if samples.size == 0:
+        return -120.0
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
+    return max(-120.0, 20.0 * math.log10(rms)) if rms > 0 else -120.0
+
+
+def decode_clip(
+    path: Path, targets: list[float], sample_rate: int
+) -> tuple[list[tuple[float, Any]], np.ndarray | None]:
+    """One pass over ``path``: the frames on screen at ``targets`` (time, av.VideoFrame) and the
+    audio as float32 mono at ``sample_rate`` (None when there is no audio stream)."""
+    import av
+    import numpy as np
+
+    picked: list[tuple[float, Any] | None] = [None] * len(targets)
+    chunks: list[np.ndarray] = []
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise PermanentError("no_video", f"{path}: no video stream")
+        vs = container.streams.video[0]
+        vs.thread_type = "AUTO"
+        streams = [vs]
+        resampler = None
+        a_first: float | None = None
+        if container.streams.audio:
+            streams.append(container.streams.audio[0])
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        v_first = float(vs.start_time * vs.time_base) if vs.start_time is not None else None
+        last_target = max(targets)
+        video_done = False
+        for packet in container.demux(*streams):
+            if packet.stream.type == "video":
+                if video_done:
+                    continue
+                for frame in packet.decode():
+                    if frame.pts is None:
+                        continue
+                    t = float(frame.pts * frame.time_base)
+                    if v_first is None:
+                        v_first = t
+                    t -= v_first
+                    # Keep, per target, the latest frame that starts at or before it (tiny slack
+                    # for timestamps like 4.99999 that mean 5.0).
+                    for i, target in enumerate(targets):
+                        if t <= target + 1e-3 or picked[i] is None:
+                            picked[i] = (t, frame)
+                    if t > last_target + 1e-3:
+                        video_done = True
+            elif resampler is not None:
+                for frame in packet.decode():
+                    if a_first is None and frame.pts is not None:
+                        a_first = float(frame.pts * frame.time_base)
+                    for out in resampler.resample(frame):
+                        chunks.append(out.to_ndarray().reshape(-1))
+        if resampler is not None:
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    frames = [p for p in picked if p is not None]
+    if len(frames) != len(targets):
+        raise PermanentError("no_frames", f"{path}: no decodable video frame")
+    audio = None
+    if resampler is not None:
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        # Audio that starts later than the video is aligned by leading silence.
+        lead = round(((a_first or 0.0) - (v_first or 0.0)) * sample_rate)
+        if lead > 0:
+            audio = np.concatenate([np.zeros(lead, np.float32), audio])
+    return frames, audio
+
+
+class KeyframesStage(ItemStage):
+    number = 2
+    name = "keyframes"
+    upstream = "download"
+    description = "Extract keyframes (JPEG) and 16 kHz mono audio from each clip, with quality flags."
+
+    @property
+    def cfg(self) -> KeyframesConfig:
+        return self.config.keyframes  # type: ignore[attr-defined,no-any-return]
+
+    def output_schema(self) -> list[pa.Field]:
+        import pyarrow as pa
+
+        return [
+            pa.field("frame_paths", pa.list_(pa.string())),
+            pa.field("frame_times_s", pa.list_(pa.float64())),
+            pa.field("middle_frame", pa.int32()),
+            pa.field("audio_path", pa.string()),
+            pa.field("audio_samples", pa.int64()),
+            pa.field("audio_sample_rate", pa.int32()),
+            pa.field("audio_padded_s", pa.float64()),
+            pa.field("audio_dbfs", pa.float64()),
+            pa.field("frame_luma_mean", pa.list_(pa.float64())),
+            pa.field("frame_luma_std", pa.list_(pa.float64())),
+            pa.field("flag_black_frame", pa.bool_()),
+            pa.field("flag_flat_frame", pa.bool_()),
+            pa.field("flag_silent", pa.bool_()),
+            pa.field("flag_padded", pa.bool_()),
+        ]
+
+    def process(self, batch: list[Item]) -> list[Result]:
+        if self.cfg.workers == 1 or len(batch) == 1:
+            return [self._one(item) for item in batch]
+        with ThreadPoolExecutor(max_workers=min(self.cfg.workers, len(batch))) as pool:
+            return list(pool.map(self._one, batch))
+
+    def _one(self, item: Item) -> Result:
+        try:
+            return Result.ok(item.clip_id, **self.extract(item))
+        except ItemError as exc:
+            return Result.failed(item.clip_id, exc)
+
+    def extract(self, item: Item) -> dict[str, Any]:
+        """Write one clip's frames and audio (atomically) and return its output columns."""
+        import av
+        import numpy as np
+        import soundfile as sf
+        from PIL import Image
+
+        cfg = self.cfg
+        workdir = self.ctx.workdir
+        video = workdir / item["video_path"]
+        if not video.is_file():
+            raise PermanentError("missing_video", f"{item['video_path']} is not in {workdir}")
+        clip_s = float(item["end_s"]) - float(item["start_s"])
+        duration = min(clip_s, float(item.data.get("video_duration_s") or clip_s))
+        targets = frame_targets(duration, cfg.frames)
+        try:
+            frames, audio = decode_clip(video, targets, cfg.sample_rate)
+        except ItemError:
+            raise
+        except av.error.FFmpegError as exc:
+            raise PermanentError("corrupt_video", f"{item['video_path']}: {exc}") from exc
+        if audio is None:
+            raise PermanentError("no_audio", f"{item['video_path']}: no audio stream")
+
+        frame_dir = self.ctx.media_dir / "frames" / item.clip_id
+        paths, times, means, stds = [], [], [], []
+        for k, (t, frame) in enumerate(frames):
+            img = frame.to_image()
+            if cfg.frame_max_side and max(img.size) > cfg.frame_max_side:
+                img.thumbnail((cfg.frame_max_side, cfg.frame_max_side), Image.Resampling.BILINEAR)
+            luma = np.asarray(img.convert("L"), dtype=np.float32)
+            means.append(round(float(luma.mean()), 2))
+            stds.append(round(float(luma.std()), 2))
+            dest = frame_dir / f"{k}.jpg"
+            with atomic_path(dest) as tmp:
+                img.save(tmp, "JPEG", quality=cfg.jpeg_quality)
+            paths.append(dest.relative_to(workdir).as_posix())
+            times.append(round(t, 4))
+        # Frames of an earlier run with more frames per clip would look like ours: remove them.
+        keep = {Path(p).name for p in paths}
+        for old in frame_dir.glob("*.jpg"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+
+        want = round(cfg.sample_rate * clip_s)
+        have = min(len(audio), want)
+        level = dbfs(audio[:have])
+        out = np.zeros(want, np.float32)
+        out[:have] = audio[:have]
+        audio_dest = self.ctx.media_dir / "audio" / f"{item.clip_id}.{cfg.audio_format}"
+        with atomic_path(audio_dest) as tmp:
+            sf.write(tmp, out, cfg.sample_rate, subtype="PCM_16", format=cfg.audio_format.upper())
+        padded = (want - have) / cfg.sample_rate
+        middle = min(range(len(times)), key=lambda i: abs(times[i] - clip_s / 2))
+        return {
+            "frame_paths": paths,
+            "frame_times_s": times,
+            "middle_frame": middle,
+            "audio_path": audio_dest.relative_to(workdir).as_posix(),
+            "audio_samples": want,
+            "audio_sample_rate": cfg.sample_rate,
+            "audio_padded_s": round(padded, 4),
+            "audio_dbfs": round(level, 2),
+            "frame_luma_mean": means,
+            "frame_luma_std": stds,
+            "flag_black_frame": any(m < cfg.black_luma for m in means),
+            "flag_flat_frame": any(s < cfg.flat_std for s in stds),
+            "flag_silent": level < cfg.silent_dbfs,
+            "flag_padded": padded > 0,
+        }
+
+    def extra_stats(self, state: Any) -> dict[str, Any]:
+        """How many clips carry each quality flag, and the total padding."""
+        ok = state[state["status"] == "ok"] if "status" in state else state
+        if ok.empty:
+            return {"flags": {}}
+        flags = ("flag_black_frame", "flag_flat_frame", "flag_silent", "flag_padded")
+        return {
+            "flags": {f: int(ok[f].fillna(False).astype(bool).sum()) for f in flags if f in ok},
+            "audio_padded_s_total": round(float(ok["audio_padded_s"].fillna(0).sum()), 3),
+        }
