@@ -69,7 +69,7 @@ class DownloadConfig(StageConfig):
 # "video unavailable"; apostrophes are normalized (real messages use a curly one).
 TEXT_RULES: list[tuple[str, bool, tuple[str, ...]]] = [
     ("bot_check", True, ("not a bot", "confirm you're not", "unusual traffic")),
-    ("rate_limited", True, ("try again later", "rate-limit", "rate limit", "too many requests")),
+    ("rate_limited", True, ("try again later", "rate-limit", "rate limit")),
     ("account_terminated", False, ("account associated with this video has been terminated",)),
     ("copyright", False, ("copyright",)),
     ("private", False, ("private video", "this video is private", "video is private")),
@@ -195,24 +195,23 @@ def probe_source(url: str, timeout_s: float) -> float | None:
     """
     import av
 
+    t0 = time.monotonic()
     try:
-        with av.open(
-            url, timeout=(timeout_s, timeout_s), options={"rw_timeout": str(int(timeout_s * 1e6))}
-        ) as c:
+        with av.open(url, timeout=(timeout_s, timeout_s)) as c:
             return float(c.duration / 1e6) if c.duration else None
-    except av.error.HTTPNotFoundError as exc:
-        raise PermanentError("http_404", f"source probe: {exc}") from exc
-    except av.error.HTTPForbiddenError as exc:
-        raise TransientError("http_403", f"source probe: {exc}") from exc
-    except av.error.HTTPServerError as exc:
-        raise TransientError("http_5xx", f"source probe: {exc}") from exc
-    except av.error.HTTPClientError as exc:
-        raise PermanentError("http_4xx", f"source probe: {exc}") from exc
-    except av.error.InvalidDataError as exc:
-        raise PermanentError("corrupt_source", f"source probe: {exc}") from exc
-    except (av.error.ExitError, TimeoutError, av.error.TimeoutError) as exc:
-        raise TransientError("timeout", f"source probe: {exc}") from exc
     except av.error.FFmpegError as exc:
+        if time.monotonic() - t0 >= 0.9 * timeout_s:
+            # A read that timed out: demuxers report it as whatever they were parsing
+            # ("Invalid data found" for mp4), so the clock tells a stall from bad bytes.
+            raise TransientError("timeout", f"source probe timed out after {timeout_s:g} s: {exc}") from exc
+        if isinstance(exc, av.error.HTTPNotFoundError):
+            raise PermanentError("http_404", f"source probe: {exc}") from exc
+        if isinstance(exc, (av.error.HTTPForbiddenError, av.error.HTTPServerError)):
+            raise TransientError("http_error", f"source probe: {exc}") from exc
+        if isinstance(exc, av.error.HTTPClientError):
+            raise PermanentError("http_4xx", f"source probe: {exc}") from exc
+        if isinstance(exc, av.error.InvalidDataError):
+            raise PermanentError("corrupt_source", f"source probe: {exc}") from exc
         raise TransientError("source_probe", f"source probe: {exc}") from exc
 
 

@@ -1,0 +1,118 @@
+"""Stage 1 end to end: yt-dlp against the local server, every fault mode, then stage 2 on the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cli import load_context
+from pipeline.runner import run_stage, stage_ledger
+from pipeline.stage import RunOptions
+from stages.download import DownloadStage
+from stages.keyframes import KeyframesStage
+from stages.manifest import ManifestStage
+from standins.media import MediaServer, second_for_level
+
+from .conftest import START_S, MakeRun, add_source
+
+# youtube_id -> (source to copy, fault mode or None, fault times (None: for ever)),
+# expected (status, reason, attempts).
+PLAN: dict[str, tuple[str, str | None, int | None, tuple[str, str, int]]] = {
+    "okh264clip1": ("okh264clip1", None, None, ("ok", "", 1)),
+    "okvp9webm01": ("okvp9webm01", None, None, ("ok", "", 1)),
+    "okmpeg4mkv1": ("okmpeg4mkv1", None, None, ("ok", "", 1)),
+    "shortclip07": ("shortclip07", None, None, ("ok", "", 1)),
+    "noaudioclip": ("noaudioclip", None, None, ("failed_permanent", "no_audio", 1)),
+    "fault404xxx": ("okh264clip1", "404", None, ("failed_permanent", "http_404", 1)),
+    "fault410xxx": ("okh264clip1", "410", None, ("failed_permanent", "http_410", 1)),
+    "fault429xxx": ("okh264clip1", "429", None, ("failed_transient", "http_429", 3)),
+    "fault500xxx": ("okh264clip1", "500", None, ("failed_transient", "http_500", 3)),
+    "faultgarbag": ("okh264clip1", "garbage", None, ("failed_permanent", "corrupt_source", 1)),
+    # moov atom at the end: the cut-off file cannot be opened at all.
+    "faulttrunc1": ("okh264clip1", "truncated", None, ("failed_permanent", "corrupt_source", 1)),
+    # index at the front: it probes as full length; only decoding shows it is short.
+    "faulttruncf": ("okfaststrt1", "truncated", None, ("failed_transient", "truncated", 3)),
+    "faultstall1": ("okh264clip1", "stall", None, ("failed_transient", "timeout", 3)),
+    # Faults that clear: retried with backoff, then downloaded.
+    "clears500x1": ("okh264clip1", "500", 1, ("ok", "", 2)),
+    "clears429x2": ("okh264clip1", "429", 2, ("ok", "", 3)),
+}
+
+
+@pytest.mark.slow
+def test_fault_modes_end_to_end(media_root: Path, server: MediaServer, make_run: MakeRun) -> None:
+    for yt, (like, mode, times, _) in PLAN.items():
+        if yt != like:
+            add_source(media_root, yt, like)
+        if mode is not None:
+            server.set_fault(f"{yt}.mp4", mode, times)
+    config = make_run(
+        list(PLAN),
+        download={
+            "url_template": server.url_template(),
+            "max_attempts": 3,
+            "batch_size": 8,
+            "concurrency": 4,
+        },
+    )
+    ctx = load_context(config, None, ())
+    run_stage(ManifestStage, ctx, RunOptions(progress=False))
+    report = run_stage(DownloadStage, ctx, RunOptions(progress=False))
+    assert report.processed >= len(PLAN)
+
+    state = stage_ledger(DownloadStage(ctx)).latest()
+    got, messages = {}, {}
+    for yt in PLAN:
+        row = state.loc[f"{yt}_{START_S * 1000}_{(START_S + 10) * 1000}"]
+        got[yt] = (row["status"], row["reason"], int(row["attempts"]))
+        messages[yt] = row["message"]
+    assert got == {yt: plan[3] for yt, plan in PLAN.items()}, messages
+    for yt, (status, *_) in got.items():
+        assert status == "ok" or messages[yt], yt  # a readable message goes with every failure
+    # Faults that clear were served the fault, then the file.
+    assert server.faults["clears429x2.mp4"].served == 2
+
+    ok = state[state["status"] == "ok"]
+    for row in ok.itertuples():
+        path = ctx.workdir / row.video_path
+        assert path.is_file() and path.stat().st_size == row.file_bytes
+        assert row.video_height <= 360
+    short = ok.loc["shortclip07_3000_13000"]
+    assert short["video_duration_s"] == pytest.approx(4.0, abs=0.15)  # the source ends at 7 s
+    assert ok.loc["okh264clip1_3000_13000"]["video_duration_s"] == pytest.approx(10.0, abs=0.15)
+    # Nothing but finished clips in the media folder: no temp file, no file of a failed clip.
+    assert sorted(p.name for p in (ctx.workdir / "media" / "video").iterdir()) == sorted(
+        Path(p).name for p in ok["video_path"]
+    )
+
+    # The availability report, in stats.json and in `avcaps status --json`.
+    stats = json.loads((ctx.workdir / "01-download" / "stats.json").read_text())
+    avail = stats["summary"]["availability"]["test"]
+    assert avail["clips"] == len(PLAN) and avail["downloaded"] == len(ok)
+    assert avail["permanent"] == {"corrupt_source": 2, "http_404": 1, "http_410": 1, "no_audio": 1}
+    assert avail["transient"] == {"http_429": 1, "http_500": 1, "timeout": 1, "truncated": 1}
+
+    # Stage 2 on what stage 1 left: frames at the right seconds, exactly 160,000 samples.
+    run_stage(KeyframesStage, ctx, RunOptions(progress=False))
+    kf = stage_ledger(KeyframesStage(ctx)).latest()
+    assert set(kf.index) == set(ok.index) and (kf["status"] == "ok").all()
+    for row in kf.itertuples():
+        check_frames_and_audio(ctx.workdir, row)
+    assert bool(kf.loc["shortclip07_3000_13000"]["flag_padded"])
+    assert kf.loc["shortclip07_3000_13000"]["audio_padded_s"] == pytest.approx(6.0, abs=0.1)
+    assert not kf.loc["okh264clip1_3000_13000"]["flag_padded"]
+
+
+def check_frames_and_audio(workdir: Path, row: object) -> None:
+    import soundfile as sf
+    from PIL import Image
+
+    for rel, t in zip(row.frame_paths, row.frame_times_s, strict=True):  # type: ignore[attr-defined]
+        luma = np.asarray(Image.open(workdir / rel).convert("L"), dtype=np.float32).mean()
+        # The frame on screen at t shows the level of second START_S + floor(t) of the source.
+        assert second_for_level(luma) == (START_S + int(t + 1e-3)) % 12, (rel, t, luma)
+    audio, sr = sf.read(workdir / row.audio_path)  # type: ignore[attr-defined]
+    assert sr == 16000 and audio.ndim == 1 and len(audio) == 160_000 == row.audio_samples  # type: ignore[attr-defined]
