@@ -62,7 +62,10 @@ def _encode(
     video = f"color=c=black:s={size}:r={fps}:d={duration_s},format=gray,geq=lum='{level}',format=yuv420p"
     cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", video]
     if audio:
-        cmd += ["-f", "lavfi", "-i", f"sine=frequency={tone_hz}:sample_rate=44100:duration={duration_s}"]
+        # tone_hz 0 gives digital silence (for the silent-audio flag).
+        tone = f"sine=frequency={tone_hz}:sample_rate=44100:duration={duration_s}"
+        silence = f"anullsrc=r=44100:cl=mono,atrim=duration={duration_s}"
+        cmd += ["-f", "lavfi", "-i", tone if tone_hz else silence]
     cmd += [*vcodec, "-g", str(2 * fps)]
     cmd += [*acodec, "-ac", "1"] if audio else ["-an"]
     cmd += ["-t", str(duration_s), str(dest)]
