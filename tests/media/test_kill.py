@@ -1,0 +1,140 @@
+"""SIGKILL during stage 1 and during stage 2, then a rerun: no duplicated work, no partial file kept."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import load_context
+from pipeline.runner import run_stage, stage_ledger
+from pipeline.stage import RunOptions
+from stages.download import DownloadStage
+from stages.keyframes import KeyframesStage
+from stages.manifest import ManifestStage
+from standins.media import MediaServer, make_clip
+
+from .conftest import START_S, MakeRun, add_source
+
+
+def avcaps(config: Path, stage: str, *settings: str) -> list[str]:
+    args = [a for s in settings for a in ("--set", s)]
+    code = "import sys; from pipeline.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", code, "run", stage, "--config", str(config), *args]
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return list(folder.rglob(".tmp-*")) if folder.exists() else []
+
+
+def kill_mid_write(cmd: list[str], ledger: Path, media: Path, commits: int, timeout_s: float = 120) -> bool:
+    """Start ``cmd``; once ``commits`` ledger parts exist, SIGKILL it (with its ffmpeg children)
+    as soon as a media file is being written (a ``.tmp-`` file exists), or after 3 s more.
+    Returns whether a partial file was left behind by the kill."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ledger.exists() and len(list(ledger.glob("part-*.parquet"))) >= commits:
+                break
+            time.sleep(0.01)
+        mid = time.monotonic() + 3
+        while time.monotonic() < mid and proc.poll() is None and not temp_files(media):
+            pass
+        assert proc.poll() is None, "the stage finished before it could be killed"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: a machine dying takes ffmpeg too
+        proc.wait()
+    return bool(temp_files(media))
+
+
+def check_exactly_once(ledger_history: object, ids: list[str]) -> None:
+    import pandas as pd
+
+    assert isinstance(ledger_history, pd.DataFrame)
+    ok = ledger_history[ledger_history["status"] == "ok"]
+    assert sorted(ok["clip_id"]) == sorted(ids)  # every clip ok exactly once in the whole history
+
+
+@pytest.mark.slow
+def test_sigkill_during_download(media_root: Path, server: MediaServer, make_run: MakeRun) -> None:
+    ids = [add_source(media_root, f"killdl{i:05d}", "okh264clip1") for i in range(6)]
+    config = make_run(
+        ids, download={"url_template": server.url_template(), "batch_size": 1, "concurrency": 1}
+    )
+    ctx = load_context(config, None, ())
+    run_stage(ManifestStage, ctx, RunOptions(progress=False))
+    ledger = ctx.workdir / "01-download" / "ledger"
+
+    partial = kill_mid_write(avcaps(config, "download"), ledger, ctx.workdir / "media", commits=2)
+    assert partial  # ffmpeg was writing a clip when it died (a download takes ~1 s)
+    led = stage_ledger(DownloadStage(ctx))
+    done_before = set(led.latest().index)
+    assert 2 <= len(done_before) < len(ids)
+    hits_before = dict(server.hits)
+
+    run_stage(DownloadStage, ctx, RunOptions(progress=False))
+    clip_ids = [f"{yt}_{START_S * 1000}_{(START_S + 10) * 1000}" for yt in ids]
+    check_exactly_once(led.read_all(), clip_ids)
+    # Clips committed before the kill were not fetched again.
+    for cid in done_before:
+        yt = cid.split("_")[0]
+        assert server.hits[f"{yt}.mp4"] == hits_before[f"{yt}.mp4"], cid
+    # No partial file kept: only the finished clips, each a full 10-s clip.
+    assert not list(ctx.workdir.rglob(".tmp-*"))
+    videos = sorted(p.name for p in (ctx.workdir / "media" / "video").iterdir())
+    assert videos == sorted(f"{c}.mp4" for c in clip_ids)
+    assert (led.latest()["video_duration_s"] > 9.8).all()
+
+
+@pytest.mark.slow
+def test_sigkill_during_keyframes(tmp_path: Path, make_run: MakeRun) -> None:
+    n = 40
+    ids = [f"killkf{i:05d}" for i in range(n)]
+    config = make_run(ids, keyframes={"frames": 8, "batch_size": 1, "workers": 1})
+    ctx = load_context(config, None, ())
+    run_stage(ManifestStage, ctx, RunOptions(progress=False))
+    # Stage 1's ledger as the download stage writes it, over copies of one cut 10-s clip.
+    clip = make_clip(tmp_path / "cut", 10)
+    rows = []
+    for row in stage_ledger(ManifestStage(ctx)).latest().itertuples():
+        dest = ctx.workdir / "media" / "video" / f"{row.clip_id}.mp4"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(clip, dest)
+        rows.append(
+            {
+                "clip_id": row.clip_id,
+                "status": "ok",
+                "attempts": 1,
+                "video_path": f"media/video/{dest.name}",
+                "video_duration_s": 10.0,
+            }
+        )
+    stage_ledger(DownloadStage(ctx)).commit(rows)
+
+    ledger = ctx.workdir / "02-keyframes" / "ledger"
+    kill_mid_write(avcaps(config, "keyframes"), ledger, ctx.workdir / "media", commits=3)
+    led = stage_ledger(KeyframesStage(ctx))
+    assert 3 <= len(led.latest()) < n
+
+    run_stage(KeyframesStage, ctx, RunOptions(progress=False))
+    clip_ids = [r["clip_id"] for r in rows]
+    check_exactly_once(led.read_all(), clip_ids)
+    assert not list(ctx.workdir.rglob(".tmp-*"))
+    state = led.latest()
+    import soundfile as sf
+    from PIL import Image
+
+    for row in state.itertuples():
+        frames = sorted((ctx.workdir / "media" / "frames" / row.clip_id).iterdir())
+        assert [p.name for p in frames] == sorted(f"{k}.jpg" for k in range(8))
+        for p in frames:
+            Image.open(p).load()  # a complete JPEG
+        assert sf.info(str(ctx.workdir / row.audio_path)).frames == 160_000
