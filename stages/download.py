@@ -55,6 +55,9 @@ class DownloadConfig(StageConfig):
     read_timeout_s: float = Field(30.0, gt=0, description="ffmpeg -rw_timeout: a stalled read fails.")
     retries: int = Field(1, ge=0, description="yt-dlp's own retries inside one attempt.")
     encode_preset: str = Field("ultrafast", description="x264 preset of the exact-cut re-encode.")
+    keyframe_interval_s: float = Field(
+        1.0, gt=0, description="A keyframe every this many seconds in the cut clip (stage 2 seeks to them)."
+    )
     duration_tolerance_s: float = Field(0.6, ge=0, description="Allowed shortfall of the clip duration.")
     require_audio: bool = Field(True, description="A clip without an audio stream fails (no_audio).")
     reuse_existing: bool = Field(
@@ -318,7 +321,10 @@ class DownloadStage(ItemStage):
             "force_keyframes_at_cuts": True,
             "external_downloader_args": {
                 "ffmpeg_i": ["-rw_timeout", str(int(cfg.read_timeout_s * 1e6))],
-                "ffmpeg_o": ["-preset", cfg.encode_preset, "-vf", f"scale=-2:'min(ih,{h})'"],
+                "ffmpeg_o": [
+                    *("-preset", cfg.encode_preset, "-vf", f"scale=-2:'min(ih,{h})'"),
+                    *("-force_key_frames", f"expr:gte(t,n_forced*{cfg.keyframe_interval_s:g})"),
+                ],
             },
             "socket_timeout": cfg.socket_timeout_s,
             "retries": cfg.retries,
