@@ -12,7 +12,7 @@ RUN_FLAGS = --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR)) $(ARGS)
 # CUDA build where nvidia-smi answers.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice
+.PHONY: help setup test lint demo status bench clean-demo media-server stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice
 
 ## help: list every target with a line on what it does
 help:
@@ -52,6 +52,10 @@ stage-0: setup
 ## stage-1: download each clip's 10-s section with yt-dlp, validated by decoding (CONFIG=..., WORKDIR=..., ARGS=...)
 stage-1: setup
 	$(AVCAPS) run 1 $(RUN_FLAGS)
+
+## media-server: serve stand-in media for a run's clip table on 127.0.0.1 and print the stage-1 command (CONFIG=...)
+media-server: setup
+	$(PY) -m standins.media --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR))
 
 ## stage-2: extract keyframes (JPEG) and 16 kHz mono audio with quality flags (CONFIG=..., WORKDIR=..., ARGS=...)
 stage-2: setup

@@ -294,3 +294,45 @@ def copy_clip(src: Path, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dest)
     return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m standins.media --config manifests/demo.yaml``: serve stand-in media for the
+    clips of a run folder's clip table (stage 0 must have run) until interrupted, and print the
+    ``--set`` that points stage 1 at it."""
+    import argparse
+    import time
+
+    import pandas as pd
+
+    from pipeline.cli import load_context
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--config", type=Path, default=Path("manifests/demo.yaml"))
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    workdir = load_context(args.config, args.workdir, ()).workdir
+    ledger = workdir / "00-manifest" / "ledger"
+    if not ledger.exists():
+        print(f"no clip table in {workdir}: run stage 0 first (make stage-0 CONFIG={args.config})")
+        return 2
+    clips = pd.read_parquet(ledger, columns=["youtube_id", "start_s"])
+    root = workdir / "standin-media"
+    make_sources(root, [(str(r.youtube_id), int(r.start_s)) for r in clips.itertuples()])
+    with MediaServer(root) as server:
+        print(f"serving {len(clips)} stand-in sources from {root}; stop with Ctrl-C. In another shell:")
+        url = server.url_template()
+        print(f'  make stage-1 CONFIG={args.config} ARGS="--set download.url_template={url}"')
+        print(f"  make stage-2 CONFIG={args.config}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
