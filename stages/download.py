@@ -367,25 +367,30 @@ class DownloadStage(ItemStage):
         stem = temp_name(clip_id)
         logger = _QuietLogger()
         self._polite.wait()
-        info: dict[str, Any] | None = None
+        opts = self._ydl_options(str(video_dir / f"{stem}.%(ext)s"), start, end, logger)
         try:
-            try:
-                opts = self._ydl_options(str(video_dir / f"{stem}.%(ext)s"), start, end, logger)
-                with yt_dlp.YoutubeDL(opts) as ydl:
-                    info = ydl.extract_info(url, download=True)
-            except Exception as exc:
-                err = classify(exc)
-                if err.reason == "download_error" and "ffmpeg exited" in str(exc):
-                    # yt-dlp runs ffmpeg quietly; probe the source to learn why it failed.
-                    probe_source(self._direct_url(info, url), cfg.read_timeout_s)
-                    err = TransientError("ffmpeg_failed", f"{err.message} (the source probes fine)")
-                raise err from exc
+            with yt_dlp.YoutubeDL(opts) as ydl:
+                # Two steps, so that a failed transfer still knows the media URL to probe.
+                try:
+                    info = ydl.extract_info(url, download=False)
+                except Exception as exc:
+                    raise classify(exc) from exc
+                media_url = self._media_url(info, url)
+                try:
+                    info = ydl.process_ie_result(info, download=True)
+                except Exception as exc:
+                    err = classify(exc)
+                    if err.reason == "download_error" and "ffmpeg exited" in str(exc):
+                        # yt-dlp runs ffmpeg quietly; probe the media to learn why it failed.
+                        probe_source(media_url, cfg.read_timeout_s)
+                        err = TransientError("ffmpeg_failed", f"{err.message} (the source probes fine)")
+                    raise err from exc
             files = [p for p in video_dir.glob(f"{stem}.*") if p.suffix in (".mp4", ".mkv", ".webm")]
-            if info is None or not files or files[0].stat().st_size == 0:
+            if not files or files[0].stat().st_size == 0:
                 raise TransientError("no_file", "yt-dlp reported success but wrote no file")
             src_dur = info.get("duration")
-            if not src_dur:
-                src_dur = probe_source(self._direct_url(info, url), cfg.read_timeout_s)
+            if not src_dur:  # direct files: yt-dlp's generic extractor does not know it
+                src_dur = probe_source(media_url, cfg.read_timeout_s)
             expected = min(end - start, max(0.0, float(src_dur) - start)) if src_dur else end - start
             dest = video_dir / f"{clip_id}{files[0].suffix}"
             return self._validate_and_place(files[0], dest, url, expected, src_dur)
@@ -394,10 +399,13 @@ class DownloadStage(ItemStage):
                 p.unlink(missing_ok=True)
 
     @staticmethod
-    def _direct_url(info: dict[str, Any] | None, url: str) -> str:
-        if info and isinstance(info.get("url"), str):
-            return str(info["url"])
-        return url
+    def _media_url(info: dict[str, Any], url: str) -> str:
+        """The URL of the media itself (the video format's, when video and audio are separate)."""
+        formats = info.get("requested_formats") or [info]
+        for fmt in formats:
+            if isinstance(fmt.get("url"), str) and fmt.get("vcodec") != "none":
+                return str(fmt["url"])
+        return str(info.get("url") or url)
 
     def _validate_and_place(
         self, path: Path, dest: Path, url: str, expected_s: float, src_dur: float | None
