@@ -322,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     with MediaServer(root) as server:
         print(f"serving {len(clips)} stand-in sources from {root}; stop with Ctrl-C. In another shell:")
         url = server.url_template()
-        print(f'  make stage-1 CONFIG={args.config} ARGS="--set download.url_template={url}"')
-        print(f"  make stage-2 CONFIG={args.config}", flush=True)
+        where = f"CONFIG={args.config}" + (f" WORKDIR={args.workdir}" if args.workdir else "")
+        print(f'  make stage-1 {where} ARGS="--set download.url_template={url}"')
+        print(f"  make stage-2 {where}", flush=True)
         try:
             while True:
                 time.sleep(3600)
