@@ -218,6 +218,18 @@ def probe_source(url: str, timeout_s: float) -> float | None:
         raise TransientError("source_probe", f"source probe: {exc}") from exc
 
 
+def _private_copy(path: Path) -> Path:
+    """A copy of ``path`` readable only by this user, in the system temp folder (not the run
+    folder: cookies are secrets)."""
+    import shutil
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix="avcaps-cookies-", suffix=".txt")
+    os.close(fd)  # mkstemp made it 0600
+    shutil.copyfile(path, name)
+    return Path(name)
+
+
 class _Politeness:
     """Run-wide least gap between download starts (shared by the threads of a stage)."""
 
@@ -339,8 +351,6 @@ class DownloadStage(ItemStage):
             "continuedl": False,
             "cachedir": False,
         }
-        if cfg.cookies_file is not None:
-            opts["cookiefile"] = str(cfg.cookies_file)
         if cfg.proxy:
             opts["proxy"] = cfg.proxy
         if cfg.rate_limit:
@@ -368,7 +378,13 @@ class DownloadStage(ItemStage):
         logger = _QuietLogger()
         self._polite.wait()
         opts = self._ydl_options(str(video_dir / f"{stem}.%(ext)s"), start, end, logger)
+        cookies = None
         try:
+            if cfg.cookies_file is not None:
+                # yt-dlp writes its cookie jar back on close: give each download a private copy,
+                # so threads never write the user's file (or one another's) at the same time.
+                cookies = _private_copy(cfg.cookies_file)
+                opts["cookiefile"] = str(cookies)
             with yt_dlp.YoutubeDL(opts) as ydl:
                 # Two steps, so that a failed transfer still knows the media URL to probe.
                 try:
@@ -397,6 +413,8 @@ class DownloadStage(ItemStage):
         finally:
             for p in video_dir.glob(f"{stem}*"):  # yt-dlp's .part/.ytdl leftovers included
                 p.unlink(missing_ok=True)
+            if cookies is not None:
+                cookies.unlink(missing_ok=True)
 
     @staticmethod
     def _media_url(info: dict[str, Any], url: str) -> str:

@@ -150,6 +150,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         name = self.path.split("?", 1)[0].lstrip("/")
         with srv.lock:
             srv.hits[name] = srv.hits.get(name, 0) + 1
+            if self.headers.get("Cookie"):
+                srv.cookies.setdefault(name, []).append(self.headers["Cookie"])
             fault = srv.faults.get(name)
             mode = None
             if fault is not None and (fault.times is None or fault.served < fault.times):
@@ -224,6 +226,7 @@ class MediaServer:
         self.root = Path(root)
         self.faults: dict[str, Fault] = {}
         self.hits: dict[str, int] = {}
+        self.cookies: dict[str, list[str]] = {}  # Cookie headers received, per file
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.stall_s = stall_s

@@ -116,3 +116,35 @@ def check_frames_and_audio(workdir: Path, row: object) -> None:
         assert second_for_level(luma) == (START_S + int(t + 1e-3)) % 12, (rel, t, luma)
     audio, sr = sf.read(workdir / row.audio_path)  # type: ignore[attr-defined]
     assert sr == 16000 and audio.ndim == 1 and len(audio) == 160_000 == row.audio_samples  # type: ignore[attr-defined]
+
+
+def test_cookies_are_sent_and_the_users_file_is_left_alone(
+    media_root: Path, server: MediaServer, make_run: MakeRun, tmp_path: Path
+) -> None:
+    cookies = tmp_path / "cookies.txt"
+    cookies.write_text(
+        "# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t4102444800\tsession\tsecret-value\n"
+    )
+    before = cookies.read_bytes()
+    yt = add_source(media_root, "cookieclip1", "okh264clip1")
+    config = make_run([yt], download={"url_template": server.url_template(), "cookies_file": str(cookies)})
+    ctx = load_context(config, None, ())
+    run_stage(ManifestStage, ctx, RunOptions(progress=False))
+    run_stage(DownloadStage, ctx, RunOptions(progress=False))
+    state = stage_ledger(DownloadStage(ctx)).latest()
+    assert list(state["status"]) == ["ok"]
+    assert any("session=secret-value" in c for c in server.cookies[f"{yt}.mp4"])
+    assert cookies.read_bytes() == before  # yt-dlp wrote its jar back to a private copy
+    assert not any(
+        "secret-value" in p.read_text(errors="ignore") for p in ctx.workdir.rglob("*") if p.is_file()
+    )
+
+
+def test_missing_cookies_file_stops_the_run(server: MediaServer, make_run: MakeRun, tmp_path: Path) -> None:
+    from pipeline.errors import AbortRun
+
+    config = make_run(["okh264clip1"], download={"cookies_file": str(tmp_path / "nope.txt")})
+    ctx = load_context(config, None, ())
+    run_stage(ManifestStage, ctx, RunOptions(progress=False))
+    with pytest.raises(AbortRun, match=r"nope\.txt"):
+        run_stage(DownloadStage, ctx, RunOptions(progress=False))
