@@ -98,32 +98,35 @@ def decode_clip(
             raise PermanentError("no_video", f"{path}: no video stream")
         vs = container.streams.video[0]
         v_first = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
-        frames = [_frame_at(container, vs, t, v_first) for t in targets]
-        if not container.streams.audio:
-            return frames, None
-        aus = container.streams.audio[0]
-        container.seek(0)
+        # Audio first, from the start of the file as opened (no seek), then the frames by seeks.
         channels: list[list[np.ndarray]] = []
         a_first: float | None = None
-        rate = aus.codec_context.sample_rate
-        for frame in container.decode(aus):
-            if a_first is None and frame.pts is not None:
-                a_first = float(frame.pts * frame.time_base)
-            rate = frame.sample_rate
-            if frame.format.name == "fltp":  # AAC, Opus, Vorbis: read the planes without copies
-                n = frame.samples
-                chans = [np.frombuffer(p, np.float32, count=n) for p in frame.planes]
-            else:
-                arr = frame.to_ndarray()
-                if not frame.format.is_planar:
-                    arr = arr.reshape(-1, len(frame.layout.channels)).T
-                if arr.dtype.kind == "i":  # s16/s32 decoders: scale to [-1, 1]
-                    arr = arr / float(np.iinfo(arr.dtype).max)
-                chans = list(arr.astype(np.float32, copy=False))
-            if not channels:
-                channels = [[] for _ in chans]
-            for store, c in zip(channels, chans, strict=False):
-                store.append(c)
+        has_audio = bool(container.streams.audio)
+        if has_audio:
+            aus = container.streams.audio[0]
+            rate = aus.codec_context.sample_rate
+            for packet in container.demux(aus):
+                for frame in packet.decode():
+                    if a_first is None and frame.pts is not None:
+                        a_first = float(frame.pts * frame.time_base)
+                    rate = frame.sample_rate
+                    if frame.format.name == "fltp":  # AAC, Opus, Vorbis: read the planes, no copies
+                        n = frame.samples
+                        chans = [np.frombuffer(p, np.float32, count=n) for p in frame.planes]
+                    else:
+                        arr = frame.to_ndarray()
+                        if not frame.format.is_planar:
+                            arr = arr.reshape(-1, len(frame.layout.channels)).T
+                        if arr.dtype.kind == "i":  # s16/s32 decoders: scale to [-1, 1]
+                            arr = arr / float(np.iinfo(arr.dtype).max)
+                        chans = list(arr.astype(np.float32, copy=False))
+                    if not channels:
+                        channels = [[] for _ in chans]
+                    for store, c in zip(channels, chans, strict=False):
+                        store.append(c)
+        frames = [_frame_at(container, vs, t, v_first) for t in targets]
+    if not has_audio:
+        return frames, None
     if not channels:
         return frames, np.zeros(0, np.float32)
     mono = np.concatenate(channels[0])
@@ -197,7 +200,6 @@ class KeyframesStage(ItemStage):
         import av
         import numpy as np
         import soundfile as sf
-        from PIL import Image
 
         cfg = self.cfg
         workdir = self.ctx.workdir
@@ -219,9 +221,12 @@ class KeyframesStage(ItemStage):
         frame_dir = self.ctx.media_dir / "frames" / item.clip_id
         paths, times, means, stds = [], [], [], []
         for k, (t, frame) in enumerate(frames):
-            img = frame.to_image()
-            if cfg.frame_max_side and max(img.size) > cfg.frame_max_side:
-                img.thumbnail((cfg.frame_max_side, cfg.frame_max_side), Image.Resampling.BILINEAR)
+            w, h = frame.width, frame.height
+            if cfg.frame_max_side and max(w, h) > cfg.frame_max_side:
+                scale = cfg.frame_max_side / max(w, h)
+                w, h = max(1, round(w * scale)), max(1, round(h * scale))
+            # One swscale call converts and downsizes (cheaper than a full-size RGB image + PIL).
+            img = frame.reformat(width=w, height=h, format="rgb24", interpolation="BILINEAR").to_image()
             luma = np.asarray(img.convert("L"), dtype=np.float32)
             means.append(round(float(luma.mean()), 2))
             stds.append(round(float(luma.std()), 2))
