@@ -249,11 +249,8 @@ class _Politeness:
 
 
 class _QuietLogger:
-    """yt-dlp's logger: keeps the last error lines for the message, prints nothing
-    (``quiet=True`` alone still prints ERROR lines)."""
-
-    def __init__(self) -> None:
-        self.errors: list[str] = []
+    """yt-dlp's logger: prints nothing (``quiet=True`` alone still prints ERROR lines); the
+    errors reach the ledger through the exception yt-dlp raises."""
 
     def debug(self, msg: str) -> None:
         pass
@@ -265,8 +262,7 @@ class _QuietLogger:
         pass
 
     def error(self, msg: str) -> None:
-        if msg.strip():
-            self.errors.append(msg.strip())
+        pass
 
 
 class DownloadStage(ItemStage):

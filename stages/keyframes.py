@@ -1,12 +1,13 @@
 """Stage 2: keyframes (JPEG) and 16 kHz mono audio (exactly the clip length) from each clip.
 
-Everything is decoded in-process with PyAV in one pass over the file (no ffmpeg process per
-frame: spawning one costs ~80 ms by itself, see BENCHMARKS.md). By default one frame is taken at
-the clip's middle (the frame LAVCap-style models see); ``keyframes.frames: N`` takes N uniformly
-spaced frames at ``(k + 0.5) * D / N``. A frame "at t" is the one on screen at t (the last frame
-starting at or before t). The audio is resampled to 16 kHz mono, trimmed to exactly
-``sample_rate * clip length`` samples (PyAV gives a few more: 160,125 for 10 s), and a short
-source is padded with silence at the end, which is recorded.
+Everything is decoded in-process with PyAV, one open file per clip (no ffmpeg process per frame:
+spawning one costs ~80 ms by itself, see BENCHMARKS.md): the audio track first, then each frame
+by a seek to the keyframe before it (stage 1 forces one every second). By default one frame is
+taken at the clip's middle (the frame LAVCap-style models see); ``keyframes.frames: N`` takes N
+uniformly spaced frames at ``(k + 0.5) * D / N``. A frame "at t" is the one on screen at t (the
+last frame starting at or before t). The audio is downmixed, resampled to 16 kHz with soxr,
+cut to exactly ``sample_rate * clip length`` samples, and a short source is padded with silence
+at the end, which is recorded.
 
 Quality flags are recorded, never used to drop a clip: a black or flat (near-constant) frame,
 silent audio (dBFS under a threshold), a padded duration.
