@@ -183,6 +183,8 @@ class Captioner:
         self.device = self._device(cfg.device)
         self.dtype = self._dtype(cfg.dtype, self.device)
         local = Path(cfg.model).is_dir()
+        if not local and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
+            raise AbortRun(f"caption.model folder not found: {cfg.model}")
         hub: dict[str, Any] = (
             {} if local else {"revision": cfg.revision, "local_files_only": cfg.local_files_only}
         )
@@ -192,7 +194,7 @@ class Captioner:
             if cfg.device_map:
                 load["device_map"] = cfg.device_map
             model = Blip2ForConditionalGeneration.from_pretrained(cfg.model, **hub, **load)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # not on the Hub / no network / not a BLIP-2 folder
             raise AbortRun(f"caption.model {cfg.model!r} could not be loaded: {exc}") from exc
         if not cfg.device_map:
             model = model.to(self.device)

@@ -34,18 +34,21 @@ _CORPUS = [
 SPECIAL = {"bos": "</s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>", "image": "<image>"}
 
 
-def _train_tokenizer(vocab_size: int = 300) -> Any:
-    """A byte-level BPE tokenizer in OPT's layout: ``</s>`` is both BOS and EOS, BOS prepended."""
+def _train_tokenizer(vocab_size: int = 200) -> Any:
+    """A BPE tokenizer in OPT's layout: ``</s>`` is both BOS and EOS, and BOS is prepended.
+
+    Metaspace (``▁word``) rather than OPT's byte-level pre-tokenizer: every token of this small
+    vocabulary is then printable text, so random weights give word-like captions, not control bytes.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<s>", SPECIAL["pad"], SPECIAL["eos"], SPECIAL["unk"], SPECIAL["image"]],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
