@@ -193,3 +193,20 @@ def test_pick_frame() -> None:
     assert pick_frame("middle", 5, None) == 2
     assert pick_frame("last", 5, 3) == 4
     assert pick_frame(7, 5, 3) == 4
+
+
+def test_demo_hook_builds_the_tiny_model_once(tmp_path: Path) -> None:
+    import contextlib
+
+    from pipeline.config import load_config
+    from stages.config import RunConfig
+    from standins.demo import PREPARE
+
+    with contextlib.ExitStack() as stack:
+        overrides = PREPARE["caption"](stack, tmp_path)
+        stamp = (tmp_path / "models" / "blip2-tiny" / ".complete").stat().st_mtime_ns
+        assert PREPARE["caption"](stack, tmp_path) == overrides
+    assert (tmp_path / "models" / "blip2-tiny" / ".complete").stat().st_mtime_ns == stamp
+    cfg = load_config(RunConfig, "manifests/demo.yaml", overrides)
+    assert Path(cfg.caption.model) == (tmp_path / "models" / "blip2-tiny").resolve()
+    Captioner(cfg.caption)  # loads with from_pretrained(path)
