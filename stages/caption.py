@@ -256,10 +256,15 @@ class Captioner:
         if getattr(proc, "num_query_tokens", None) is None:
             proc.num_query_tokens = self.model.config.num_query_tokens
         if self.model.config.image_token_index is None:
-            raise AbortRun(
-                f"caption.model {self.cfg.model!r} has no image_token_index in its config: "
-                "use a revision saved with transformers >= 4.47 (one with the <image> token)"
+            # A checkpoint saved before BLIP-2 had an <image> token (early revisions of
+            # blip2-opt-2.7b): Blip2Processor has added the token to the tokenizer; the query
+            # embeddings overwrite its embedding row, so any row will do, but it must exist.
+            token_id = proc.tokenizer.convert_tokens_to_ids(
+                getattr(proc.image_token, "content", proc.image_token)
             )
+            if token_id >= self.model.get_input_embeddings().num_embeddings:
+                self.model.resize_token_embeddings(token_id + 1, pad_to_multiple_of=64)
+            self.model.config.image_token_index = token_id
         proc.tokenizer.padding_side = "left"
         enc = proc(images=Image.new("RGB", (8, 8)), text=self.cfg.prompt or "", return_tensors="pt")
         ids = enc["input_ids"]

@@ -210,3 +210,22 @@ def test_demo_hook_builds_the_tiny_model_once(tmp_path: Path) -> None:
     cfg = load_config(RunConfig, "manifests/demo.yaml", overrides)
     assert Path(cfg.caption.model) == (tmp_path / "models" / "blip2-tiny").resolve()
     Captioner(cfg.caption)  # loads with from_pretrained(path)
+
+
+def test_checkpoint_without_image_token_settings_still_captions_the_image(
+    tmp_path: Path, tiny_blip2: Path, stage_factory: Any, items_factory: Any
+) -> None:
+    """Early blip2-opt-2.7b revisions lack ``image_token_index`` and ``num_query_tokens``."""
+    import shutil
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_blip2, legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    config["image_token_index"] = None
+    (legacy / "config.json").write_text(json.dumps(config))
+    proc = json.loads((legacy / "processor_config.json").read_text())
+    del proc["num_query_tokens"]
+    (legacy / "processor_config.json").write_text(json.dumps(proc))
+    items = items_factory(tmp_path / "run", n_clips=3, frames=1)
+    got = captions(stage_factory(tmp_path / "run", model=legacy).process(items))
+    assert got == captions(stage_factory(tmp_path / "run").process(items)) and len(got) == 3

@@ -61,7 +61,7 @@ def test_resume_after_kill_finishes_each_clip_exactly_once(
     assert 3 <= len(done_before) < N_CLIPS
 
     rerun = avcaps(args, upstream_app, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = rerun.communicate(timeout=300)
+    _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err.decode()
 
     history = ledger.read_all()
