@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import unicodedata
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ class CaptionConfig(StageConfig):
     prompt: str | None = Field(None, description='Text the caption continues, e.g. "a photo of".')
     num_beams: int = Field(5, gt=0, description="Beam search width (1 = greedy).")
     max_new_tokens: int = Field(30, gt=0, description="Caption length cap in tokens.")
+    min_new_tokens: int = Field(0, ge=0, description="Tokens generated before EOS is allowed.")
     repetition_penalty: float = Field(1.0, gt=0, description="1.0 = none.")
     gen_batch_size: int = Field(64, gt=0, description="Images per generate() call; halved on OOM.")
     loader_workers: int = Field(4, gt=0, description="Threads decoding and resizing JPEGs ahead.")
@@ -107,6 +109,7 @@ def settings_hash(cfg: CaptionConfig) -> str:
         "prompt": cfg.prompt,
         "num_beams": cfg.num_beams,
         "max_new_tokens": cfg.max_new_tokens,
+        "min_new_tokens": cfg.min_new_tokens,
         "repetition_penalty": cfg.repetition_penalty,
         "caption_frame": cfg.caption_frame,
         "cleaning": CLEANING_VERSION,
@@ -162,7 +165,7 @@ class Decoding:
             self.num_beams,
             self.max_new_tokens,
             max(1.3, self.repetition_penalty),
-            min(3, self.max_new_tokens),
+            max(self.min_new_tokens, min(3, self.max_new_tokens)),
         )
 
 
@@ -175,13 +178,39 @@ class FrameError(Exception):
 class Captioner:
     """BLIP-2 loaded once: uint8 frames in, cleaned captions out. Used by the stage and the bench."""
 
-    def __init__(self, cfg: CaptionConfig) -> None:
+    def __init__(self, cfg: CaptionConfig, model: Any = None, processor: Any = None) -> None:
+        """Load ``cfg.model``; or take an already built ``model`` and ``processor`` (the benchmark's
+        random-weight full-size model, built on the GPU instead of saved and reloaded)."""
         import torch
-        from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
         self.cfg = cfg
         self.device = self._device(cfg.device)
         self.dtype = self._dtype(cfg.dtype, self.device)
+        if model is None:
+            model, self.revision = self._load(cfg)
+        else:
+            self.processor, self.revision = processor, "in-memory"
+        if not cfg.device_map:
+            model = model.to(self.device)
+        self.model = model.eval()
+        self._prepare_text()
+        ip = self.processor.image_processor
+        size = ip.size
+        self.size = (int(size["width"]), int(size["height"]))
+        self.resample = int(getattr(ip, "resample", 3))
+        self.rescale = float(ip.rescale_factor) if ip.do_rescale else 1.0
+        self.mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        self.std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        self.normalize = bool(ip.do_normalize)
+        self.gen_batch = cfg.gen_batch_size
+        self.oom_events: list[dict[str, int]] = []
+        self.decoding = Decoding(
+            cfg.num_beams, cfg.max_new_tokens, cfg.repetition_penalty, cfg.min_new_tokens
+        )
+
+    def _load(self, cfg: CaptionConfig) -> tuple[Any, str | None]:
+        from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
         local = Path(cfg.model).is_dir()
         if not local and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
             raise AbortRun(f"caption.model folder not found: {cfg.model}")
@@ -196,22 +225,7 @@ class Captioner:
             model = Blip2ForConditionalGeneration.from_pretrained(cfg.model, **hub, **load)
         except (OSError, ValueError) as exc:  # not on the Hub / no network / not a BLIP-2 folder
             raise AbortRun(f"caption.model {cfg.model!r} could not be loaded: {exc}") from exc
-        if not cfg.device_map:
-            model = model.to(self.device)
-        self.model = model.eval()
-        self.revision = cfg.revision if not local else self._local_fingerprint(Path(cfg.model))
-        self._prepare_text()
-        ip = self.processor.image_processor
-        size = ip.size
-        self.size = (int(size["width"]), int(size["height"]))
-        self.resample = int(getattr(ip, "resample", 3))
-        self.rescale = float(ip.rescale_factor) if ip.do_rescale else 1.0
-        self.mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
-        self.std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
-        self.normalize = bool(ip.do_normalize)
-        self.gen_batch = cfg.gen_batch_size
-        self.oom_events: list[dict[str, int]] = []
-        self.decoding = Decoding(cfg.num_beams, cfg.max_new_tokens, cfg.repetition_penalty)
+        return model, (self._local_fingerprint(Path(cfg.model)) if local else cfg.revision)
 
     @staticmethod
     def _device(name: str) -> torch.device:
@@ -408,7 +422,11 @@ class CaptionStage(ItemStage):
         ]
 
     def setup(self) -> None:
-        self.captioner = Captioner(self.cfg)
+        self.start(Captioner(self.cfg))
+
+    def start(self, captioner: Captioner) -> None:
+        """Take a loaded captioner (``setup`` loads one; the benchmark passes its own)."""
+        self.captioner = captioner
         self.pool = ThreadPoolExecutor(self.cfg.loader_workers, thread_name_prefix="caption-load")
         self.provenance = {
             "caption_model": self.cfg.model,
@@ -444,13 +462,17 @@ class CaptionStage(ItemStage):
     def _decoded(
         self, jobs: list[tuple[int, int, Path]]
     ) -> Iterator[tuple[int, int, np.ndarray | FrameError]]:
-        """Frames decoded by the pool, in order; the pool runs ahead while the model generates."""
-        futures: list[Future[np.ndarray]] = [
-            self.pool.submit(self.captioner.load_frame, p) for _, _, p in jobs
-        ]
-        for (i, k, _), fut in zip(jobs, futures, strict=True):
+        """Frames decoded by the pool, in order. The pool runs ahead of the model by up to four
+        generate() chunks, which bounds the memory held by decoded frames."""
+        ahead = 4 * self.cfg.gen_batch_size
+        queue: deque[Future[np.ndarray]] = deque()
+        submitted = 0
+        for i, k, _ in jobs:
+            while submitted < len(jobs) and len(queue) < ahead:
+                queue.append(self.pool.submit(self.captioner.load_frame, jobs[submitted][2]))
+                submitted += 1
             try:
-                yield i, k, fut.result()
+                yield i, k, queue.popleft().result()
             except FrameError as exc:
                 yield i, k, exc
 
@@ -458,9 +480,7 @@ class CaptionStage(ItemStage):
         import torch
 
         jobs, bad = self._frames(batch)
-        captions: list[list[str | None]] = [
-            [None] * len(item.data.get("frame_paths") or []) for item in batch
-        ]
+        n_frames = [len(item.data.get("frame_paths") or []) for item in batch]
         key_of: dict[tuple[int, int], str] = {}
         text_of: dict[str, str] = {}
         pending: dict[str, np.ndarray] = {}
@@ -504,7 +524,7 @@ class CaptionStage(ItemStage):
                 e = bad[item.clip_id]
                 results.append(Result.failed(item.clip_id, PermanentError(e.reason, str(e))))
                 continue
-            caps = [text_of[key_of[(i, k)]] for k in range(len(captions[i]))]
+            caps = [text_of[key_of[(i, k)]] for k in range(n_frames[i])]
             empty = [k for k, c in enumerate(caps) if not c]
             if empty:
                 paths = item.data["frame_paths"]

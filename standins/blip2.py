@@ -209,3 +209,42 @@ def blip2_opt_config(layers: str = "full") -> Any:
         num_query_tokens=32,
         image_token_index=50265,
     )
+
+
+def blip2_opt_processor(
+    vocab_size: int = 50304, image_token_index: int = 50265, image_size: int = 224
+) -> Any:
+    """A ``Blip2Processor`` for :func:`blip2_opt_config`: OPT's special-token ids and vocabulary
+    size (a word-level vocabulary ``w<id>``, so any generated id decodes), the real image settings."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import Blip2Processor, BlipImageProcessor, PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    names = {
+        0: "<s>",
+        1: SPECIAL["pad"],
+        2: SPECIAL["eos"],
+        3: SPECIAL["unk"],
+        image_token_index: SPECIAL["image"],
+    }
+    for i, name in names.items():
+        del vocab[f"w{i}"]
+        vocab[name] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{SPECIAL['bos']} $A", pair=f"{SPECIAL['bos']} $A $B", special_tokens=[(SPECIAL["bos"], 2)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL["bos"],
+        eos_token=SPECIAL["eos"],
+        pad_token=SPECIAL["pad"],
+        unk_token=SPECIAL["unk"],
+        padding_side="left",
+    )
+    fast.add_special_tokens({"additional_special_tokens": [SPECIAL["image"]]})
+    image_processor = BlipImageProcessor(
+        size={"height": image_size, "width": image_size}, do_convert_rgb=True
+    )
+    return Blip2Processor(image_processor, fast, num_query_tokens=32)
