@@ -295,6 +295,7 @@ class Captioner:
             eos = self.model.config.text_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.eos_ids.discard(None)
+        self.eos_tensor = torch.tensor(sorted(self.eos_ids), dtype=torch.long)
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -355,7 +356,7 @@ class Captioner:
         # OPT is decoder-only: its output starts with the prompt (image tokens, BOS, prompt text).
         new = out[:n, self.input_ids.shape[1] :].cpu()
         texts = self.processor.batch_decode(new, skip_special_tokens=True)
-        cut = [not any(int(t) in self.eos_ids for t in row) for row in new]
+        cut = (~torch.isin(new, self.eos_tensor).any(dim=1)).tolist()  # no EOS: stopped by max_new_tokens
         return list(zip(texts, cut, strict=True))
 
     def generate(self, frames: list[np.ndarray], decoding: Decoding | None = None) -> list[str]:
