@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import StageConfig
 from pipeline.errors import AbortRun, PermanentError, TransientError
@@ -84,6 +84,12 @@ class CaptionConfig(StageConfig):
         gt=0,
         description="Testing hook: raise CUDA out-of-memory for generate() chunks larger than this.",
     )
+
+    @model_validator(mode="after")
+    def _compile_needs_static_cache(self) -> CaptionConfig:
+        if self.compile and not self.static_cache:
+            raise ValueError("compile: true needs static_cache: true (a dynamic cache is not compiled)")
+        return self
 
 
 def clean_caption(text: str, cut: bool) -> str:

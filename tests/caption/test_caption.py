@@ -229,3 +229,23 @@ def test_checkpoint_without_image_token_settings_still_captions_the_image(
     items = items_factory(tmp_path / "run", n_clips=3, frames=1)
     got = captions(stage_factory(tmp_path / "run", model=legacy).process(items))
     assert got == captions(stage_factory(tmp_path / "run").process(items)) and len(got) == 3
+
+
+def test_static_cache_option_gives_the_same_captions(
+    tmp_path: Path, stage_factory: Any, items_factory: Any
+) -> None:
+    items = items_factory(tmp_path, n_clips=3, frames=1)  # 3 images, chunk 4: the last one is padded
+    ref = captions(stage_factory(tmp_path, gen_batch_size=4).process(items))
+    got = captions(stage_factory(tmp_path, gen_batch_size=4, static_cache=True).process(items))
+    assert got == ref and len(got) == 3
+
+
+def test_compile_without_static_cache_is_a_config_error() -> None:
+    from pipeline.config import ConfigError, load_config
+    from stages.config import RunConfig
+
+    with pytest.raises(ConfigError, match="static_cache"):
+        load_config(RunConfig, "manifests/demo.yaml", ["caption.compile=true"])
+    assert load_config(
+        RunConfig, "manifests/demo.yaml", ["caption.compile=true", "caption.static_cache=true"]
+    )
