@@ -49,6 +49,10 @@ status: setup
 stage-0: setup
 	$(AVCAPS) run 0 $(RUN_FLAGS)
 
+## stage-3: caption every keyframe with BLIP-2 (GPU if present; CONFIG=..., WORKDIR=..., ARGS=...)
+stage-3: setup
+	$(AVCAPS) run 3 $(RUN_FLAGS)
+
 ## stage-6: export the dataset (Parquet configs per training variant, card, stats) to WORKDIR/export
 stage-6: setup
 	$(AVCAPS) run 6 $(RUN_FLAGS)

@@ -6,6 +6,7 @@ schema and the extra CLI command groups through the names below.
 
 STAGES: list[str] = [
     "stages.manifest:ManifestStage",
+    "stages.caption:CaptionStage",
     "stages.export:ExportStage",
     "stages.publish:PublishStage",
 ]

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline.config import StrictModel
+from stages.caption import CaptionConfig
 from stages.export import ExportConfig
 from stages.manifest import ManifestConfig
 from stages.publish import PublishConfig
@@ -15,5 +16,6 @@ from stages.publish import PublishConfig
 class RunConfig(StrictModel):
     workdir: Path = Field(Path("runs/audiocaps"), description="Run folder: ledgers, media, export.")
     manifest: ManifestConfig = ManifestConfig()
+    caption: CaptionConfig = CaptionConfig()
     export: ExportConfig = ExportConfig()
     publish: PublishConfig = PublishConfig()
