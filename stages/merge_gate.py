@@ -25,14 +25,13 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-STOP_WORDS = frozenset(
-    """a an the and or but of in on at to for with by from as into onto over under near while
+_STOP = """a an the and or but of in on at to for with by from as into onto over under near while
     then than that this these those there here is are was were be being been it its it's his her
     their they them he she we you i my our your some any each other another one two very too also
     just while during before after through up down out off again so such can could may might
     will would shall should do does did doing has have had having not no nor only own same both
-    which who whom whose what when where why how all more most few several many much""".split()
-)
+    which who whom whose what when where why how all more most few several many much"""
+STOP_WORDS = frozenset(_STOP.split())
 
 META_PATTERNS = (
     r"\bthe (?:image|picture|photo|video|frame|scene) (?:shows|depicts|features|contains)\b",
@@ -133,8 +132,10 @@ def check_answer(raw: str, audio: str, visual: str, settings: GateSettings) -> V
     """Apply every check to one answer; see the module docstring for the reasons."""
     caption, how = parse_answer(raw)
     if caption is None:
-        reason = "invalid_json" if (raw or "").strip().lstrip("`").startswith(("{", "[", "json")) else (
-            "empty" if not (raw or "").strip() else "unparsable"
+        reason = (
+            "invalid_json"
+            if (raw or "").strip().lstrip("`").startswith(("{", "[", "json"))
+            else ("empty" if not (raw or "").strip() else "unparsable")
         )
         return Verdict(False, reason, None, how)
     n_words = len(caption.split())
