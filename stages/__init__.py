@@ -6,6 +6,7 @@ schema and the extra CLI command groups through the names below.
 
 STAGES: list[str] = [
     "stages.manifest:ManifestStage",
+    "stages.merge:MergeStage",
 ]
 CONFIG_MODEL = "stages.config:RunConfig"
 COMMANDS: dict[str, str] = {}
