@@ -68,6 +68,7 @@ class MergeConfig(StageConfig):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend only.")
     prompt_file: Path | None = Field(None, description="Prompt YAML; default stages/prompts/merge_v1.yaml.")
     max_words: int = Field(40, gt=0, description="Word budget of a merged caption.")
+    max_chars: int = Field(400, gt=0, description="maxLength of the caption in the output JSON schema.")
     min_words: int = Field(3, ge=0)
     min_audio_overlap: float = Field(0.3, ge=0, le=1, description="Share of audio content words kept.")
     min_visual_overlap: float = Field(0.3, ge=0, le=1, description="Share of visual content words kept.")

@@ -27,12 +27,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("avcaps")
 
-ANSWER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"caption": {"type": "string"}},
-    "required": ["caption"],
-    "additionalProperties": False,
-}
+
+def answer_schema(max_chars: int) -> dict[str, Any]:
+    """The structured-output schema ``{"caption": string}``. ``maxLength`` lets the grammar close
+    the string and the object, so even a rambling model returns complete JSON within budget."""
+    return {
+        "type": "object",
+        "properties": {"caption": {"type": "string", "minLength": 1, "maxLength": max_chars}},
+        "required": ["caption"],
+        "additionalProperties": False,
+    }
 
 
 @dataclass
@@ -103,7 +107,11 @@ class OpenAIBackend:
         if self.cfg.structured_output:
             body["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": "merged_caption", "schema": ANSWER_SCHEMA, "strict": True},
+                "json_schema": {
+                    "name": "merged_caption",
+                    "schema": answer_schema(self.cfg.max_chars),
+                    "strict": True,
+                },
             }
         return body
 
@@ -185,7 +193,7 @@ class VLLMBackend:
         if self.cfg.structured_output:
             from vllm.sampling_params import StructuredOutputsParams
 
-            extra["structured_outputs"] = StructuredOutputsParams(json=ANSWER_SCHEMA)
+            extra["structured_outputs"] = StructuredOutputsParams(json=answer_schema(self.cfg.max_chars))
         params = [
             SamplingParams(
                 max_tokens=self.cfg.max_new_tokens,
