@@ -32,6 +32,32 @@ def prepare(stage_name: str) -> Callable[[Prepare], Prepare]:
     return register
 
 
+@prepare("merge")
+def prepare_merge(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
+    """Stage 4 in-process (backend transformers) on the tiny random chat model, built once under
+    the run folder. The gate's relaxed thresholds for its word salad are in manifests/demo.yaml."""
+    from standins.llm import build_tiny_chat_model
+
+    model = build_tiny_chat_model(workdir / "models" / "tiny-chat")
+    return [
+        "merge.backend=transformers",
+        f"merge.model={model}",
+        "merge.device=cpu",
+        "merge.reasoning_effort=null",  # a gpt-oss chat template option; the tiny model has none
+    ]
+
+
+def _upstream_missing(cls: type) -> str | None:
+    """The name of an upstream stage that is not registered (its branch not merged yet), if any."""
+    from pipeline.registry import ancestors
+
+    try:
+        ancestors(cls)  # type: ignore[arg-type]
+    except AbortRun as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import load_context
     from pipeline.registry import stage_classes
@@ -50,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             for cls in stage_classes():
+                missing = _upstream_missing(cls)
+                if missing:
+                    print(f"{cls.dirname()}: skipped, {missing}", flush=True)
+                    continue
                 hook = PREPARE.get(cls.name)
                 if hook is not None:
                     overrides += hook(stack, workdir)
