@@ -50,7 +50,8 @@ stage-0: setup
 
 ## bench: run the benchmarks and print their figures (recorded by hand in BENCHMARKS.md)
 bench: setup
-	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider --override-ini=testpaths=tests/benchmarks
+	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider --override-ini=testpaths=tests/benchmarks \
+		--override-ini='python_files=test_*.py bench_*.py'
 
 ## clean-demo: remove the demo's run folder
 clean-demo:

