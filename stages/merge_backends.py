@@ -217,6 +217,21 @@ class VLLMBackend:
         del self.llm
 
 
+HARMONY_FINAL = "<|channel|>final<|message|>"
+
+
+def harmony_final(text: str) -> str | None:
+    """The final-channel message of a gpt-oss (Harmony) completion decoded with its special
+    tokens, or None when the text is not Harmony. The analysis channel (reasoning) is dropped,
+    as vLLM's ``openai_gptoss`` reasoning parser does on the server side."""
+    if HARMONY_FINAL not in text:
+        return None
+    final = text.rsplit(HARMONY_FINAL, 1)[1]
+    for end in ("<|return|>", "<|end|>", "<|call|>"):
+        final = final.split(end, 1)[0]
+    return final.strip()
+
+
 class TransformersBackend:
     """In-process ``generate`` with the model's chat template (CPU or GPU; slow, needs nothing else).
 
@@ -275,7 +290,9 @@ class TransformersBackend:
             for row, i in enumerate(idx):
                 new = gen[row, n_in:]
                 n_new = int((new != self.tok.pad_token_id).sum())
-                text = self.tok.decode(new, skip_special_tokens=True)
+                text = harmony_final(self.tok.decode(new, skip_special_tokens=False))
+                if text is None:
+                    text = self.tok.decode(new, skip_special_tokens=True)
                 out[i] = Answer(text, int(enc["attention_mask"][row].sum()), n_new)
         return out
 

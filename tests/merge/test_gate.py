@@ -69,3 +69,14 @@ def test_parse_answer_modes() -> None:
     assert parse_answer('{"caption": "x y z"}') == ("x y z", "json")
     assert parse_answer("x y z") == ("x y z", "plain")
     assert parse_answer('{"caption": 3}') == (None, "none")
+
+
+def test_harmony_final_channel() -> None:
+    from stages.merge_backends import harmony_final
+
+    text = (
+        "<|channel|>analysis<|message|>Keep the dog and the yard.<|end|><|start|>assistant"
+        '<|channel|>final<|message|>{"caption": "A dog barks in a yard"}<|return|>'
+    )
+    assert harmony_final(text) == '{"caption": "A dog barks in a yard"}'
+    assert harmony_final("a plain answer") is None
