@@ -66,6 +66,9 @@ class MergeConfig(StageConfig):
     seed: int = Field(0, description="Seed of the first try; try k uses seed + k.")
     device: str | None = Field(None, description="transformers backend: cuda / cpu (default: cuda if any).")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend only.")
+    vllm_engine_args: dict[str, Any] = Field(
+        {}, description="vllm backend: extra vllm.LLM(...) arguments, e.g. {max_num_seqs: 256}."
+    )
     prompt_file: Path | None = Field(None, description="Prompt YAML; default stages/prompts/merge_v1.yaml.")
     max_words: int = Field(40, gt=0, description="Word budget of a merged caption.")
     max_chars: int = Field(400, gt=0, description="maxLength of the caption in the output JSON schema.")

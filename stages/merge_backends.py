@@ -184,7 +184,8 @@ class VLLMBackend:
             ) from exc
         self.cfg = cfg
         self.model = cfg.model
-        self.llm = LLM(model=cfg.model, gpu_memory_utilization=cfg.gpu_memory_utilization, seed=0)
+        args: dict[str, Any] = {"gpu_memory_utilization": cfg.gpu_memory_utilization, "seed": 0}
+        self.llm = LLM(model=cfg.model, **(args | cfg.vllm_engine_args))
 
     def generate(self, requests: list[ChatRequest]) -> list[Answer | ItemError]:
         from vllm import SamplingParams

@@ -49,6 +49,7 @@ REFUSAL_PATTERNS = (
 _META = re.compile("|".join(META_PATTERNS), re.IGNORECASE)
 _REFUSAL = re.compile("|".join(REFUSAL_PATTERNS), re.IGNORECASE)
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
 
 
@@ -100,6 +101,11 @@ def overlap(source: str, answer: str) -> float:
     return len(src & content_words(answer)) / len(src)
 
 
+def clean(caption: str) -> str:
+    """Control characters to spaces, runs of whitespace to one space, ends trimmed."""
+    return " ".join(_CONTROL.sub(" ", caption).split())
+
+
 def parse_answer(raw: str) -> tuple[str | None, str]:
     """The caption in an LLM answer and how it was found: ("...", "json"|"plain") or (None, "none").
 
@@ -112,11 +118,13 @@ def parse_answer(raw: str) -> tuple[str | None, str]:
         text = fenced.group(1).strip()
     if text.startswith(("{", "[")):
         try:
-            obj = json.loads(text)
+            # strict=False: a raw control character inside the string (grammar-constrained
+            # decoding lets one through) is no reason to throw the answer away; it is cleaned below.
+            obj = json.loads(text, strict=False)
         except json.JSONDecodeError:
             return None, "none"
         if isinstance(obj, dict) and isinstance(obj.get("caption"), str):
-            return obj["caption"].strip(), "json"
+            return clean(obj["caption"]), "json"
         return None, "none"
     if "\n" in text.strip():
         # Several lines: take the first non-empty one only if the rest is empty; otherwise the
@@ -125,7 +133,7 @@ def parse_answer(raw: str) -> tuple[str | None, str]:
         if len(lines) != 1:
             return None, "none"
         text = lines[0]
-    return text.strip().strip("\"'`").strip(), "plain"
+    return clean(text.strip().strip("\"'`")), "plain"
 
 
 def check_answer(raw: str, audio: str, visual: str, settings: GateSettings) -> Verdict:

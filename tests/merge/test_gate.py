@@ -69,6 +69,8 @@ def test_parse_answer_modes() -> None:
     assert parse_answer('{"caption": "x y z"}') == ("x y z", "json")
     assert parse_answer("x y z") == ("x y z", "plain")
     assert parse_answer('{"caption": 3}') == (None, "none")
+    # A raw control character inside the JSON string (grammar-constrained decoding lets one through).
+    assert parse_answer('{"caption": "a\x1d dog\tbarks  "}') == ("a dog barks", "json")
 
 
 def test_harmony_final_channel() -> None:

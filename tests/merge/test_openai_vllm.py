@@ -12,6 +12,7 @@ from pipeline.config import load_config
 from pipeline.stage import RunContext
 from stages.config import RunConfig
 from stages.merge import MergeStage
+from stages.merge_gate import parse_answer
 from standins.llm import make_merge_item
 
 pytestmark = pytest.mark.slow
@@ -53,7 +54,7 @@ def test_concurrent_structured_requests(tmp_path: Path, vllm_url: str) -> None:
         out = r.outputs
         assert len(out["merged_captions"]) == 5 and all(out["merged_captions"])
         assert all(JSON_ANSWER.match(raw) for raw in out["merge_raw"]), out["merge_raw"]
-        assert [json.loads(raw)["caption"].strip() for raw in out["merge_raw"]] == out["merged_captions"]
+        assert [parse_answer(raw)[0] for raw in out["merge_raw"]] == out["merged_captions"]
         assert out["merge_backend"] == "openai" and out["merge_model"] == "tiny-random-chat"
         merges = json.loads(out["merge_checks"])["merges"]
         for m in merges:  # usage is summed over the tries of one merge
