@@ -39,7 +39,7 @@ RAW_KEEP = 2000  # characters of each failed try kept in merge_checks
 
 class MergeConfig(StageConfig):
     batch_size: int = Field(
-        64, gt=0, description="Clips per process() call: 320 requests per_caption, enough to fill concurrency."
+        64, gt=0, description="Clips per process() call: 320 requests per_caption, to fill concurrency."
     )
     splits: list[str] = Field(["test"], description="Splits to merge (the paper merges only test).")
     mode: Literal["per_caption", "all_in_one"] = Field(
@@ -53,7 +53,7 @@ class MergeConfig(StageConfig):
     api_key_env: str | None = Field(
         "AVCAPS_LLM_API_KEY", description="Environment variable holding the API key, if the server wants one."
     )
-    concurrency: int = Field(256, gt=0, description="Requests in flight at most (= llm-server --max-num-seqs).")
+    concurrency: int = Field(256, gt=0, description="Requests in flight (= llm-server --max-num-seqs).")
     connect_timeout_s: float = Field(5.0, gt=0)
     request_timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(3, ge=0, description="Retries of one request on 429/5xx/connection errors.")
