@@ -7,6 +7,7 @@ schema and the extra CLI command groups through the names below.
 STAGES: list[str] = [
     "stages.manifest:ManifestStage",
     "stages.caption:CaptionStage",
+    "stages.merge:MergeStage",
     "stages.export:ExportStage",
     "stages.publish:PublishStage",
 ]

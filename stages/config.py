@@ -10,6 +10,7 @@ from pipeline.config import StrictModel
 from stages.caption import CaptionConfig
 from stages.export import ExportConfig
 from stages.manifest import ManifestConfig
+from stages.merge import MergeConfig
 from stages.publish import PublishConfig
 
 
@@ -19,3 +20,4 @@ class RunConfig(StrictModel):
     caption: CaptionConfig = CaptionConfig()
     export: ExportConfig = ExportConfig()
     publish: PublishConfig = PublishConfig()
+    merge: MergeConfig = MergeConfig()

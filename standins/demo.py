@@ -32,6 +32,21 @@ def prepare(stage_name: str) -> Callable[[Prepare], Prepare]:
     return register
 
 
+@prepare("merge")
+def prepare_merge(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
+    """Stage 4 in-process (backend transformers) on the tiny random chat model, built once under
+    the run folder. The gate's relaxed thresholds for its word salad are in manifests/demo.yaml."""
+    from standins.llm import build_tiny_chat_model
+
+    model = build_tiny_chat_model(workdir / "models" / "tiny-chat")
+    return [
+        "merge.backend=transformers",
+        f"merge.model={model}",
+        "merge.device=cpu",
+        "merge.reasoning_effort=null",  # a gpt-oss chat template option; the tiny model has none
+    ]
+
+
 @prepare("caption")
 def prepare_caption(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
     """A tiny random BLIP-2, built once under the run folder, loaded by path like a real one."""
