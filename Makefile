@@ -12,7 +12,8 @@ RUN_FLAGS = --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR)) $(ARGS)
 # CUDA build where nvidia-smi answers.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7
+.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 \
+	review-server review-venv review-pull review-status
 
 ## help: list every target with a line on what it does
 help:
@@ -24,6 +25,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[gpu,dev]'
 	touch $@
+
+# Label Studio pins (openai<2, pyarrow<25, ...) clash with ours: the server gets its own venv.
+LS_VENV ?= .venv-labelstudio
+LS_SPEC ?= label-studio==1.23.2
+
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -q "$(LS_SPEC)"
+	touch $@
+
+## review-venv: install the Label Studio server into .venv-labelstudio (first time only; ~1 GB)
+review-venv: $(LS_VENV)/.installed
 
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
 setup: $(VENV)/.installed
