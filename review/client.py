@@ -58,7 +58,9 @@ class LabelStudio:
                 f"Label Studio is unreachable at {self.url} (is the server running? `make review-server`)"
             ) from None
         except requests.Timeout:
-            raise LabelStudioError(f"Label Studio at {self.url} did not answer {method} {path} in time") from None
+            raise LabelStudioError(
+                f"Label Studio at {self.url} did not answer {method} {path} in time"
+            ) from None
         if resp.status_code == 401:
             raise LabelStudioError(
                 f"Label Studio at {self.url} rejected the API key (401): check LABEL_STUDIO_API_KEY "
@@ -111,7 +113,9 @@ class LabelStudio:
         body = {"project": project_id, "path": path, "title": title, "use_blob_urls": False}
         return self.request("POST", "/api/storages/localfiles/", json=body)  # type: ignore[no-any-return]
 
-    def iter_tasks(self, project_id: int, page_size: int = 500, full: bool = False) -> Iterator[dict[str, Any]]:
+    def iter_tasks(
+        self, project_id: int, page_size: int = 500, full: bool = False
+    ) -> Iterator[dict[str, Any]]:
         """Every task of the project, page by page (``full`` adds annotations and predictions)."""
         page = 1
         while True:

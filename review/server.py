@@ -52,7 +52,9 @@ def credentials_from_env(env: dict[str, str] | None = None, api_key_env: str = A
     missing = [n for n in (USERNAME_ENV, PASSWORD_ENV, api_key_env) if not env.get(n)]
     if missing:
         raise AbortRun(
-            "set " + ", ".join(missing) + " in the environment (admin e-mail, password, and a 40-hex API key, "
+            "set "
+            + ", ".join(missing)
+            + " in the environment (admin e-mail, password, and a 40-hex API key, "
             "e.g. `export LABEL_STUDIO_API_KEY=$(openssl rand -hex 20)`)"
         )
     creds = Credentials(env[USERNAME_ENV], env[PASSWORD_ENV], env[api_key_env])

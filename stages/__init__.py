@@ -6,6 +6,7 @@ schema and the extra CLI command groups through the names below.
 
 STAGES: list[str] = [
     "stages.manifest:ManifestStage",
+    "stages.review:ReviewStage",
 ]
 CONFIG_MODEL = "stages.config:RunConfig"
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {"review": "review.cli:review"}

@@ -8,8 +8,10 @@ from pydantic import Field
 
 from pipeline.config import StrictModel
 from stages.manifest import ManifestConfig
+from stages.review import ReviewConfig
 
 
 class RunConfig(StrictModel):
     workdir: Path = Field(Path("runs/audiocaps"), description="Run folder: ledgers, media, export.")
     manifest: ManifestConfig = ManifestConfig()
+    review: ReviewConfig = ReviewConfig()
