@@ -62,9 +62,12 @@ and ears), and invents nothing that neither the audio nor the picture supports.<
 &rarr; <b>"A red race car's engine revs and its tires squeal as it speeds around a track."</b></li>
 </ul>
 <p>Then choose a verdict: <b>accept</b> when the merge is right as proposed, <b>edited</b> when you
-corrected it in the text area (keep one caption per line), <b>rejected</b> when no good caption is
+corrected it in the text area, <b>rejected</b> when no good caption is
 possible (for example the picture does not match the sound, or the media is broken). Add a comment
 if something is worth telling.</p>
+<p><b>How to correct a caption:</b> delete its line (trash button), type the corrected caption in the
+box and press Shift+Enter (or Add); keep one caption per line. (In Label Studio 1.23 the in-place
+"Edit Region" pencil shows the change but does not save it.)</p>
 """
 
 
