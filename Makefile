@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[gpu,dev]'
+	$(PY) -m pip install -q -e '.[gpu,dev,review,browser-test]'
 	touch $@
 
 # Label Studio pins (openai<2, pyarrow<25, ...) clash with ours: the server gets its own venv.
@@ -42,8 +42,8 @@ review-venv: $(LS_VENV)/.installed
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
 setup: $(VENV)/.installed
 
-## test: run the test suite (sets itself up first)
-test: setup
+## test: run the test suite (sets itself up first, the Label Studio venv included)
+test: setup review-venv
 	$(PY) -m pytest
 
 ## lint: ruff check of the whole tree
@@ -61,6 +61,19 @@ status: setup
 ## stage-0: ingest the AudioCaps CSVs into the clip table (CONFIG=..., WORKDIR=..., ARGS=...)
 stage-0: setup
 	$(AVCAPS) run 0 $(RUN_FLAGS)
+
+## review-server: start Label Studio on 127.0.0.1 for a run (needs LABEL_STUDIO_USERNAME/PASSWORD/API_KEY)
+review-server: setup review-venv
+	$(AVCAPS) review server $(RUN_FLAGS)
+
+## stage-5: push the test merges to Label Studio as review tasks (server up; CONFIG=..., WORKDIR=...)
+stage-5: setup
+	$(AVCAPS) run 5 $(RUN_FLAGS)
+
+## review-pull: read the finished reviews into DIR/05-review/reviews.parquet and show their figures
+review-pull: setup
+	$(AVCAPS) review pull $(RUN_FLAGS)
+	$(AVCAPS) review status $(RUN_FLAGS)
 
 ## bench: run the benchmarks and print their figures (recorded by hand in BENCHMARKS.md)
 bench: setup

@@ -18,10 +18,17 @@ from .conftest import CREDS, REPO, make_clips
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "test-artifacts"
-FLAGS = (
-    "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking "
-    "--disable-component-update --disable-sync --window-size=1400,1100"
-).split()
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1100",
+]
 
 
 @pytest.fixture
@@ -30,7 +37,9 @@ def browser(tmp_path: Path) -> Any:
 
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver:
-        pytest.fail("Debian's chromium and chromium-driver are needed (apt-get install chromium chromium-driver)")
+        pytest.fail(
+            "Debian's chromium and chromium-driver are needed (apt-get install chromium chromium-driver)"
+        )
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
     for flag in [*FLAGS, f"--user-data-dir={tmp_path / 'chrome-profile'}"]:
@@ -45,7 +54,9 @@ def js_click(drv: Any, element: Any) -> None:
     drv.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click()", element)
 
 
-def test_annotator_edits_the_prefilled_merge_in_the_browser(run_ctx: Any, ls_server: Any, browser: Any) -> None:
+def test_annotator_edits_the_prefilled_merge_in_the_browser(
+    run_ctx: Any, ls_server: Any, browser: Any
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
@@ -83,7 +94,9 @@ def test_annotator_edits_the_prefilled_merge_in_the_browser(run_ctx: Any, ls_ser
     box.send_keys(edit)
     box.send_keys(Keys.SHIFT, Keys.ENTER)
     wait.until(lambda d: edit in [r.text for r in d.find_elements(By.CSS_SELECTOR, ".lsf-textarea__region")])
-    js_click(browser, browser.find_element(By.XPATH, "//label[.//span[starts-with(normalize-space(.), 'edited')]]"))
+    js_click(
+        browser, browser.find_element(By.XPATH, "//label[.//span[starts-with(normalize-space(.), 'edited')]]")
+    )
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "review-task.png"))
     js_click(browser, browser.find_element(By.CSS_SELECTOR, "button[aria-label='Submit current annotation']"))

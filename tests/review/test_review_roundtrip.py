@@ -184,7 +184,7 @@ def test_faults_name_the_thing_and_lose_nothing(run_ctx: Any, monkeypatch: pytes
     # Server unreachable: named by URL.
     dead = ctx.config.model_copy(deep=True)  # type: ignore[attr-defined]
     dead.review.url = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(AbortRun, match="unreachable at http://127.0.0.1"):
+    with pytest.raises(AbortRun, match=r"unreachable at http://127\.0\.0\.1"):
         pull(RunContext(ctx.workdir, dead))
     with pytest.raises(AbortRun, match="unreachable"):
         push(RunContext(ctx.workdir, dead), force=True)
