@@ -88,5 +88,3 @@ def server(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
                 time.sleep(1)
         except KeyboardInterrupt:
             click.echo("stopping Label Studio")
-    if srv.proc is None:
-        return

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import AbortRun
 from pipeline.ledger import Ledger
 from pipeline.stage import Item, ItemStage, Result
+from review.server import Credentials
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -28,6 +29,11 @@ STAGES: list[str] = [
 CONFIG_MODEL = "stages.config:RunConfig"
 COMMANDS: dict[str, str] = {"review": "review.cli:review"}
 
+REPO = Path(__file__).resolve().parents[1]
+# The admin of the tests' Label Studio: test-only, on a loopback server that lives for one session.
+TEST_CREDS = Credentials(
+    "admin@avcaps.test", "test-only-password-1", "5f0c7a9e2b4d6f8a1c3e5b7d9f0a2c4e6b8d0f1a"
+)
 COLORS = [(200, 40, 40), (40, 160, 60), (40, 80, 200), (220, 180, 30), (120, 40, 160), (30, 160, 170)]
 
 
@@ -114,3 +120,18 @@ def write_contract_run(workdir: Path, clips: list[dict[str, Any]]) -> None:
     schema = ManifestStage.output_schema(None)  # type: ignore[arg-type]
     Ledger(workdir / "00-manifest" / "ledger", schema).commit(manifest_rows)
     Ledger(workdir / "04-merge" / "ledger", ContractMergeStage.output_schema(None)).commit(merge_rows)  # type: ignore[arg-type]
+
+
+def make_clips(n: int, tag: str = "a") -> list[dict[str, Any]]:
+    clips = []
+    for i in range(n):
+        clips.append(
+            {
+                "clip_id": f"{tag}{i:02d}xxxxxxxx"[:11] + f"_{i * 1000}_{i * 1000 + 10000}",
+                "split": "test",
+                "audio_captions": [f"A dog barks number {i}", f"Birds chirp {i}"],
+                "visual_caption": f"a brown dog on a lawn {i}",
+                "merged_captions": [f"A brown dog barks on a lawn {i}", f"Birds chirp near a brown dog {i}"],
+            }
+        )
+    return clips

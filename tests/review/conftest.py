@@ -10,12 +10,11 @@ from typing import Any
 import pytest
 
 from pipeline.stage import RunContext
-from review.server import Credentials, LabelStudioServer, build_template, free_port
+from review.server import LabelStudioServer, build_template, free_port
+from standins.contract_run import REPO
+from standins.contract_run import TEST_CREDS as CREDS
 
-REPO = Path(__file__).resolve().parents[2]
 LS_VENV = REPO / ".venv-labelstudio"
-# Test-only admin of a loopback server that lives for one session.
-CREDS = Credentials("admin@avcaps.test", "test-only-password-1", "5f0c7a9e2b4d6f8a1c3e5b7d9f0a2c4e6b8d0f1a")
 
 
 @pytest.fixture(scope="session")
@@ -44,21 +43,6 @@ def ls_server(tmp_path_factory: pytest.TempPathFactory, ls_root: Path) -> Iterat
 def review_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", CREDS.api_key)
     monkeypatch.setenv("AVCAPS_APP", "standins.contract_run")
-
-
-def make_clips(n: int, tag: str = "a") -> list[dict[str, Any]]:
-    clips = []
-    for i in range(n):
-        clips.append(
-            {
-                "clip_id": f"{tag}{i:02d}xxxxxxxx"[:11] + f"_{i * 1000}_{i * 1000 + 10000}",
-                "split": "test",
-                "audio_captions": [f"A dog barks number {i}", f"Birds chirp {i}"],
-                "visual_caption": f"a brown dog on a lawn {i}",
-                "merged_captions": [f"A brown dog barks on a lawn {i}", f"Birds chirp near a brown dog {i}"],
-            }
-        )
-    return clips
 
 
 @pytest.fixture
