@@ -65,9 +65,9 @@ and ears), and invents nothing that neither the audio nor the picture supports.<
 corrected it in the text area, <b>rejected</b> when no good caption is
 possible (for example the picture does not match the sound, or the media is broken). Add a comment
 if something is worth telling.</p>
-<p><b>How to correct a caption:</b> delete its line (trash button), type the corrected caption in the
-box and press Shift+Enter (or Add); keep one caption per line. (In Label Studio 1.23 the in-place
-"Edit Region" pencil shows the change but does not save it.)</p>
+<p><b>How to correct a caption:</b> click the pencil on its line, type, press Enter and then click
+outside the line (the change is kept when the line loses focus); or delete the line (trash button),
+type the corrected caption in the box and press Shift+Enter. Keep one caption per line.</p>
 """
 
 

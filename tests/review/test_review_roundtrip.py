@@ -114,6 +114,15 @@ def test_second_run_folder_gets_its_own_project(run_ctx: Any) -> None:
     assert set(pushed(one)["ls_project_id"]) == {p1} and set(pushed(two)["ls_project_id"]) == {p2}
 
 
+def test_tasks_are_listed_page_by_page(run_ctx: Any) -> None:
+    ctx = run_ctx("run", make_clips(5, "g"))
+    push(ctx)
+    project_id = read_project_file(ctx.workdir / "05-review")["project_id"]
+    for size in (1, 2, 5, 500):
+        ids = [t["id"] for t in client(ctx).iter_tasks(project_id, page_size=size)]
+        assert sorted(ids) == sorted(task_ids(ctx).values()), size
+
+
 def test_kill_between_import_and_commit_imports_nothing_twice(run_ctx: Any) -> None:
     ctx = run_ctx("run", make_clips(3, "k"))
     push(ctx)
@@ -198,3 +207,8 @@ def test_faults_name_the_thing_and_lose_nothing(run_ctx: Any, monkeypatch: pytes
         push(ctx, force=True)
     assert reviews.read_bytes() == before
     assert (pushed(ctx)["status"] == "ok").all()
+
+
+def test_api_key_and_password_never_logged(ls_server: Any) -> None:
+    log = ls_server.log_path.read_text(errors="replace")
+    assert log and CREDS.api_key not in log and CREDS.password not in log
