@@ -82,9 +82,9 @@ def write_media(workdir: Path, clip_id: str, index: int, frames: int = 3) -> tup
     return frame_paths, audio
 
 
-def write_contract_run(workdir: Path, clips: list[dict[str, Any]]) -> None:
+def write_contract_run(workdir: Path, clips: list[dict[str, Any]], share_media: bool = False) -> None:
     """Media and ledgers for ``clips`` (dicts with clip_id, split, audio_captions, visual_caption,
-    merged_captions)."""
+    merged_captions). ``share_media`` points every clip at the first clip's files (scale tests)."""
     from stages.manifest import ManifestStage
 
     workdir = Path(workdir)
@@ -92,7 +92,8 @@ def write_contract_run(workdir: Path, clips: list[dict[str, Any]]) -> None:
     for i, clip in enumerate(clips):
         cid = clip["clip_id"]
         yt, start_ms, end_ms = cid.rsplit("_", 2)
-        frame_paths, audio = write_media(workdir, cid, i)
+        if not share_media or i == 0:
+            frame_paths, audio = write_media(workdir, cid, i)
         base = {"clip_id": cid, "status": "ok", "reason": "", "message": "", "attempts": 1}
         manifest_rows.append(
             base

@@ -53,13 +53,17 @@ def run_ctx(
     from stages.config import RunConfig
     from standins.contract_run import write_contract_run
 
-    def make(name: str, clips: list[dict[str, Any]], **review: Any) -> RunContext:
+    def make(name: str, clips: list[dict[str, Any]], share_media: bool = False, **review: Any) -> RunContext:
         workdir = ls_root / f"{request.node.name}-{name}"
-        write_contract_run(workdir, clips)
+        write_contract_run(workdir, clips, share_media=share_media)
         cfg = RunConfig.model_validate(
             {
                 "workdir": str(workdir),
-                "review": {"url": ls_server.url, "document_root": str(ls_root), "batch_size": 2, **review},
+                "review": {
+                    "url": ls_server.url,
+                    "document_root": str(ls_root),
+                    **({"batch_size": 2} | review),
+                },
             }
         )
         return RunContext(workdir=workdir, config=cfg)

@@ -123,6 +123,17 @@ def test_tasks_are_listed_page_by_page(run_ctx: Any) -> None:
         assert sorted(ids) == sorted(task_ids(ctx).values()), size
 
 
+def test_thousands_of_tasks_batched_and_paged(run_ctx: Any) -> None:
+    n = 2000
+    ctx = run_ctx("run", make_clips(n, "s"), share_media=True, batch_size=250)
+    assert push(ctx).counts == {"ok": n}
+    project_id = read_project_file(ctx.workdir / "05-review")["project_id"]
+    listed = {t["data"]["clip_id"]: t["id"] for t in client(ctx).iter_tasks(project_id)}
+    assert listed == task_ids(ctx) and len(listed) == n
+    push(ctx, force=True)  # lists the 2000 tasks (4 pages) and imports none
+    assert len(list(client(ctx).iter_tasks(project_id))) == n
+
+
 def test_kill_between_import_and_commit_imports_nothing_twice(run_ctx: Any) -> None:
     ctx = run_ctx("run", make_clips(3, "k"))
     push(ctx)
