@@ -1,9 +1,9 @@
 """A small client of Label Studio's REST API, in plain HTTP (``requests``).
 
-Why not ``label-studio-sdk``: the SDK 2.x pins (``opencv-python-headless<4.13``, its own pydantic and
-httpx ranges) would constrain the pipeline's main venv for the sake of the dozen endpoints used
-here, and the server itself cannot share our venv anyway. The endpoints below are the stable ones
-the SDK wraps.
+Why not ``label-studio-sdk``: SDK 2.1.2 requires ``opencv-python-headless>=4.12,<4.13``,
+``Pillow>=12.3``, ``pyjwt<2.14``, ``nltk<=3.11``, ``requests-mock==1.12.1``, ``datamodel-code-generator``
+and more (checked in its metadata): pins that would constrain the pipeline's main venv (and clash
+with vLLM's) for the dozen endpoints used here. The endpoints below are the ones the SDK wraps.
 
 Every failure becomes a :class:`LabelStudioError` whose message names the URL and the thing that
 went wrong (unreachable server, rejected key, missing project) and never contains the API key.
