@@ -101,13 +101,21 @@ def remembered_project(client: LabelStudio, folder: Path) -> dict[str, Any]:
             f"no Label Studio project yet for this run ({folder / PROJECT_FILE}): run stage 5 first"
         )
     try:
-        return client.project(int(state["project_id"]))
+        project = client.project(int(state["project_id"]))
     except ProjectGone:
         raise AbortRun(
             f"Label Studio project {state['project_id']} (remembered in {folder / PROJECT_FILE}) no longer "
             f"exists at {client.url}. Reviews already pulled stay in {folder / 'reviews.parquet'}; to push "
             f"into a new project, move {PROJECT_FILE} aside and run stage 5 with --force"
         ) from None
+    if state.get("title") and project.get("title") != state["title"]:
+        # Ids are per server: the same id on another server is another run's project.
+        raise AbortRun(
+            f"Label Studio project {state['project_id']} at {client.url} is {project.get('title')!r}, "
+            f"not this run's {state['title']!r} ({folder / PROJECT_FILE}): "
+            "does review.url point at another server?"
+        )
+    return project
 
 
 class ReviewStage(ItemStage):

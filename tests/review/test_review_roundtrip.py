@@ -209,6 +209,14 @@ def test_faults_name_the_thing_and_lose_nothing(run_ctx: Any, monkeypatch: pytes
     with pytest.raises(AbortRun, match="unreachable"):
         push(RunContext(ctx.workdir, dead), force=True)
 
+    # The remembered id names another run's project (review.url pointing at another server).
+    state_file = ctx.workdir / "05-review" / "project.json"
+    state = state_file.read_text()
+    state_file.write_text(state.replace('"title": "', '"title": "elsewhere '))
+    with pytest.raises(AbortRun, match="another server"):
+        pull(ctx)
+    state_file.write_text(state)
+
     # A deleted project: named, with where the reviews are; nothing overwritten.
     project_id = read_project_file(ctx.workdir / "05-review")["project_id"]
     c.delete_project(project_id)
