@@ -174,7 +174,10 @@ class ReviewStage(ItemStage):
         # saving its id finds that project again by its title instead of making a second one.
         token = state.get("token") or uuid.uuid4().hex[:8]
         # Label Studio caps titles at 50 characters; the token that makes the title unique stays whole.
-        title = f"{self.cfg.project_title} {self.workdir.resolve().name}"[:39] + f" [{token}]"
+        title = (
+            state.get("title")
+            or f"{self.cfg.project_title} {self.workdir.resolve().name}"[:39] + f" [{token}]"
+        )
         atomic_write_text(self.folder / PROJECT_FILE, json.dumps({"token": token, "title": title}) + "\n")
         found = [p for p in self.client.projects() if p.get("title") == title]
         if found:
