@@ -61,6 +61,8 @@ def server(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
     Needs LABEL_STUDIO_USERNAME (e-mail), LABEL_STUDIO_PASSWORD and LABEL_STUDIO_API_KEY (40 hex).
     Runs until Ctrl-C.
     """
+    import signal
+    import sys
     import time
 
     from review.server import LabelStudioServer, credentials_from_env
@@ -77,6 +79,8 @@ def server(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
     click.echo(
         f"starting Label Studio (data {data_dir}, media root {root}); the first start migrates (~1 min)"
     )
+    # A plain `kill` of this command must stop the server too (it runs in its own process group).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with srv:
         click.echo(f"Label Studio is up at {srv.url}")
         click.echo(f"  admin login: {creds.username} with the password in LABEL_STUDIO_PASSWORD")
