@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.stage import RunContext
 from review.server import LabelStudioServer, build_template, free_port
-from standins.contract_run import REPO
-from standins.contract_run import TEST_CREDS as CREDS
+from standins.review_run import REPO
+from standins.review_run import TEST_CREDS as CREDS
 
 LS_VENV = REPO / ".venv-labelstudio"
 
@@ -42,7 +42,7 @@ def ls_server(tmp_path_factory: pytest.TempPathFactory, ls_root: Path) -> Iterat
 @pytest.fixture
 def review_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", CREDS.api_key)
-    monkeypatch.setenv("AVCAPS_APP", "standins.contract_run")
+    monkeypatch.setenv("AVCAPS_APP", "standins.review_run")
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def run_ctx(
 ) -> Any:
     """A factory of run folders (under the document root) with their RunContext."""
     from stages.config import RunConfig
-    from standins.contract_run import write_contract_run
+    from standins.review_run import write_contract_run
 
     def make(name: str, clips: list[dict[str, Any]], share_media: bool = False, **review: Any) -> RunContext:
         workdir = ls_root / f"{request.node.name}-{name}"

@@ -13,8 +13,8 @@ from pipeline.runner import run_stage, stage_ledger
 from pipeline.stage import RunOptions
 from review.pull import pull, read_reviews
 from stages.review import ReviewStage
-from standins.contract_run import REPO, make_clips
-from standins.contract_run import TEST_CREDS as CREDS
+from standins.review_run import REPO, make_clips
+from standins.review_run import TEST_CREDS as CREDS
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "test-artifacts"

@@ -14,8 +14,8 @@ from review.client import LabelStudio
 from review.labeling import COMMENT, text_result, verdict_result
 from review.pull import captions_distance, pull, read_reviews, review_status, word_edit_distance
 from stages.review import ReviewStage, read_project_file
-from standins.contract_run import TEST_CREDS as CREDS
-from standins.contract_run import make_clips
+from standins.review_run import TEST_CREDS as CREDS
+from standins.review_run import make_clips
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ import requests
 
 from pipeline.errors import AbortRun
 from review.server import LabelStudioServer, free_port
-from standins.contract_run import REPO
-from standins.contract_run import TEST_CREDS as CREDS
+from standins.review_run import REPO
+from standins.review_run import TEST_CREDS as CREDS
 
 pytestmark = pytest.mark.slow
 LS_VENV = REPO / ".venv-labelstudio"

@@ -2,7 +2,7 @@
 
 Until stages 1-4 are on main, this writes what they would: real media files (JPEG keyframes made
 with Pillow, 16 kHz FLAC audio made with soundfile) under ``DIR/media/`` and ledger rows of
-``00-manifest`` and ``04-merge`` with the contract's columns. ``AVCAPS_APP=standins.contract_run``
+``00-manifest`` and ``04-merge`` with the contract's columns. ``AVCAPS_APP=standins.review_run``
 makes the engine see a ``merge`` stage whose ledger is this prefilled one, so stage 5 runs through
 the real runner. A stand-in, named as such: it computes nothing.
 """
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 STAGES: list[str] = [
     "stages.manifest:ManifestStage",
-    "standins.contract_run:ContractMergeStage",
+    "standins.review_run:ContractMergeStage",
     "stages.review:ReviewStage",
 ]
 CONFIG_MODEL = "stages.config:RunConfig"
