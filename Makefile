@@ -12,8 +12,8 @@ RUN_FLAGS = --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR)) $(ARGS)
 # CUDA build where nvidia-smi answers.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 \
-	review-server review-venv review-pull review-status
+.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice \
+	review-server review-venv review-pull
 
 ## help: list every target with a line on what it does
 help:
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[gpu,dev,review,browser-test]'
+	$(PY) -m pip install -q -e '.[gpu,dev,ray,publish,eval,review,browser-test]'
 	touch $@
 
 # Label Studio pins (openai<2, pyarrow<25, ...) clash with ours: the server gets its own venv.
@@ -42,8 +42,9 @@ review-venv: $(LS_VENV)/.installed
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
 setup: $(VENV)/.installed
 
-## test: run the test suite (sets itself up first, the Label Studio venv included)
+## test: ruff check, then the test suite (sets itself up first, the Label Studio venv included)
 test: setup review-venv
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
 ## lint: ruff check of the whole tree
@@ -62,6 +63,18 @@ status: setup
 stage-0: setup
 	$(AVCAPS) run 0 $(RUN_FLAGS)
 
+## stage-3: caption every keyframe with BLIP-2 (GPU if present; CONFIG=..., WORKDIR=..., ARGS=...)
+stage-3: setup
+	$(AVCAPS) run 3 $(RUN_FLAGS)
+
+## stage-6: export the dataset (Parquet configs per training variant, card, stats) to WORKDIR/export
+stage-6: setup
+	$(AVCAPS) run 6 $(RUN_FLAGS)
+
+## stage-7: publish WORKDIR/export to the Hub (ARGS="--set publish.repo_id=o/n"; HF_TOKEN in the env)
+stage-7: setup
+	$(AVCAPS) run 7 $(RUN_FLAGS)
+
 ## review-server: start Label Studio on 127.0.0.1 for a run (needs LABEL_STUDIO_USERNAME/PASSWORD/API_KEY)
 review-server: setup review-venv
 	$(AVCAPS) review server $(RUN_FLAGS)
@@ -77,7 +90,11 @@ review-pull: setup
 
 ## bench: run the benchmarks and print their figures (recorded by hand in BENCHMARKS.md)
 bench: setup
-	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider --override-ini=testpaths=tests/benchmarks
+	$(PY) -m pytest tests/benchmarks -s -p no:cacheprovider --override-ini=testpaths=tests/benchmarks -o "python_files=bench_*.py test_*.py"
+
+## fetch-spice: install the CoreNLP 3.6.0 jars SPICE needs (internet, or ZIP=stanford-corenlp-full-2015-12-09.zip; SPICE_DIR=...)
+fetch-spice: setup
+	$(AVCAPS) fetch-spice $(if $(SPICE_DIR),--spice-dir $(SPICE_DIR)) $(if $(ZIP),--from-zip $(ZIP))
 
 ## clean-demo: remove the demo's run folder
 clean-demo:

@@ -109,6 +109,25 @@ def main(verbose: bool) -> None:
 @click.option("--retry-failed", is_flag=True, help="Re-queue every failed item, permanent ones too.")
 @click.option("--force", is_flag=True, help="Redo every item, finished ones too.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Run item batches in this process, or as a Ray Dataset on a Ray cluster.",
+)
+@click.option(
+    "--address",
+    "ray_address",
+    default=None,
+    help="Ray cluster address (with --executor ray); default: a local cluster.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Ray workers (tasks or actors) for this stage; default: CPUs or GPUs available.",
+)
 def run(
     stage: str,
     config_path: Path,
@@ -120,6 +139,9 @@ def run(
     retry_failed: bool,
     force: bool,
     no_progress: bool,
+    executor: str,
+    ray_address: str | None,
+    concurrency: int | None,
 ) -> None:
     """Run STAGE (a number 0-7 or a name such as `download`)."""
     from pipeline.registry import find_stage
@@ -137,6 +159,9 @@ def run(
         retry_failed=retry_failed,
         force=force,
         progress=not no_progress,
+        executor=executor,
+        ray_address=ray_address,
+        concurrency=concurrency,
     )
     report = run_stage(cls, ctx, options)
     click.echo(report.line())
@@ -167,3 +192,7 @@ def config_show(config_path: Path, workdir: Path | None, overrides: tuple[str, .
 
     ctx = load_context(config_path, workdir, overrides)
     click.echo(dump_config(ctx.config), nl=False)
+
+
+if __name__ == "__main__":
+    main()

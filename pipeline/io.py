@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _writer_is_dead(name: str) -> bool:
+    """Whether the temp file ``name`` was written by a process of this host that has exited."""
+    parts = name[len(TMP_PREFIX) :].split("-", 2)
+    if len(parts) < 3 or parts[0] != _HOST or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @contextlib.contextmanager
@@ -21,8 +37,9 @@ def atomic_path(dest: Path | str) -> Iterator[Path]:
     """Yield a temporary path next to ``dest``; on success fsync and rename it to ``dest``."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # Keep the suffix so tools that pick a format by extension (ffmpeg, PIL) still work.
-    tmp = dest.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{dest.name}")
+    # Host and pid in the name let a later run tell a dead writer's leftovers from a live
+    # writer's file; keeping the suffix lets tools that pick a format by extension still work.
+    tmp = dest.with_name(f"{TMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{dest.name}")
     try:
         yield tmp
         with open(tmp, "rb") as fh:
@@ -42,10 +59,11 @@ def atomic_write_text(dest: Path | str, text: str) -> None:
     atomic_write_bytes(dest, text.encode("utf-8"))
 
 
-def clean_temp_files(folder: Path | str, older_than_s: float = 0.0) -> int:
+def clean_temp_files(folder: Path | str, older_than_s: float = 3600.0) -> int:
     """Remove leftovers of interrupted writes under ``folder``; returns how many.
 
-    ``older_than_s`` spares files that a concurrently running shard may still be writing.
+    A leftover is removed when its writer (same host) has exited, or when it is older than
+    ``older_than_s`` (writers on other hosts of a shared filesystem); a live writer's file stays.
     """
     import time
 
@@ -55,7 +73,7 @@ def clean_temp_files(folder: Path | str, older_than_s: float = 0.0) -> int:
     n = 0
     cutoff = time.time() - older_than_s
     for p in folder.rglob(f"{TMP_PREFIX}*"):
-        if p.is_file() and p.stat().st_mtime <= cutoff:
+        if p.is_file() and (_writer_is_dead(p.name) or p.stat().st_mtime <= cutoff):
             p.unlink(missing_ok=True)
             n += 1
     return n

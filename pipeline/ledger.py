@@ -69,19 +69,22 @@ class Ledger:
             full.append(r)
         return pa.Table.from_pylist(full, schema=self.schema)
 
-    def _write(self, folder: Path, table: pa.Table) -> Path:
+    def _write(self, folder: Path, table: pa.Table, name: str | None = None) -> Path:
         import pyarrow.parquet as pq
 
-        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        dest = folder / name
+        dest = folder / f"part-{name or f'{time.time_ns():020d}-{uuid.uuid4().hex[:8]}'}.parquet"
         with atomic_path(dest) as tmp:
             pq.write_table(table, tmp, compression="zstd")
         return dest
 
-    def commit(self, rows: list[dict[str, Any]]) -> None:
-        """Append rows as one part file; atomic."""
+    def commit(self, rows: list[dict[str, Any]], name: str | None = None) -> None:
+        """Append rows as one part file; atomic.
+
+        A deterministic ``name`` makes the commit idempotent: a batch redone by a retried worker
+        task replaces its own part instead of adding a second copy of its rows.
+        """
         if rows:
-            self._write(self.folder, self._table(rows))
+            self._write(self.folder, self._table(rows), name)
 
     def read_all(self) -> pd.DataFrame:
         """Every row ever committed (the history), as a DataFrame."""

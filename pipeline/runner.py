@@ -179,6 +179,61 @@ def select_pending(
     return items
 
 
+def result_rows(batch: list[Item], results: list[Result]) -> list[dict[str, Any]]:
+    """Ledger rows for the results of a batch (attempt numbers come from the items)."""
+    attempts = {item.clip_id: item.attempt for item in batch}
+    return [
+        {
+            "clip_id": res.clip_id,
+            "status": res.status,
+            "reason": res.reason,
+            "message": res.message,
+            "attempts": attempts[res.clip_id],
+            **res.outputs,
+        }
+        for res in results
+    ]
+
+
+def process_and_commit(
+    stage: ItemStage, ledger: Ledger, batch: list[Item], part_name: str | None = None
+) -> list[dict[str, Any]]:
+    """Process one batch and commit its rows (the rename is the commit: a crash loses this batch
+    at most). Returns one small summary per item for the driver."""
+    rows = result_rows(batch, run_batch(stage, batch))
+    ledger.commit(rows, name=part_name)
+    return [{"clip_id": r["clip_id"], "status": r["status"], "attempts": r["attempts"]} for r in rows]
+
+
+class LocalExecutor:
+    """Runs the batches in this process, one after another."""
+
+    def __init__(self, stage: ItemStage, options: RunOptions) -> None:
+        self.stage = stage
+        self.ledger = stage_ledger(stage)
+
+    def __enter__(self) -> LocalExecutor:
+        self.stage.setup()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stage.teardown()
+
+    def run_pass(self, todo: list[Item]) -> Iterator[list[dict[str, Any]]]:
+        for batch in _batches(todo, self.stage.stage_config.batch_size):
+            yield process_and_commit(self.stage, self.ledger, batch)
+
+
+def make_executor(stage: ItemStage, options: RunOptions) -> Any:
+    if options.executor == "local":
+        return LocalExecutor(stage, options)
+    if options.executor == "ray":
+        from pipeline.ray_executor import RayExecutor
+
+        return RayExecutor(stage, options)
+    raise AbortRun(f"unknown executor {options.executor!r}; valid: local, ray")
+
+
 def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
     from tqdm import tqdm
 
@@ -193,10 +248,10 @@ def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
         return report
     stage.folder.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    stage.setup()
-    try:
+    with make_executor(stage, options) as executor:
         todo = pending
         while todo:
+            by_id = {item.clip_id: item for item in todo}
             retry: list[Item] = []
             bar = tqdm(
                 total=len(todo),
@@ -205,28 +260,14 @@ def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
                 disable=not options.progress,
                 dynamic_ncols=True,
             )
-            for batch in _batches(todo, cfg.batch_size):
-                results = run_batch(stage, batch)
-                by_item = {item.clip_id: item for item in batch}
-                rows = []
-                for res in results:
-                    item = by_item[res.clip_id]
-                    rows.append(
-                        {
-                            "clip_id": res.clip_id,
-                            "status": res.status,
-                            "reason": res.reason,
-                            "message": res.message,
-                            "attempts": item.attempt,
-                            **res.outputs,
-                        }
-                    )
-                    report.counts[res.status] = report.counts.get(res.status, 0) + 1
-                    if res.status == "failed_transient" and item.attempt < cfg.max_attempts:
+            for summaries in executor.run_pass(todo):
+                for row in summaries:
+                    report.counts[row["status"]] = report.counts.get(row["status"], 0) + 1
+                    if row["status"] == "failed_transient" and row["attempts"] < cfg.max_attempts:
+                        item = by_id[row["clip_id"]]
                         retry.append(Item(item.clip_id, item.data, item.attempt + 1))
-                ledger.commit(rows)  # the rename is the commit: a crash loses this batch at most
-                report.processed += len(batch)
-                bar.update(len(batch))
+                report.processed += len(summaries)
+                bar.update(len(summaries))
             bar.close()
             if retry:
                 delay = min(cfg.backoff_s * 2 ** (retry[0].attempt - 2), cfg.backoff_max_s)
@@ -240,8 +281,6 @@ def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
                 )
                 time.sleep(delay)
             todo = retry
-    finally:
-        stage.teardown()
     report.seconds = time.monotonic() - t0
     if len(ledger.parts()) > 64:
         ledger.compact()
@@ -278,7 +317,7 @@ def run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions) -> RunRepo
     atomic_write_text(ctx.workdir / "config.yaml", dump_config(ctx.config))
     atomic_write_text(ctx.workdir / "runs" / f"{stamp}-{cls.dirname()}.yaml", dump_config(ctx.config))
     for folder in (stage.folder, ctx.media_dir):
-        clean_temp_files(folder, older_than_s=3600)
+        clean_temp_files(folder)
     if isinstance(stage, WholeStage):
         t0 = time.monotonic()
         summary = stage.run(options)

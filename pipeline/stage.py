@@ -89,6 +89,9 @@ class RunOptions:
     retry_failed: bool = False
     force: bool = False
     progress: bool = True
+    executor: str = "local"
+    ray_address: str | None = None
+    concurrency: int | None = None
 
 
 class Stage(ABC):

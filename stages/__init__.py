@@ -6,7 +6,16 @@ schema and the extra CLI command groups through the names below.
 
 STAGES: list[str] = [
     "stages.manifest:ManifestStage",
+    "stages.caption:CaptionStage",
     "stages.review:ReviewStage",
+    "stages.export:ExportStage",
+    "stages.publish:PublishStage",
 ]
 CONFIG_MODEL = "stages.config:RunConfig"
-COMMANDS: dict[str, str] = {"review": "review.cli:review"}
+COMMANDS: dict[str, str] = {
+    "eval": "evalkit.cli:eval_cmd",
+    "fetch-spice": "evalkit.cli:fetch_spice",
+    "perturb": "evalkit.cli:perturb",
+    "robustness": "evalkit.cli:robustness",
+    "review": "review.cli:review",
+}

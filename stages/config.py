@@ -7,11 +7,17 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline.config import StrictModel
+from stages.caption import CaptionConfig
+from stages.export import ExportConfig
 from stages.manifest import ManifestConfig
+from stages.publish import PublishConfig
 from stages.review import ReviewConfig
 
 
 class RunConfig(StrictModel):
     workdir: Path = Field(Path("runs/audiocaps"), description="Run folder: ledgers, media, export.")
     manifest: ManifestConfig = ManifestConfig()
+    caption: CaptionConfig = CaptionConfig()
     review: ReviewConfig = ReviewConfig()
+    export: ExportConfig = ExportConfig()
+    publish: PublishConfig = PublishConfig()

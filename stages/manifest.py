@@ -233,16 +233,12 @@ class ManifestStage(WholeStage):
             ).encode()
         ).hexdigest()
         ledger = stage_ledger(self)
-        previous = self._previous_fingerprint()
+        previous = self._previous_summary()
         if ledger.exists() and not options.force:
             n = len(ledger.latest())
-            if previous == fingerprint:
-                return {
-                    "message": f"nothing to do: the clip table ({n} clips) is up to date",
-                    "fingerprint": fingerprint,
-                    "files": sums,
-                    "clips": n,
-                }
+            if previous.get("fingerprint") == fingerprint:
+                msg = f"nothing to do: the clip table ({n} clips) is up to date"
+                return {**previous, "message": msg}
             raise AbortRun(
                 f"the clip table in {ledger.folder} was built from other inputs or settings; "
                 "rerun with --force to rebuild it (later stages keep their rows, keyed by clip_id)"
@@ -278,8 +274,9 @@ class ManifestStage(WholeStage):
             "captions": sum(len(clips[c].captions) for c in chosen),
         }
 
-    def _previous_fingerprint(self) -> str | None:
+    def _previous_summary(self) -> dict[str, Any]:
         stats = self.folder / "stats.json"
         if not stats.exists():
-            return None
-        return json.loads(stats.read_text()).get("summary", {}).get("fingerprint")
+            return {}
+        summary: dict[str, Any] = json.loads(stats.read_text()).get("summary", {})
+        return summary

@@ -1,0 +1,625 @@
+"""Stage 6: export AudioVisualCaps as Parquet in the Hugging Face ``datasets`` layout.
+
+Reads the run folder (the clip table, the ledgers of stages 1-4 and ``05-review/reviews.parquet``)
+and writes ``DIR/export/``:
+
+```
+data/<config>/<split>-NNNNN-of-NNNNN.parquet   one config per training variant (random, concat,
+                                              and, per_modality); every config has the same test
+README.md                                     the dataset card (YAML ``configs:`` block first)
+statistics.json                               counts, availability, review figures, Table-2 stats
+LICENSE                                       the AudioCaps licence and the terms of this export
+SHA256SUMS                                    sha256sum of every other file
+```
+
+The export is a pure function of the run folder and the config: rows are sorted by ``clip_id``,
+Parquet files carry no timestamps and no pandas metadata, and the card has no dates, so two
+exports of the same run are byte-identical. It is written to a temporary folder and swapped in
+whole: a crash never leaves a half-written export behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, field_validator
+
+from pipeline.config import StrictModel
+from pipeline.errors import AbortRun
+from pipeline.io import atomic_write_text
+from pipeline.runner import _py
+from pipeline.stage import RunOptions, WholeStage
+from stages.caption_stats import TOKENIZATION, caption_stats
+from stages.variants import VARIANTS, UnknownVariant, build_variant, check_variants, clean, proper_nouns_from
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
+# The upstream stages by folder (the column contract); export reads their ledgers as plain Parquet.
+DOWNLOAD, KEYFRAMES, CAPTION, MERGE, REVIEW = (
+    "01-download",
+    "02-keyframes",
+    "03-caption",
+    "04-merge",
+    "05-review",
+)
+STAGE_NUMBERS = {DOWNLOAD: 1, KEYFRAMES: 2, CAPTION: 3, MERGE: 4, REVIEW: 5}
+HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+ACCEPTED = ("accept", "edited")
+VERDICTS = (*ACCEPTED, "rejected")
+UNREVIEWED = "unreviewed"
+
+
+class ExportConfig(StrictModel):
+    folder: str = Field("export", description="Export folder inside the run folder.")
+    variants: list[str] = Field(
+        list(VARIANTS), description=f"Configs to write, one per training variant: {', '.join(VARIANTS)}."
+    )
+    default_variant: str = Field("and", description="The config `load_dataset(path)` loads by default.")
+    seed: int = Field(0, description="Seed of the `random` variant (recorded in the card).")
+    allow_unreviewed: bool = Field(
+        False,
+        description="Include test clips without a review, with their raw merges flagged 'unreviewed'.",
+    )
+    embed_media: bool = Field(
+        False, description="Embed the middle keyframe and the audio (datasets Image/Audio features)."
+    )
+    max_shard_bytes: int = Field(
+        256 * 1024 * 1024, gt=0, description="Upper bound of one Parquet shard (uncompressed rows + media)."
+    )
+    proper_nouns_from_corpus: bool = Field(
+        True,
+        description="`and` variant: keep the capital of words seen capitalised mid-caption, never lowercase.",
+    )
+    pretty_name: str = Field("AudioVisualCaps", description="Dataset name in the card.")
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, value: list[str]) -> list[str]:
+        try:
+            return check_variants(value)
+        except UnknownVariant as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("default_variant")
+    @classmethod
+    def _known_default(cls, value: str) -> str:
+        try:
+            check_variants([value])
+        except UnknownVariant as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+def row_schema(embed_media: bool) -> pa.Schema:
+    """The columns of every config and split (one schema, so ``load_dataset`` joins the splits)."""
+    import pyarrow as pa
+
+    strs = pa.list_(pa.string())
+    fields = [
+        pa.field("clip_id", pa.string()),
+        pa.field("youtube_id", pa.string()),
+        pa.field("start_time", pa.int32()),
+        pa.field("end_time", pa.int32()),
+        pa.field("split", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("captions", strs),
+        pa.field("caption_sources", strs),
+        pa.field("audio_captions", strs),
+        pa.field("audiocap_ids", pa.list_(pa.int64())),
+        pa.field("visual_caption", pa.string()),
+        pa.field("frame_captions", strs),
+        pa.field("merged_captions", strs),
+        pa.field("review_verdict", pa.string()),
+        pa.field("variant", pa.string()),
+        pa.field("video_path", pa.string()),
+        pa.field("frame_path", pa.string()),
+        pa.field("frame_time_s", pa.float64()),
+        pa.field("audio_path", pa.string()),
+        pa.field("flag_black_frame", pa.bool_()),
+        pa.field("flag_silent", pa.bool_()),
+        pa.field("caption_model", pa.string()),
+        pa.field("caption_revision", pa.string()),
+        pa.field("merge_model", pa.string()),
+        pa.field("merge_backend", pa.string()),
+        pa.field("merge_prompt_hash", pa.string()),
+    ]
+    metadata = None
+    if embed_media:
+        media = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+        fields += [pa.field("image", media), pa.field("audio", media)]
+        # datasets reads feature types from this key (per field, where the Arrow type matches).
+        features = {"image": {"_type": "Image"}, "audio": {"_type": "Audio"}}
+        metadata = {b"huggingface": json.dumps({"info": {"features": features}}, sort_keys=True).encode()}
+    return pa.schema(fields, metadata=metadata)
+
+
+# -- reading the run folder ------------------------------------------------------------------------
+def _latest(workdir: Path, dirname: str) -> pd.DataFrame | None:
+    from pipeline.ledger import Ledger
+
+    ledger = Ledger(workdir / dirname / "ledger")
+    return ledger.latest() if ledger.exists() else None
+
+
+@dataclass
+class RunTables:
+    """The run folder's state, one DataFrame per stage indexed by ``clip_id`` (None: never ran)."""
+
+    clips: pd.DataFrame
+    stages: dict[str, pd.DataFrame | None]
+    reviews: pd.DataFrame | None
+
+    @classmethod
+    def read(cls, workdir: Path) -> RunTables:
+        clips = _latest(workdir, "00-manifest")
+        if clips is None:
+            raise AbortRun(f"stage 00-manifest has not run yet in {workdir}: run `avcaps run 0` first")
+        clips = clips[clips["status"] == "ok"]
+        stages = {d: _latest(workdir, d) for d in (DOWNLOAD, KEYFRAMES, CAPTION, MERGE, REVIEW)}
+        return cls(clips, stages, read_reviews(workdir / REVIEW / "reviews.parquet"))
+
+    def ok_ids(self, dirname: str) -> set[str]:
+        df = self.stages[dirname]
+        return set() if df is None else set(df.index[df["status"] == "ok"])
+
+    def failed(self, dirname: str, ids: set[str]) -> dict[str, int]:
+        """Failure counts by reason among ``ids`` for one stage."""
+        df = self.stages[dirname]
+        if df is None:
+            return {}
+        sub = df[df.index.isin(ids) & (df["status"] != "ok")]
+        reasons = sub["reason"].fillna("").replace("", "unknown")
+        return {str(k): int(v) for k, v in sorted(reasons.value_counts().items())}
+
+
+def read_reviews(path: Path) -> pd.DataFrame | None:
+    """``reviews.parquet``: one row per reviewed clip (the latest by ``updated_at`` if repeated)."""
+    import pandas as pd
+
+    if not path.exists():
+        return None
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:  # a corrupt file must name itself
+        raise AbortRun(f"{path}: cannot read the reviews ({type(exc).__name__}: {exc})") from exc
+    missing = [c for c in ("clip_id", "verdict", "final_captions") if c not in df.columns]
+    if missing:
+        raise AbortRun(f"{path}: missing column(s) {', '.join(missing)}")
+    bad = df[~df["verdict"].isin(VERDICTS)]
+    if len(bad):
+        row = bad.iloc[0]
+        raise AbortRun(
+            f"{path}: clip {row['clip_id']}: unknown verdict {row['verdict']!r} "
+            f"(expected one of {', '.join(VERDICTS)}); {len(bad)} such row(s)"
+        )
+    order = ["clip_id", "updated_at"] if "updated_at" in df.columns else ["clip_id"]
+    df = df.sort_values(order, kind="stable").drop_duplicates("clip_id", keep="last")
+    return df.set_index("clip_id", drop=False)
+
+
+# -- what is exported ---------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Which clips are exported and why the others are not."""
+
+    ids: dict[str, list[str]] = field(default_factory=dict)  # split -> exported clip ids (sorted)
+    availability: dict[str, dict[str, Any]] = field(default_factory=dict)
+    review: dict[str, int] = field(default_factory=dict)
+    merged_splits: list[str] = field(default_factory=list)
+
+
+def _missing(tables: RunTables, dirname: str, expected: set[str]) -> int:
+    df = tables.stages[dirname]
+    return len(expected) if df is None else len(expected - set(df.index))
+
+
+def plan_export(tables: RunTables, allow_unreviewed: bool) -> Plan:
+    """Check that every upstream stage is done, and pick the clips to export per split.
+
+    A stage that has not answered for an item it should have raises :class:`AbortRun` naming the
+    stage and the count; failed items are excluded and counted by reason (the card reports them).
+    """
+    clips = tables.clips
+    problems: list[str] = []
+    plan = Plan()
+    splits = [s for s in HF_SPLITS if s in set(clips["split"])]
+    merged = tables.ok_ids(MERGE)
+    reviews = tables.reviews
+    reviewed = set() if reviews is None else set(reviews.index)
+    for split in splits:
+        ids = set(clips.index[clips["split"] == split])
+        avail: dict[str, Any] = {"clips": len(ids)}
+        current = ids
+        for dirname in (DOWNLOAD, KEYFRAMES, CAPTION):
+            n = _missing(tables, dirname, current)
+            if n:
+                problems.append(_missing_line(dirname, n, len(current), split))
+            avail[f"failed_{dirname[3:]}"] = tables.failed(dirname, current)
+            current = current & tables.ok_ids(dirname)
+        avail["with_captions"] = len(current)
+        if split == "test":
+            n = _missing(tables, MERGE, current)
+            if n:
+                problems.append(_missing_line(MERGE, n, len(current), split))
+            avail["failed_merge"] = tables.failed(MERGE, current)
+            current = current & merged
+            unreviewed = current - reviewed
+            if unreviewed and not allow_unreviewed:
+                problems.append(
+                    _missing_line(REVIEW, len(unreviewed), len(current), split)
+                    + " (pull the reviews, or include raw merges flagged with "
+                    "--set export.allow_unreviewed=true)"
+                )
+        merge_df = tables.stages[MERGE]
+        val_merged = split == "val" and merge_df is not None and bool(current & set(merge_df.index))
+        if val_merged:
+            # The merge stage ran on val: val is a merged split, and every val clip needs its merge.
+            n = _missing(tables, MERGE, current)
+            if n:
+                problems.append(_missing_line(MERGE, n, len(current), split))
+            avail["failed_merge"] = tables.failed(MERGE, current)
+            current = current & merged
+        if split == "test" or val_merged:
+            plan.merged_splits.append(split)
+            verdicts = {
+                cid: (str(reviews.at[cid, "verdict"]) if cid in reviewed else UNREVIEWED) for cid in current
+            }
+            counts = {v: sum(1 for x in verdicts.values() if x == v) for v in (*VERDICTS, UNREVIEWED)}
+            if split == "test":
+                plan.review = counts
+            avail["review"] = counts
+            keep = {c for c, v in verdicts.items() if v in ACCEPTED or (v == UNREVIEWED and allow_unreviewed)}
+            current = keep
+        avail["exported"] = len(current)
+        plan.availability[split] = avail
+        plan.ids[split] = sorted(current)
+    if problems:
+        raise AbortRun("upstream stages are not done:\n  " + "\n  ".join(problems))
+    return plan
+
+
+def _missing_line(dirname: str, n: int, of: int, split: str) -> str:
+    number = STAGE_NUMBERS[dirname]
+    hint = f"run `avcaps run {number}`" if dirname != REVIEW else "run the review stage and pull"
+    return f"stage {dirname}: {n} of {of} {split} item(s) have no result yet ({hint})"
+
+
+# -- building rows ------------------------------------------------------------------------------------
+def _cell(tables: RunTables, dirname: str, cid: str, column: str) -> Any:
+    df = tables.stages[dirname]
+    if df is None or cid not in df.index or column not in df.columns:
+        return None
+    return _py(df.at[cid, column])
+
+
+def _str_list(value: Any) -> list[str]:
+    return [clean(v) for v in (value or []) if clean(v)]
+
+
+def base_row(tables: RunTables, cid: str) -> dict[str, Any]:
+    """Everything about a clip except its references (same in every config)."""
+    clip = {k: _py(v) for k, v in tables.clips.loc[cid].items()}
+    frames = _cell(tables, KEYFRAMES, cid, "frame_paths") or []
+    times = _cell(tables, KEYFRAMES, cid, "frame_times_s") or []
+    middle = _cell(tables, KEYFRAMES, cid, "middle_frame")
+    mid = middle if isinstance(middle, int) and 0 <= middle < len(frames) else None
+    return {
+        "clip_id": cid,
+        "youtube_id": clip["youtube_id"],
+        "start_time": clip["start_s"],
+        "end_time": clip["end_s"],
+        "split": clip["split"],
+        "audio_captions": _str_list(clip["audio_captions"]),
+        "audiocap_ids": list(clip.get("audiocap_ids") or []),
+        "visual_caption": clean(_cell(tables, CAPTION, cid, "visual_caption")),
+        "frame_captions": [clean(c) for c in _cell(tables, CAPTION, cid, "frame_captions") or []],
+        "merged_captions": _str_list(_cell(tables, MERGE, cid, "merged_captions")),
+        "video_path": _cell(tables, DOWNLOAD, cid, "video_path"),
+        "frame_path": frames[mid] if mid is not None else None,
+        "frame_time_s": float(times[mid]) if mid is not None and mid < len(times) else None,
+        "audio_path": _cell(tables, KEYFRAMES, cid, "audio_path"),
+        "flag_black_frame": _cell(tables, KEYFRAMES, cid, "flag_black_frame"),
+        "flag_silent": _cell(tables, KEYFRAMES, cid, "flag_silent"),
+        "caption_model": _cell(tables, CAPTION, cid, "caption_model"),
+        "caption_revision": _cell(tables, CAPTION, cid, "caption_revision"),
+        "merge_model": _cell(tables, MERGE, cid, "merge_model"),
+        "merge_backend": _cell(tables, MERGE, cid, "merge_backend"),
+        "merge_prompt_hash": _cell(tables, MERGE, cid, "merge_prompt_hash"),
+    }
+
+
+def merged_references(tables: RunTables, row: dict[str, Any]) -> tuple[list[str], str]:
+    """Reviewed final captions (or the raw merges of an unreviewed clip) and the verdict."""
+    reviews = tables.reviews
+    cid = row["clip_id"]
+    if reviews is not None and cid in reviews.index:
+        verdict = str(reviews.at[cid, "verdict"])
+        final = _str_list(_py(reviews.at[cid, "final_captions"]))
+        return (final or row["merged_captions"]), verdict
+    return row["merged_captions"], UNREVIEWED
+
+
+def build_rows(
+    tables: RunTables,
+    plan: Plan,
+    variant: str,
+    cfg: ExportConfig,
+    proper_nouns: frozenset[str],
+    bases: dict[str, dict[str, Any]],
+) -> dict[str, list[dict[str, Any]]]:
+    """The rows of one config, per split, sorted by ``clip_id`` (``bases``: :func:`base_row` by id)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for split, ids in plan.ids.items():
+        rows = []
+        for cid in ids:
+            row = dict(bases[cid])
+            if split in plan.merged_splits:
+                refs, verdict = merged_references(tables, row)
+                sources = ["merged"] * len(refs)
+                row["review_verdict"] = verdict
+            else:
+                refs, sources = build_variant(
+                    variant,
+                    row["audio_captions"],
+                    row["visual_caption"],
+                    clip_id=cid,
+                    seed=cfg.seed,
+                    proper_nouns=proper_nouns,
+                )
+                row["review_verdict"] = None
+            row.update(
+                caption=refs[0] if refs else "", captions=refs, caption_sources=sources, variant=variant
+            )
+            rows.append(row)
+        out[split] = rows
+    return out
+
+
+MEDIA_COLUMNS = (("image", "frame_path"), ("audio", "audio_path"))
+
+
+def drop_missing_media(
+    plan: Plan, bases: dict[str, dict[str, Any]], workdir: Path, excluded: dict[str, str]
+) -> None:
+    """Embedding media: a clip whose keyframe or audio file is gone is excluded, named, counted."""
+    for split, ids in plan.ids.items():
+        kept = []
+        for cid in ids:
+            missing = [
+                key
+                for _, key in MEDIA_COLUMNS
+                if not bases[cid][key] or not (workdir / bases[cid][key]).is_file()
+            ]
+            if missing:
+                excluded[cid] = "media missing: " + ", ".join(
+                    f"{key}={bases[cid][key] or '(none in the ledger)'}" for key in missing
+                )
+            else:
+                kept.append(cid)
+        plan.availability[split]["media_missing"] = len(ids) - len(kept)
+        plan.availability[split]["exported"] = len(kept)
+        plan.ids[split] = kept
+
+
+def _with_media(row: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    media = {}
+    for column, key in MEDIA_COLUMNS:
+        path = workdir / row[key]
+        media[column] = {"bytes": path.read_bytes(), "path": path.name}
+    return {**row, **media}
+
+
+def _row_bytes(row: dict[str, Any], workdir: Path, embed: bool) -> int:
+    """Uncompressed size of a row: its text, plus its media files when they are embedded."""
+    size = len(json.dumps(row, default=str))
+    if embed:
+        size += sum((workdir / row[key]).stat().st_size for _, key in MEDIA_COLUMNS)
+    return size
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def write_shards(
+    rows: list[dict[str, Any]],
+    schema: pa.Schema,
+    folder: Path,
+    split: str,
+    max_bytes: int,
+    workdir: Path,
+    embed: bool,
+) -> list[Path]:
+    """``<split>-NNNNN-of-NNNNN.parquet`` shards of at most ``max_bytes`` uncompressed each.
+
+    Rows are grouped greedily in ``clip_id`` order (a row larger than the bound gets its own
+    shard); media is read shard by shard, so memory holds one shard's media at most.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    groups: list[list[dict[str, Any]]] = []
+    size = 0
+    for row in rows:
+        n = _row_bytes(row, workdir, embed)
+        if not groups or (groups[-1] and size + n > max_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(row)
+        size += n
+    # An empty split is left out: datasets cannot read a 0-row shard.
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, group in enumerate(groups):
+        if embed:
+            group = [_with_media(row, workdir) for row in group]
+        table = pa.Table.from_pylist(group, schema=schema)
+        path = folder / f"{split}-{i:05d}-of-{len(groups):05d}.parquet"
+        # Parquet keeps no write time; created_by names the pyarrow version only.
+        pq.write_table(table, path, compression="zstd", row_group_size=10_000)
+        paths.append(path)
+    return paths
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path) -> Path:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+    lines = [f"{sha256_of(p)}  {p.relative_to(folder).as_posix()}" for p in files]
+    dest = folder / "SHA256SUMS"
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dest
+
+
+def swap_in(new: Path, dest: Path) -> None:
+    """Replace ``dest`` by ``new`` (both folders): rename old away, rename new in, remove old."""
+    old = dest.with_name(f".tmp-old-{uuid.uuid4().hex[:8]}-{dest.name}")
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def compute_statistics(
+    rows_by_variant: dict[str, dict[str, list[dict[str, Any]]]], plan: Plan
+) -> dict[str, Any]:
+    """Table-2-style figures per split: AudioCaps vs AudioVisualCaps (per variant where it applies)."""
+    stats: dict[str, Any] = {"tokenization": TOKENIZATION, "splits": {}}
+    any_variant = next(iter(rows_by_variant.values()))
+    for split, rows in any_variant.items():
+        entry: dict[str, Any] = {
+            "AudioCaps": caption_stats(c for r in rows for c in r["audio_captions"]).as_dict()
+        }
+        if split in plan.merged_splits:
+            entry["AudioVisualCaps"] = caption_stats(c for r in rows for c in r["captions"]).as_dict()
+        else:
+            for variant, by_split in rows_by_variant.items():
+                entry[f"AudioVisualCaps ({variant})"] = caption_stats(
+                    c for r in by_split[split] for c in r["captions"]
+                ).as_dict()
+        stats["splits"][HF_SPLITS[split]] = entry
+    return stats
+
+
+def provenance(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+    keys = ("caption_model", "caption_revision", "merge_model", "merge_backend", "merge_prompt_hash")
+    return {k: sorted({str(r[k]) for r in rows if r.get(k)}) for k in keys}
+
+
+class ExportStage(WholeStage):
+    number = 6
+    name = "export"
+    upstream = "review"
+    description = "Write the dataset: Parquet configs per training variant, card, statistics, checksums."
+
+    @property
+    def cfg(self) -> ExportConfig:
+        return self.config.export  # type: ignore[attr-defined,no-any-return]
+
+    def run(self, options: RunOptions) -> dict[str, Any]:
+        from stages.card import render_card, validate_card
+
+        cfg = self.cfg
+        workdir = self.ctx.workdir
+        tables = RunTables.read(workdir)
+        plan = plan_export(tables, cfg.allow_unreviewed)
+        proper: frozenset[str] = frozenset()
+        if cfg.proper_nouns_from_corpus:
+            proper = proper_nouns_from(c for caps in tables.clips["audio_captions"] for c in _py(caps))
+        schema = row_schema(cfg.embed_media)
+        bases = {cid: base_row(tables, cid) for ids in plan.ids.values() for cid in ids}
+        excluded: dict[str, str] = {}
+        if cfg.embed_media:
+            drop_missing_media(plan, bases, workdir, excluded)
+        rows_by_variant = {v: build_rows(tables, plan, v, cfg, proper, bases) for v in cfg.variants}
+        dest = workdir / cfg.folder
+        tmp = workdir / f".tmp-export-{uuid.uuid4().hex[:8]}"
+        try:
+            files: dict[str, dict[str, list[str]]] = {}
+            for variant, by_split in rows_by_variant.items():
+                files[variant] = {}
+                for split, rows in by_split.items():
+                    hf_split = HF_SPLITS[split]
+                    paths = write_shards(
+                        rows,
+                        schema,
+                        tmp / "data" / variant,
+                        hf_split,
+                        cfg.max_shard_bytes,
+                        workdir,
+                        cfg.embed_media,
+                    )
+                    if paths:
+                        files[variant][hf_split] = [p.relative_to(tmp).as_posix() for p in paths]
+            first = rows_by_variant[cfg.variants[0]]
+            all_rows = [r for rows in first.values() for r in rows]
+            counts = {HF_SPLITS[s]: len(r) for s, r in first.items()}
+            statistics = {
+                "counts": counts,
+                "availability": {HF_SPLITS[s]: a for s, a in plan.availability.items()},
+                "review": plan.review,
+                "unreviewed_test_items": sum(
+                    1 for r in first.get("test", []) if r["review_verdict"] == UNREVIEWED
+                ),
+                "excluded_media_missing": dict(sorted(excluded.items())),
+                "variants": cfg.variants,
+                "default_variant": cfg.default_variant
+                if cfg.default_variant in cfg.variants
+                else cfg.variants[0],
+                "seed": cfg.seed,
+                "embed_media": cfg.embed_media,
+                "merged_splits": [HF_SPLITS[s] for s in plan.merged_splits],
+                "provenance": provenance(all_rows),
+                "files": files,
+                **compute_statistics(rows_by_variant, plan),
+            }
+            atomic_write_text(
+                tmp / "statistics.json", json.dumps(statistics, indent=2, sort_keys=True) + "\n"
+            )
+            licence = self.config.manifest.csv_dir / "LICENSE"  # type: ignore[attr-defined]
+            atomic_write_text(tmp / "LICENSE", license_text(licence))
+            atomic_write_text(tmp / "README.md", render_card(statistics, cfg))
+            validate_card(tmp / "README.md", tmp)
+            write_checksums(tmp)
+            swap_in(tmp, dest)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+        flagged = statistics["unreviewed_test_items"]
+        return {
+            "message": f"exported {sum(counts.values())} clips ("
+            + ", ".join(f"{s} {n}" for s, n in counts.items())
+            + f") x {len(cfg.variants)} configs to {dest}"
+            + (f"; {flagged} unreviewed test clips flagged" if flagged else ""),
+            "folder": str(dest),
+            "counts": counts,
+            "review": plan.review,
+            "unreviewed_test_items": flagged,
+            "excluded_media_missing": len(excluded),
+            "statistics": statistics["splits"],
+        }
+
+
+def license_text(audiocaps_license: Path) -> str:
+    head = (
+        "AudioVisualCaps export: terms\n"
+        "=============================\n\n"
+        "The audio captions are the AudioCaps captions: free to use for academic purposes only.\n"
+        "The AudioCaps repository (CSV files) is distributed under the licence below. The visual and\n"
+        "merged captions were generated by models (see the card) from YouTube content that is not\n"
+        "part of this dataset; media embedded in a private copy remains the property of its owners.\n\n"
+    )
+    body = audiocaps_license.read_text(encoding="utf-8") if audiocaps_license.exists() else ""
+    return head + ("AudioCaps licence\n-----------------\n\n" + body if body else "")

@@ -1,0 +1,137 @@
+"""Stage 7 up to (and through) the upload calls, against a FAKE Hub on 127.0.0.1.
+
+What stays untested: the real Hub's answers (auth, quotas, xet/LFS storage for large files, repo
+visibility rules); the fake answers every file as a regular inline upload.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.errors import AbortRun
+
+TOKEN = "hf_" + "q7" * 17  # a made-up token: the tests check it is sent but never shown
+Publish = Callable[..., dict[str, Any]]
+
+
+@pytest.fixture
+def exported(run_copy: Callable[..., Path], export: Callable[..., Path]) -> Path:
+    workdir = run_copy()
+    export(workdir)
+    return workdir
+
+
+def _export_files(workdir: Path) -> dict[str, bytes]:
+    folder = workdir / "export"
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_dry_run_prints_exactly_what_would_be_uploaded(
+    exported: Path, publish: Publish, capsys: pytest.CaptureFixture[str], fake_hub: Any
+) -> None:
+    summary = publish(
+        exported, "publish.dry_run=true", "publish.repo_id=me/avcaps", f"publish.endpoint={fake_hub.url}"
+    )
+    out = capsys.readouterr().out
+    files = _export_files(exported)
+    listed = [line.split()[-1] for line in out.splitlines() if line.startswith("  ")]
+    assert sorted(listed) == sorted(files) and listed[-1] == "SHA256SUMS"
+    assert f"upload {len(files)} files, {sum(map(len, files.values()))} bytes, in one commit" in out
+    assert "repo: me/avcaps (dataset, private if created)" in out
+    assert summary["dry_run"] is True and summary["files"] == len(files)
+    assert fake_hub.requests == []  # nothing was contacted
+
+
+def test_upload_creates_private_repo_commits_once_and_tags(
+    exported: Path,
+    publish: Publish,
+    fake_hub: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    summary = publish(exported, "publish.repo_id=me/avcaps", f"publish.endpoint={fake_hub.url}")
+    paths = [r["path"] for r in fake_hub.requests]
+    assert paths[0] == "/api/repos/create"
+    assert json.loads(fake_hub.requests[0]["body"]) == {
+        "name": "avcaps",
+        "organization": "me",
+        "visibility": "private",
+        "type": "dataset",
+    }
+    assert sum("/commit/" in p for p in paths) == 1  # one commit
+    assert fake_hub.committed_files() == _export_files(exported)  # exactly the export, byte for byte
+    tag = [r for r in fake_hub.requests if "/tag/" in r["path"]]
+    assert len(tag) == 1 and tag[0]["path"].endswith("/tag/" + "c" * 40)
+    assert json.loads(tag[0]["body"])["tag"] == summary["tag"]
+    assert summary["tag"].startswith("export-") and summary["commit"] == "c" * 40
+    assert all(r["authorization"] == f"Bearer {TOKEN}" for r in fake_hub.requests)
+    out = capsys.readouterr()
+    assert TOKEN not in out.out + out.err
+    assert TOKEN not in (exported / "07-publish" / "stats.json").read_text()
+
+
+def test_large_export_uses_the_folder_upload(
+    exported: Path, publish: Publish, fake_hub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    sets = (
+        "publish.repo_id=me/avcaps",
+        f"publish.endpoint={fake_hub.url}",
+        "publish.large_upload_bytes=1000",
+    )
+    publish(exported, *sets)
+    assert fake_hub.committed_files() == _export_files(exported)
+    assert any("/tag/" in r["path"] for r in fake_hub.requests)
+
+
+def test_refused_upload_names_the_step_and_hides_the_token(
+    exported: Path, publish: Publish, fake_hub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    fake_hub.refuse["/preupload/"] = 403
+    with pytest.raises(AbortRun, match=rf"failed to upload on {fake_hub.url} for me/avcaps") as err:
+        publish(exported, "publish.repo_id=me/avcaps", f"publish.endpoint={fake_hub.url}")
+    assert TOKEN not in str(err.value)
+    assert not any("/tag/" in r["path"] for r in fake_hub.requests)
+
+
+def test_refuses_unreviewed_test_items_unless_forced(
+    tmp_path: Path,
+    export: Callable[..., Path],
+    publish: Publish,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from standins.contract_run import build_contract_run
+
+    run = build_contract_run(tmp_path / "run", sample_per_split=2, review_default=None, verdicts={})
+    export(run.workdir, "export.allow_unreviewed=true")
+    with pytest.raises(AbortRun, match=r"2 test item\(s\) are unreviewed.*--force"):
+        publish(run.workdir, "publish.dry_run=true")
+    assert publish(run.workdir, "publish.dry_run=true", force=True)["dry_run"] is True
+    assert publish(run.workdir, "publish.dry_run=true", "publish.force=true")["files"] > 0
+
+
+def test_bad_inputs_are_named(exported: Path, publish: Publish, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(AbortRun, match=r"publish\.repo_id is not set"):
+        publish(exported)
+    with pytest.raises(AbortRun, match="set the environment variable HF_TOKEN"):
+        publish(exported, "publish.repo_id=me/avcaps")
+    card = exported / "export" / "README.md"
+    card.write_text(card.read_text() + "\nedited by hand\n")
+    with pytest.raises(AbortRun, match=r"README.md: checksum mismatch with SHA256SUMS"):
+        publish(exported, "publish.dry_run=true")
+    (exported / "export" / "stray.txt").write_text("x")
+    with pytest.raises(AbortRun, match=r"does not match its SHA256SUMS: not listed \['stray.txt'\]"):
+        publish(exported, "publish.dry_run=true")
+
+
+def test_publish_before_export_says_so(tmp_path: Path, publish: Publish) -> None:
+    with pytest.raises(AbortRun, match=r"no export in .*run `avcaps run 6` first"):
+        publish(tmp_path, "publish.dry_run=true")

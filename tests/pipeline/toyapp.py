@@ -1,0 +1,95 @@
+"""A toy application for engine tests: the real stage 0 plus a toy item stage.
+
+Plugged in with ``AVCAPS_APP=toyapp`` (this folder on ``sys.path``). The toy stage's behaviour per
+clip is driven by a JSON "script" file, so a test can make items fail permanently, fail
+transiently for k attempts, raise unexpected errors, or be slow (to be killed mid-run). Every call
+of ``process`` appends the clip ids it worked on to a log, so tests can count real work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline.config import StageConfig, StrictModel
+from pipeline.errors import AbortRun, PermanentError, TransientError
+from pipeline.io import atomic_write_text
+from pipeline.stage import Item, ItemStage, Result
+from stages.manifest import ManifestConfig
+
+STAGES = ["stages.manifest:ManifestStage", "toyapp:ToyStage"]
+CONFIG_MODEL = "toyapp:ToyConfig"
+COMMANDS: dict[str, str] = {}
+
+
+class ToySection(StageConfig):
+    script: Path | None = Field(None, description="JSON {clip_id: behaviour}.")
+    work_log: Path | None = None
+    sleep_s: float = 0.0
+    only_split: str | None = None
+
+
+class ToyConfig(StrictModel):
+    workdir: Path = Path("runs/toy")
+    manifest: ManifestConfig = ManifestConfig()
+    toy: ToySection = ToySection()
+
+
+class ToyStage(ItemStage):
+    number = 1
+    name = "toy"
+    upstream = "manifest"
+
+    def output_schema(self) -> list[pa.Field]:
+        return [pa.field("toy_out", pa.string()), pa.field("toy_file", pa.string())]
+
+    def wants(self, data: dict[str, Any]) -> bool:
+        only = self.stage_config.only_split  # type: ignore[attr-defined]
+        return only is None or data["split"] == only
+
+    def setup(self) -> None:
+        cfg = self.stage_config
+        self.script: dict[str, Any] = json.loads(cfg.script.read_text()) if cfg.script else {}  # type: ignore[attr-defined]
+
+    def process(self, batch: list[Item]) -> list[Result]:
+        cfg = self.stage_config
+        if cfg.work_log:  # type: ignore[attr-defined]
+            with open(cfg.work_log, "a") as fh:  # type: ignore[attr-defined]
+                fh.write("".join(f"{it.clip_id} {os.getpid()}\n" for it in batch))
+                fh.flush()
+                os.fsync(fh.fileno())
+        out = []
+        for it in batch:
+            if cfg.sleep_s:  # type: ignore[attr-defined]
+                time.sleep(cfg.sleep_s)  # type: ignore[attr-defined]
+            how = self.script.get(it.clip_id, "ok")
+            if how == "permanent":
+                out.append(Result.failed(it.clip_id, PermanentError("removed", "gone for good")))
+            elif how.startswith("transient:"):
+                fails = int(how.split(":")[1])
+                if it.attempt <= fails:
+                    out.append(Result.failed(it.clip_id, TransientError("http_429", "slow down")))
+                else:
+                    out.append(self._ok(it))
+            elif how == "boom":
+                raise ValueError(f"boom on {it.clip_id}")
+            elif how == "abort":
+                raise AbortRun("the toy model is missing")
+            else:
+                out.append(self._ok(it))
+        return out
+
+    def _ok(self, it: Item) -> Result:
+        path = self.ctx.media_dir / "toy" / f"{it.clip_id}.txt"
+        atomic_write_text(path, it.data["audio_captions"][0])
+        return Result.ok(
+            it.clip_id,
+            toy_out=f"{it.data['split']}:{it.attempt}",
+            toy_file=str(path.relative_to(self.ctx.workdir)),
+        )
