@@ -12,7 +12,8 @@ RUN_FLAGS = --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR)) $(ARGS)
 # CUDA build where nvidia-smi answers.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice llm-server llm-server-cpu
+.PHONY: help setup test lint demo status bench clean-demo stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice llm-server llm-server-cpu \
+	review-server review-venv review-pull
 
 ## help: list every target with a line on what it does
 help:
@@ -22,14 +23,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[gpu,dev,ray,publish,eval,llm]'
+	$(PY) -m pip install -q -e '.[gpu,dev,ray,publish,eval,llm,review,browser-test]'
 	touch $@
+
+# Label Studio pins (openai<2, pyarrow<25, ...) clash with ours: the server gets its own venv.
+LS_VENV ?= .venv-labelstudio
+LS_SPEC ?= label-studio==1.23.2
+
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -q "$(LS_SPEC)"
+	touch $@
+
+## review-venv: install the Label Studio server into .venv-labelstudio (first time only; ~1 GB)
+review-venv: $(LS_VENV)/.installed
 
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
 setup: $(VENV)/.installed
 
-## test: ruff check, then the test suite (sets itself up first)
-test: setup
+## test: ruff check, then the test suite (sets itself up first, the Label Studio venv included)
+test: setup review-venv llm-server-cpu
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
@@ -38,7 +52,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 ## demo: run the whole pipeline offline on manifests/demo.yaml (12 test clips, stand-in media and models)
-demo: setup
+demo: setup review-venv
 	$(PY) -m standins.demo --config manifests/demo.yaml
 
 ## status: show every stage of a run (CONFIG=..., WORKDIR=...)
@@ -60,6 +74,19 @@ stage-6: setup
 ## stage-7: publish WORKDIR/export to the Hub (ARGS="--set publish.repo_id=o/n"; HF_TOKEN in the env)
 stage-7: setup
 	$(AVCAPS) run 7 $(RUN_FLAGS)
+
+## review-server: start Label Studio on 127.0.0.1 for a run (needs LABEL_STUDIO_USERNAME/PASSWORD/API_KEY)
+review-server: setup review-venv
+	$(AVCAPS) review server $(RUN_FLAGS)
+
+## stage-5: push the test merges to Label Studio as review tasks (server up; CONFIG=..., WORKDIR=...)
+stage-5: setup
+	$(AVCAPS) run 5 $(RUN_FLAGS)
+
+## review-pull: read the finished reviews into DIR/05-review/reviews.parquet and show their figures
+review-pull: setup
+	$(AVCAPS) review pull $(RUN_FLAGS)
+	$(AVCAPS) review status $(RUN_FLAGS)
 
 ## bench: run the benchmarks and print their figures (recorded by hand in BENCHMARKS.md)
 bench: setup

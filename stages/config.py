@@ -12,12 +12,14 @@ from stages.export import ExportConfig
 from stages.manifest import ManifestConfig
 from stages.merge import MergeConfig
 from stages.publish import PublishConfig
+from stages.review import ReviewConfig
 
 
 class RunConfig(StrictModel):
     workdir: Path = Field(Path("runs/audiocaps"), description="Run folder: ledgers, media, export.")
     manifest: ManifestConfig = ManifestConfig()
     caption: CaptionConfig = CaptionConfig()
+    review: ReviewConfig = ReviewConfig()
     export: ExportConfig = ExportConfig()
     publish: PublishConfig = PublishConfig()
     merge: MergeConfig = MergeConfig()
