@@ -54,9 +54,9 @@ DEMO_LOGIN = ("demo@avcaps.local", "avcaps-demo-only", "de305d5475b4431badb2eb6b
 
 @prepare("review")
 def review_server(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
-    """Start a local Label Studio for the demo run (stopped at exit), push through stage 5, and pull
-    at exit. Nobody reviews in a demo, so the pull finds no annotations and the export runs with
-    ``export.allow_unreviewed=true`` (raw merges flagged "unreviewed")."""
+    """Start a local Label Studio for the demo run (stopped at exit); stage 5 pushes to it and the
+    export pulls from it. Nobody reviews in a demo, so the pull finds no annotations and the export
+    runs with ``export.allow_unreviewed=true`` (raw merges flagged "unreviewed")."""
     import os
 
     from review.server import API_KEY_ENV, Credentials, LabelStudioServer, credentials_from_env, free_port
@@ -74,27 +74,9 @@ def review_server(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
     print(f"demo: starting Label Studio on {server.url} (first start migrates, ~1 min)", flush=True)
     server.start()
     stack.callback(server.stop)
-    stack.callback(_demo_pull, root)  # runs before the server stops (LIFO)
     print(f"demo: Label Studio is up at {server.url}; log in as {creds.username}", flush=True)
     # Nobody reviews in a demo: the export includes the raw merges, flagged "unreviewed".
     return [f"review.url={server.url}", f"review.document_root={root}", "export.allow_unreviewed=true"]
-
-
-def _demo_pull(workdir: Path) -> None:
-    from pipeline.config import load_config
-    from pipeline.registry import config_model
-    from review.pull import pull
-
-    if not (workdir / "05-review" / "project.json").exists():
-        return
-    cfg = load_config(config_model(), workdir / "config.yaml")
-    report = pull(RunContext(workdir=workdir, config=cfg))
-    for line in report.lines():
-        print(f"demo review pull: {line}", flush=True)
-    if not report.reviewed:
-        print(
-            "demo review pull: nobody reviewed (a demo): the export flags the merges 'unreviewed'", flush=True
-        )
 
 
 @prepare("caption")
