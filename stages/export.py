@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ DOWNLOAD, KEYFRAMES, CAPTION, MERGE, REVIEW = (
     "04-merge",
     "05-review",
 )
+log = logging.getLogger("avcaps")
 STAGE_NUMBERS = {DOWNLOAD: 1, KEYFRAMES: 2, CAPTION: 3, MERGE: 4, REVIEW: 5}
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 ACCEPTED = ("accept", "edited")
@@ -67,6 +69,11 @@ class ExportConfig(StrictModel):
     allow_unreviewed: bool = Field(
         False,
         description="Include test clips without a review, with their raw merges flagged 'unreviewed'.",
+    )
+    pull_reviews: bool = Field(
+        True,
+        description="First pull the latest reviews from Label Studio when the run has a review project; "
+        "false exports with the reviews pulled last.",
     )
     embed_media: bool = Field(
         False, description="Embed the middle keyframe and the audio (datasets Image/Audio features)."
@@ -528,11 +535,26 @@ class ExportStage(WholeStage):
     def cfg(self) -> ExportConfig:
         return self.config.export  # type: ignore[attr-defined,no-any-return]
 
+    def _pull_reviews(self) -> None:
+        """The reviews are pulled as part of the export, so it never ships stale references."""
+        from review.pull import pull
+
+        try:
+            report = pull(self.ctx)
+        except AbortRun as exc:
+            raise AbortRun(
+                f"{exc} (set export.pull_reviews=false to export the reviews pulled last)"
+            ) from exc
+        for line in report.lines():
+            log.info("review pull: %s", line)
+
     def run(self, options: RunOptions) -> dict[str, Any]:
         from stages.card import render_card, validate_card
 
         cfg = self.cfg
         workdir = self.ctx.workdir
+        if cfg.pull_reviews and (workdir / REVIEW / "project.json").exists():
+            self._pull_reviews()
         tables = RunTables.read(workdir)
         plan = plan_export(tables, cfg.allow_unreviewed)
         proper: frozenset[str] = frozenset()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import AbortRun
-from pipeline.stage import RunContext, RunOptions
+from pipeline.stage import ItemStage, RunContext, RunOptions, Stage
 
 # A prepare hook gets (exit stack, run folder) and returns config overrides ("key=value").
 Prepare = Callable[[contextlib.ExitStack, Path], list[str]]
@@ -30,6 +30,62 @@ def prepare(stage_name: str) -> Callable[[Prepare], Prepare]:
         return fn
 
     return register
+
+
+@prepare("merge")
+def prepare_merge(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
+    """Stage 4 in-process (backend transformers) on the tiny random chat model, built once under
+    the run folder. The gate's relaxed thresholds for its word salad are in manifests/demo.yaml."""
+    from standins.llm import build_tiny_chat_model
+
+    model = build_tiny_chat_model(workdir / "models" / "tiny-chat")
+    return [
+        "merge.backend=transformers",
+        f"merge.model={model}",
+        "merge.device=cpu",
+        "merge.reasoning_effort=null",  # a gpt-oss chat template option; the tiny model has none
+    ]
+
+
+# The demo's Label Studio login when LABEL_STUDIO_USERNAME/PASSWORD/API_KEY are not set: public,
+# documented, for a server that listens on 127.0.0.1 only and serves the demo's stand-in media.
+DEMO_LOGIN = ("demo@avcaps.local", "avcaps-demo-only", "de305d5475b4431badb2eb6b9e546014de305d54")
+
+
+@prepare("review")
+def review_server(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
+    """Start a local Label Studio for the demo run (stopped at exit); stage 5 pushes to it and the
+    export pulls from it. Nobody reviews in a demo, so the pull finds no annotations and the export
+    runs with ``export.allow_unreviewed=true`` (raw merges flagged "unreviewed")."""
+    import os
+
+    from review.server import API_KEY_ENV, Credentials, LabelStudioServer, credentials_from_env, free_port
+
+    names = ("LABEL_STUDIO_USERNAME", "LABEL_STUDIO_PASSWORD", API_KEY_ENV)
+    if all(os.environ.get(n) for n in names):
+        creds = credentials_from_env()
+    else:
+        creds = Credentials(*DEMO_LOGIN)
+        os.environ[API_KEY_ENV] = creds.api_key  # for the stage's client, in this process only
+    root = workdir.resolve()
+    server = LabelStudioServer(
+        Path(".venv-labelstudio"), root / "05-review" / "label-studio", root, creds, port=free_port()
+    )
+    print(f"demo: starting Label Studio on {server.url} (first start migrates, ~1 min)", flush=True)
+    server.start()
+    stack.callback(server.stop)
+    print(f"demo: Label Studio is up at {server.url}; log in as {creds.username}", flush=True)
+    # Nobody reviews in a demo: the export includes the raw merges, flagged "unreviewed".
+    return [f"review.url={server.url}", f"review.document_root={root}", "export.allow_unreviewed=true"]
+
+
+@prepare("caption")
+def prepare_caption(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
+    """A tiny random BLIP-2, built once under the run folder, loaded by path like a real one."""
+    from standins.blip2 import build_tiny_blip2
+
+    path = build_tiny_blip2(workdir / "models" / "blip2-tiny")
+    return [f"caption.model={path.resolve()}"]
 
 
 CONTRACT_STAGES = ("download", "keyframes", "caption", "merge", "review")
@@ -86,6 +142,20 @@ def serve_demo_media(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
     return [f"download.url_template={server.url_template()}"]
 
 
+def missing_upstream(cls: type[Stage]) -> str | None:
+    """The first stage in ``cls``'s upstream chain that is not registered (stages land one by one:
+    an item stage whose upstream is not in the tree yet is skipped, not failed)."""
+    from pipeline.registry import stage_classes
+
+    by_name = {c.name: c for c in stage_classes()}
+    up = cls.upstream
+    while up is not None:
+        if up not in by_name:
+            return up
+        up = by_name[up].upstream
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import load_context
     from pipeline.registry import stage_classes
@@ -104,6 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             for cls in stage_classes():
+                absent = missing_upstream(cls)
+                if absent and issubclass(cls, ItemStage):  # whole stages bring their own inputs
+                    print(
+                        f"demo: skipping {cls.dirname()}: its upstream stage {absent!r} "
+                        "is not in this tree yet",
+                        flush=True,
+                    )
+                    continue
                 hook = PREPARE.get(cls.name)
                 if hook is not None:
                     overrides += hook(stack, workdir)

@@ -1,0 +1,97 @@
+"""Stage 3 through the runner (``avcaps run caption``), upstream ledgers written to the contract."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.ledger import Ledger
+
+N_CLIPS = 30
+
+
+def avcaps(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.Popen[bytes]:
+    code = "import sys; from pipeline.cli import main; sys.exit(main())"
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, **kw)
+
+
+def write_config(tmp_path: Path, model: Path) -> Path:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"workdir: {tmp_path / 'run'}\n"
+        "caption:\n"
+        f"  model: {model}\n"
+        "  batch_size: 1\n"
+        "  num_beams: 2\n"
+        "  max_new_tokens: 12\n"
+    )
+    return cfg
+
+
+@pytest.mark.slow
+def test_resume_after_kill_finishes_each_clip_exactly_once(
+    tmp_path: Path, tiny_blip2: Path, items_factory: Any, upstream_ledgers: Any, upstream_app: dict[str, str]
+) -> None:
+    workdir = tmp_path / "run"
+    items = items_factory(workdir, n_clips=N_CLIPS, frames=2)
+    upstream_ledgers(workdir, items)
+    cfg = write_config(tmp_path, tiny_blip2)
+    args = ["run", "caption", "--config", str(cfg), "--no-progress"]
+    ledger_dir = workdir / "03-caption" / "ledger"
+
+    proc = avcaps(args, upstream_app, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(ledger_dir.glob("part-*.parquet"))) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the stage finished before it could be killed: " + proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    ledger = Ledger(ledger_dir)
+    done_before = set(ledger.latest().query("status == 'ok'").index)
+    assert 3 <= len(done_before) < N_CLIPS
+
+    rerun = avcaps(args, upstream_app, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode()
+
+    history = ledger.read_all()
+    ok = history[history["status"] == "ok"]
+    assert sorted(ok["clip_id"]) == sorted(it.clip_id for it in items)  # every clip ok exactly once
+    assert not list(ledger_dir.glob(".tmp-*"))
+    assert all(len(caps) == 2 for caps in ok["frame_captions"])
+
+
+def test_runner_run_status_and_stats(
+    tmp_path: Path, tiny_blip2: Path, items_factory: Any, upstream_ledgers: Any, upstream_app: dict[str, str]
+) -> None:
+    import json
+
+    from pipeline.cli import load_context
+    from pipeline.registry import find_stage
+    from pipeline.runner import run_stage
+    from pipeline.stage import RunOptions
+
+    workdir = tmp_path / "run"
+    items = items_factory(workdir, n_clips=5, frames=3)
+    (workdir / items[2]["frame_paths"][0]).write_bytes(b"\xff\xd8 broken")
+    upstream_ledgers(workdir, items)
+    ctx = load_context(write_config(tmp_path, tiny_blip2), None, ("caption.batch_size=2",))
+    report = run_stage(find_stage("caption"), ctx, RunOptions(progress=False))
+    assert report.counts == {"ok": 4, "failed_permanent": 1}
+    state = Ledger(workdir / "03-caption" / "ledger").latest()
+    assert state.loc[items[2].clip_id, "reason"] == "corrupt_frame"
+    assert state.loc[items[0].clip_id, "visual_caption"] == state.loc[items[0].clip_id, "frame_captions"][1]
+    stats = json.loads((workdir / "03-caption" / "stats.json").read_text())
+    assert stats["summary"]["frames_captioned"] == 12  # frames after the broken one are skipped
+    again = run_stage(find_stage("caption"), ctx, RunOptions(progress=False))
+    assert again.selected == 0  # nothing redone
