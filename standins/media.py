@@ -214,6 +214,14 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
     media: MediaServer
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        """ffmpeg drops connections once it has read what it needs: not worth a traceback."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
 
 class MediaServer:
     """Serve ``root`` on 127.0.0.1 (a free port), threaded, with per-file fault modes.
