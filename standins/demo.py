@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import AbortRun
-from pipeline.stage import ItemStage, RunContext, RunOptions, Stage
+from pipeline.stage import RunContext, RunOptions
 
 # A prepare hook gets (exit stack, run folder) and returns config overrides ("key=value").
 Prepare = Callable[[contextlib.ExitStack, Path], list[str]]
@@ -88,46 +88,6 @@ def prepare_caption(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
     return [f"caption.model={path.resolve()}"]
 
 
-CONTRACT_STAGES = ("download", "keyframes", "caption", "merge", "review")
-
-
-@prepare("export")
-def _export_upstream_bridge(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
-    """Until stages 1-5 are all in this tree, export and publish run on a separate run folder
-    whose stages 1-5 are written to the column contract (``standins.contract_run``). It says so
-    loudly; once every contract stage is registered this hook does nothing."""
-    import shutil
-
-    from pipeline.registry import stage_classes
-    from standins.contract_run import build_contract_run
-
-    have = {cls.name for cls in stage_classes()}
-    missing = [name for name in CONTRACT_STAGES if name not in have]
-    if not missing:
-        return []
-    bridge = workdir.with_name(workdir.name + "-contract")
-    print(
-        f"demo: stage(s) {', '.join(missing)} are not in this tree yet: export and publish run on "
-        f"{bridge}, whose stages 1-5 are stand-in rows written to the column contract by "
-        "standins.contract_run (not pipeline output)",
-        flush=True,
-    )
-    if bridge.exists():
-        shutil.rmtree(bridge)
-    run = build_contract_run(bridge, config=Path("manifests/demo.yaml"), sample_per_split=None)
-    test = sorted(c for c, r in run.clips.items() if r["split"] == "test")
-    # Rebuild with one clip of each review outcome, as a real review would leave them.
-    shutil.rmtree(bridge)
-    build_contract_run(
-        bridge,
-        config=Path("manifests/demo.yaml"),
-        sample_per_split=None,
-        download_failures={test[0]: "private"},
-        verdicts={test[1]: "edited", test[2]: "rejected", test[3]: None},
-    )
-    return [f"workdir={bridge}"]
-
-
 @prepare("download")
 def serve_demo_media(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
     """Generate a source video for each demo clip and serve them on 127.0.0.1 (for yt-dlp)."""
@@ -140,20 +100,6 @@ def serve_demo_media(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
     make_sources(root, [(str(r.youtube_id), int(r.start_s)) for r in clips.itertuples()])
     server = stack.enter_context(MediaServer(root))
     return [f"download.url_template={server.url_template()}"]
-
-
-def missing_upstream(cls: type[Stage]) -> str | None:
-    """The first stage in ``cls``'s upstream chain that is not registered (stages land one by one:
-    an item stage whose upstream is not in the tree yet is skipped, not failed)."""
-    from pipeline.registry import stage_classes
-
-    by_name = {c.name: c for c in stage_classes()}
-    up = cls.upstream
-    while up is not None:
-        if up not in by_name:
-            return up
-        up = by_name[up].upstream
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,14 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             for cls in stage_classes():
-                absent = missing_upstream(cls)
-                if absent and issubclass(cls, ItemStage):  # whole stages bring their own inputs
-                    print(
-                        f"demo: skipping {cls.dirname()}: its upstream stage {absent!r} "
-                        "is not in this tree yet",
-                        flush=True,
-                    )
-                    continue
                 hook = PREPARE.get(cls.name)
                 if hook is not None:
                     overrides += hook(stack, workdir)
