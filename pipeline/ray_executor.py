@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from typing import Any
 
 from pipeline.stage import Item, ItemStage, RunContext, RunOptions
 
+log = logging.getLogger("avcaps")
 _STAGE_CACHE: dict[str, ItemStage] = {}
 
 
@@ -44,9 +46,10 @@ class WorkerSpec:
 
 def _build_stage(spec: WorkerSpec) -> ItemStage:
     """The stage for this spec, set up once per worker process."""
+    # A worker process may serve several applications' tasks in turn: the spec names its own.
+    os.environ["AVCAPS_APP"] = spec.app
     stage = _STAGE_CACHE.get(spec.key())
     if stage is None:
-        os.environ.setdefault("AVCAPS_APP", spec.app)
         from pathlib import Path
 
         from pipeline.registry import load_object
@@ -145,20 +148,36 @@ class RayExecutor:
         records = [{"clip_id": it.clip_id, "attempt": it.attempt, "data": json.dumps(it.data)} for it in todo]
         ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // size)))
         res = self.stage.resources
-        workers = self.options.concurrency or max(1, int(ray.available_resources().get("CPU", 1)))
+        available = ray.cluster_resources()
+        # A worker asking for more CPUs than any node has would never be scheduled: clamp it.
+        biggest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+        cpus = min(res.cpus, biggest)
+        if cpus < res.cpus:
+            log.warning(
+                "%s: a worker asks for %s CPUs, the largest Ray node has %s",
+                self.stage.dirname(),
+                res.cpus,
+                biggest,
+            )
+        workers = self.options.concurrency or max(1, int(available.get("CPU", 1)))
         if res.gpus > 0:
-            gpus = max(1, int(ray.available_resources().get("GPU", 1) // res.gpus))
+            # One model load per actor. A cluster without GPUs would never schedule an actor that
+            # asks for one: there the stage runs on CPUs (as it does locally), said once.
+            gpus = res.gpus if available.get("GPU", 0) >= res.gpus else 0
+            if not gpus:
+                log.warning("%s: the Ray cluster has no GPU; its actors run on CPUs", self.stage.dirname())
+            pool = int(available.get("GPU", 0) // res.gpus) if gpus else 1
             ds = ds.map_batches(
                 _Actor,
                 fn_constructor_args=(spec,),
                 batch_size=size,
-                concurrency=self.options.concurrency or gpus,
-                num_gpus=res.gpus,
-                num_cpus=res.cpus,
+                concurrency=self.options.concurrency or max(1, pool),
+                num_gpus=gpus,
+                num_cpus=cpus,
             )
         else:
             ds = ds.map_batches(
-                process_records, fn_args=(spec,), batch_size=size, concurrency=workers, num_cpus=res.cpus
+                process_records, fn_args=(spec,), batch_size=size, concurrency=workers, num_cpus=cpus
             )
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             yield [

@@ -7,42 +7,25 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
+from engine_helpers import write_config, write_csvs
 
-ENGINE_TESTS = Path(__file__).parent.parent / "pipeline"
-sys.path.insert(0, str(ENGINE_TESTS))
-
-from engine_helpers import write_config, write_csvs  # noqa: E402
-
-from pipeline.config import load_config  # noqa: E402
-from pipeline.registry import find_stage  # noqa: E402
-from pipeline.runner import run_stage  # noqa: E402
-from pipeline.stage import RunContext, RunOptions  # noqa: E402
+from pipeline.config import load_config
+from pipeline.registry import find_stage
+from pipeline.runner import run_stage
+from pipeline.stage import RunContext, RunOptions
 
 N = 24
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    os.environ["AVCAPS_APP"] = "toyapp"
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ENGINE_TESTS), os.environ.get("PYTHONPATH", "")])
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level="WARNING",
-        runtime_env={"env_vars": {"AVCAPS_APP": "toyapp", "PYTHONPATH": os.environ["PYTHONPATH"]}},
-    )
-    yield
-    ray.shutdown()
-    os.environ.pop("AVCAPS_APP", None)
+@pytest.fixture
+def toyapp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AVCAPS_APP", "toyapp")
 
 
 def make_run(tmp_path: Path, name: str, script: dict[str, str], extra: str = "") -> RunContext:
@@ -79,7 +62,7 @@ SCRIPT = {
 }
 
 
-def test_ray_ledger_equals_local_ledger(tmp_path: Path, cluster: None) -> None:
+def test_ray_ledger_equals_local_ledger(tmp_path: Path, cluster: None, toyapp: None) -> None:
     local = make_run(tmp_path, "local", SCRIPT)
     distributed = make_run(tmp_path, "ray", SCRIPT)
     run_stage(find_stage("toy"), local, RunOptions(progress=False))
@@ -92,7 +75,7 @@ def test_ray_ledger_equals_local_ledger(tmp_path: Path, cluster: None) -> None:
     assert b.loc["t0000000006_6000_16000", "attempts"] == 3
 
 
-def test_worker_killed_mid_run_then_rerun(tmp_path: Path, cluster: None) -> None:
+def test_worker_killed_mid_run_then_rerun(tmp_path: Path, cluster: None, toyapp: None) -> None:
     ctx = make_run(tmp_path, "kill", {}, "  sleep_s: 0.3\n")
     log = tmp_path / "kill.log"
     killed: list[int] = []
