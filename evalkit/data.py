@@ -19,12 +19,27 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import AbortRun
 
 AUDIOCAPS_COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
 REFERENCE_LIST_COLUMNS = ("captions", "references")
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """The objects of a JSONL file, each with its ``file:line`` for error messages."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AbortRun(f"{where}: not valid JSON ({exc.msg})") from None
+        yield where, obj
 
 
 def _clean(text: object, where: str) -> str:
@@ -40,14 +55,7 @@ def read_predictions(path: Path | str) -> dict[str, str]:
         raise AbortRun(f"predictions file not found: {path}")
     rows: list[tuple[str, object, str]] = []
     if path.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AbortRun(f"{where}: not valid JSON ({exc.msg})") from None
+        for where, obj in _jsonl(path):
             if not isinstance(obj, dict) or "clip_id" not in obj or "caption" not in obj:
                 raise AbortRun(f"{where}: expected an object with 'clip_id' and 'caption'")
             rows.append((str(obj["clip_id"]), obj["caption"], where))
@@ -149,14 +157,7 @@ def read_references(
         return _references_from_parquet([path])
     out: dict[str, list[str]] = {}
     if suffix in (".jsonl", ".json"):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AbortRun(f"{where}: not valid JSON ({exc.msg})") from None
+        for where, obj in _jsonl(path):
             refs = obj.get("captions", obj.get("references")) if isinstance(obj, dict) else None
             if refs is None and isinstance(obj, dict) and "caption" in obj:
                 refs = [obj["caption"]]

@@ -34,6 +34,24 @@ _CORPUS = [
 SPECIAL = {"bos": "</s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>", "image": "<image>"}
 
 
+def _fast_tokenizer(tok: Any) -> Any:
+    """OPT-style special tokens, left padding, and the ``<image>`` token of BLIP-2."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=SPECIAL["bos"],
+        eos_token=SPECIAL["eos"],
+        pad_token=SPECIAL["pad"],
+        unk_token=SPECIAL["unk"],
+        padding_side="left",
+    )
+    # Registered as an added special token (as in the real checkpoint), so it is never split and
+    # Blip2Processor finds it already in the vocabulary.
+    fast.add_special_tokens({"additional_special_tokens": [SPECIAL["image"]]})
+    return fast
+
+
 def _train_tokenizer(vocab_size: int = 200) -> Any:
     """A BPE tokenizer in OPT's layout: ``</s>`` is both BOS and EOS, and BOS is prepended.
 
@@ -41,7 +59,6 @@ def _train_tokenizer(vocab_size: int = 200) -> Any:
     vocabulary is then printable text, so random weights give word-like captions, not control bytes.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk"]))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -58,18 +75,7 @@ def _train_tokenizer(vocab_size: int = 200) -> Any:
         pair=f"{SPECIAL['bos']} $A $B",
         special_tokens=[(SPECIAL["bos"], bos_id)],
     )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=SPECIAL["bos"],
-        eos_token=SPECIAL["eos"],
-        pad_token=SPECIAL["pad"],
-        unk_token=SPECIAL["unk"],
-        padding_side="left",
-    )
-    # Registered as an added special token (as in the real checkpoint), so it is never split and
-    # Blip2Processor finds it already in the vocabulary.
-    fast.add_special_tokens({"additional_special_tokens": [SPECIAL["image"]]})
-    return fast
+    return _fast_tokenizer(tok)
 
 
 def tiny_blip2_config(vocab_size: int, image_token_index: int, pad_id: int, bos_id: int, eos_id: int) -> Any:
@@ -217,7 +223,7 @@ def blip2_opt_processor(
     """A ``Blip2Processor`` for :func:`blip2_opt_config`: OPT's special-token ids and vocabulary
     size (a word-level vocabulary ``w<id>``, so any generated id decodes), the real image settings."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import Blip2Processor, BlipImageProcessor, PreTrainedTokenizerFast
+    from transformers import Blip2Processor, BlipImageProcessor
 
     vocab = {f"w{i}": i for i in range(vocab_size)}
     names = {
@@ -235,15 +241,7 @@ def blip2_opt_processor(
     tok.post_processor = processors.TemplateProcessing(
         single=f"{SPECIAL['bos']} $A", pair=f"{SPECIAL['bos']} $A $B", special_tokens=[(SPECIAL["bos"], 2)]
     )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=SPECIAL["bos"],
-        eos_token=SPECIAL["eos"],
-        pad_token=SPECIAL["pad"],
-        unk_token=SPECIAL["unk"],
-        padding_side="left",
-    )
-    fast.add_special_tokens({"additional_special_tokens": [SPECIAL["image"]]})
+    fast = _fast_tokenizer(tok)
     image_processor = BlipImageProcessor(
         size={"height": image_size, "width": image_size}, do_convert_rgb=True
     )
