@@ -33,15 +33,15 @@ def stage_ledger(stage: Stage) -> Ledger:
     return Ledger(stage.folder / "ledger", stage.output_schema())  # type: ignore[attr-defined]
 
 
-def _py(value: Any) -> Any:
+def to_python(value: Any) -> Any:
     """Pandas cells back to plain Python (lists arrive as numpy arrays, nulls as NaN/None)."""
     import numpy as np
     import pandas as pd
 
     if isinstance(value, np.ndarray):
-        return [_py(v) for v in value.tolist()]
+        return [to_python(v) for v in value.tolist()]
     if isinstance(value, list):
-        return [_py(v) for v in value]
+        return [to_python(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if value is None or (not isinstance(value, (str, bytes, dict)) and pd.isna(value)):
@@ -80,7 +80,7 @@ def eligible_items(stage: ItemStage, ctx: RunContext) -> pd.DataFrame:
     table = upstream_table(type(stage), ctx)
     if table.empty:
         return table
-    mask = [stage.wants({k: _py(v) for k, v in row.items()}) for row in table.to_dict("records")]
+    mask = [stage.wants({k: to_python(v) for k, v in row.items()}) for row in table.to_dict("records")]
     return table[mask]
 
 
@@ -173,7 +173,7 @@ def select_pending(
                 if status == "failed_permanent" or tries >= max_attempts:
                     continue
                 attempt = tries + 1
-        items.append(Item(clip_id, {k: _py(v) for k, v in row.items()}, attempt))
+        items.append(Item(clip_id, {k: to_python(v) for k, v in row.items()}, attempt))
         if options.limit is not None and len(items) >= options.limit:
             break
     return items

@@ -265,6 +265,20 @@ class _QuietLogger:
         pass
 
 
+def check_ids(item: Item) -> None:
+    """Stage 0 validated the ids, but a clip table can be edited or come from elsewhere: an id
+    reaches a URL and the clip id a file path only when both have exactly the expected form."""
+    from stages.manifest import clip_id_for, is_valid_youtube_id
+
+    yt, start, end = str(item["youtube_id"]), int(item["start_s"]), int(item["end_s"])
+    if not is_valid_youtube_id(yt) or item.clip_id != clip_id_for(yt, start, end - start):
+        raise PermanentError(
+            "invalid_id",
+            f"clip {item.clip_id!r}: youtube_id {yt!r} is not 11 of [A-Za-z0-9_-] or does not match the "
+            "clip id; no URL or path is built from it",
+        )
+
+
 class DownloadStage(ItemStage):
     number = 1
     name = "download"
@@ -360,6 +374,7 @@ class DownloadStage(ItemStage):
         cfg = self.cfg
         clip_id = item.clip_id
         start, end = float(item["start_s"]), float(item["end_s"])
+        check_ids(item)
         url = cfg.url_template.format(id=item["youtube_id"])
         video_dir = self.ctx.media_dir / "video"
 

@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 from pipeline.config import StrictModel
 from pipeline.errors import AbortRun
 from pipeline.io import atomic_write_text
-from pipeline.runner import _py
+from pipeline.runner import to_python
 from pipeline.stage import RunOptions, WholeStage
 from stages.caption_stats import TOKENIZATION, caption_stats
 from stages.variants import VARIANTS, UnknownVariant, build_variant, check_variants, clean, proper_nouns_from
@@ -304,7 +304,7 @@ def _cell(tables: RunTables, dirname: str, cid: str, column: str) -> Any:
     df = tables.stages[dirname]
     if df is None or cid not in df.index or column not in df.columns:
         return None
-    return _py(df.at[cid, column])
+    return to_python(df.at[cid, column])
 
 
 def _str_list(value: Any) -> list[str]:
@@ -313,7 +313,7 @@ def _str_list(value: Any) -> list[str]:
 
 def base_row(tables: RunTables, cid: str) -> dict[str, Any]:
     """Everything about a clip except its references (same in every config)."""
-    clip = {k: _py(v) for k, v in tables.clips.loc[cid].items()}
+    clip = {k: to_python(v) for k, v in tables.clips.loc[cid].items()}
     frames = _cell(tables, KEYFRAMES, cid, "frame_paths") or []
     times = _cell(tables, KEYFRAMES, cid, "frame_times_s") or []
     middle = _cell(tables, KEYFRAMES, cid, "middle_frame")
@@ -349,7 +349,7 @@ def merged_references(tables: RunTables, row: dict[str, Any]) -> tuple[list[str]
     cid = row["clip_id"]
     if reviews is not None and cid in reviews.index:
         verdict = str(reviews.at[cid, "verdict"])
-        final = _str_list(_py(reviews.at[cid, "final_captions"]))
+        final = _str_list(to_python(reviews.at[cid, "final_captions"]))
         return (final or row["merged_captions"]), verdict
     return row["merged_captions"], UNREVIEWED
 
@@ -559,7 +559,7 @@ class ExportStage(WholeStage):
         plan = plan_export(tables, cfg.allow_unreviewed)
         proper: frozenset[str] = frozenset()
         if cfg.proper_nouns_from_corpus:
-            proper = proper_nouns_from(c for caps in tables.clips["audio_captions"] for c in _py(caps))
+            proper = proper_nouns_from(c for caps in tables.clips["audio_captions"] for c in to_python(caps))
         schema = row_schema(cfg.embed_media)
         bases = {cid: base_row(tables, cid) for ids in plan.ids.values() for cid in ids}
         excluded: dict[str, str] = {}

@@ -148,3 +148,37 @@ def test_missing_cookies_file_stops_the_run(server: MediaServer, make_run: MakeR
     run_stage(ManifestStage, ctx, RunOptions(progress=False))
     with pytest.raises(AbortRun, match=r"nope\.txt"):
         run_stage(DownloadStage, ctx, RunOptions(progress=False))
+
+
+def test_tampered_ids_never_reach_a_url_or_path(server: MediaServer, make_run: MakeRun) -> None:
+    """A clip table edited after stage 0 (here: rows appended in its real on-disk format) with an
+    id that would escape the media folder, or whose clip id does not match its youtube id."""
+    config = make_run(["okh264clip1"], download={"url_template": server.url_template()})
+    ctx = load_context(config, None, ())
+    run_stage(ManifestStage, ctx, RunOptions(progress=False))
+    manifest = stage_ledger(ManifestStage(ctx))
+    row = {
+        "status": "ok",
+        "attempts": 1,
+        "start_s": START_S,
+        "end_s": START_S + 10,
+        "split": "test",
+        "audio_captions": ["x"],
+        "audiocap_ids": [99],
+    }
+    manifest.commit(
+        [
+            {**row, "clip_id": "../../evil_3000_13000", "youtube_id": "../../evil"},
+            {**row, "clip_id": "okh264clip1_0_10000", "youtube_id": "okvp9webm01"},
+        ]
+    )
+    run_stage(DownloadStage, ctx, RunOptions(progress=False))
+    state = stage_ledger(DownloadStage(ctx)).latest()
+    for bad in ("../../evil_3000_13000", "okh264clip1_0_10000"):
+        assert (state.loc[bad, "status"], state.loc[bad, "reason"]) == ("failed_permanent", "invalid_id")
+        assert repr(bad) in state.loc[bad, "message"]
+    assert state.loc[f"okh264clip1_{START_S * 1000}_{(START_S + 10) * 1000}", "status"] == "ok"
+    assert sorted(p.name for p in (ctx.workdir / "media" / "video").iterdir()) == [
+        f"okh264clip1_{START_S * 1000}_{(START_S + 10) * 1000}.mp4"
+    ]
+    assert not (ctx.workdir.parent / "evil_3000_13000.mp4").exists()
