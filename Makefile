@@ -67,10 +67,6 @@ stage-0: setup
 stage-1: setup
 	$(AVCAPS) run 1 $(RUN_FLAGS)
 
-## media-server: serve stand-in media for a run's clip table on 127.0.0.1 and print the stage-1 command (CONFIG=...)
-media-server: setup
-	$(PY) -m standins.media --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR))
-
 ## stage-2: extract keyframes (JPEG) and 16 kHz mono audio with quality flags (CONFIG=..., WORKDIR=..., ARGS=...)
 stage-2: setup
 	$(AVCAPS) run 2 $(RUN_FLAGS)
@@ -78,6 +74,14 @@ stage-2: setup
 ## stage-3: caption every keyframe with BLIP-2 (GPU if present; CONFIG=..., WORKDIR=..., ARGS=...)
 stage-3: setup
 	$(AVCAPS) run 3 $(RUN_FLAGS)
+
+## stage-4: merge audio + visual captions with the LLM (default: the server of `make llm-server`)
+stage-4: setup
+	$(AVCAPS) run 4 $(RUN_FLAGS)
+
+## stage-5: push the test merges to Label Studio as review tasks (server up; CONFIG=..., WORKDIR=...)
+stage-5: setup
+	$(AVCAPS) run 5 $(RUN_FLAGS)
 
 ## stage-6: export the dataset (Parquet configs per training variant, card, stats) to WORKDIR/export
 stage-6: setup
@@ -87,13 +91,13 @@ stage-6: setup
 stage-7: setup
 	$(AVCAPS) run 7 $(RUN_FLAGS)
 
+## media-server: serve stand-in media for a run's clip table on 127.0.0.1 and print the stage-1 command (CONFIG=...)
+media-server: setup
+	$(PY) -m standins.media --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR))
+
 ## review-server: start Label Studio on 127.0.0.1 for a run (needs LABEL_STUDIO_USERNAME/PASSWORD/API_KEY)
 review-server: setup review-venv
 	$(AVCAPS) review server $(RUN_FLAGS)
-
-## stage-5: push the test merges to Label Studio as review tasks (server up; CONFIG=..., WORKDIR=...)
-stage-5: setup
-	$(AVCAPS) run 5 $(RUN_FLAGS)
 
 ## review-pull: read the finished reviews into DIR/05-review/reviews.parquet and show their figures
 review-pull: setup
@@ -111,10 +115,6 @@ fetch-spice: setup
 ## clean-demo: remove the demo's run folder
 clean-demo:
 	rm -rf runs/demo
-
-## stage-4: merge audio + visual captions with the LLM (default: the server of `make llm-server`)
-stage-4: setup
-	$(AVCAPS) run 4 $(RUN_FLAGS)
 
 # The LLM servers live in venvs of their own: vLLM pins torch/transformers versions that clash
 # with the pipeline's (FACTS: vllm 0.33 pins torch 2.14 and transformers <5.21).
