@@ -47,8 +47,6 @@ CONDITIONS = (
     "visual_shuffled",
     "audio_shuffled",
 )
-AUDIO_CONDITIONS = ("audio_silent", "audio_gaussian", "audio_shuffled")
-VISUAL_CONDITIONS = ("visual_black", "visual_white", "visual_noise", "visual_shuffled")
 MANIFEST_COLUMNS = ("clip_id", "image", "audio", "image_source", "audio_source")
 
 

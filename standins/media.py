@@ -14,16 +14,13 @@ a truncated file, each optionally clearing after the first k requests.
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import os
 import random
 import re
-import shutil
 import socketserver
 import subprocess
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,18 +290,6 @@ def make_sources(folder: Path, clips: list[tuple[str, int]], extra_s: int = 2) -
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         list(pool.map(one, clips))
-
-
-@contextlib.contextmanager
-def serving(root: Path) -> Iterator[MediaServer]:
-    with MediaServer(root) as srv:
-        yield srv
-
-
-def copy_clip(src: Path, dest: Path) -> Path:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest)
-    return dest
 
 
 def main(argv: list[str] | None = None) -> int:
