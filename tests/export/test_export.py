@@ -225,3 +225,27 @@ def test_embedded_media_and_bounded_shards(
     )
     assert stats["counts"]["test"] == 3
     assert "| test | 6 | removed 1 | media missing 1 | 3 |" in (folder / "README.md").read_text()
+
+
+def test_export_pulls_reviews_first_and_names_the_way_out(
+    run_copy: Callable[..., Path], export: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with a review project pulls before exporting; with the server down the export stops
+    (never ships stale references silently) and says how to export the reviews pulled last."""
+    import json
+    import socket
+
+    from pipeline.errors import AbortRun
+
+    workdir = run_copy()
+    (workdir / "05-review" / "project.json").write_text(json.dumps({"project_id": 7, "title": "t"}))
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "0" * 40)
+    with pytest.raises(AbortRun) as err:
+        export(workdir, f"review.url={dead}", "review.timeout_s=2")
+    assert dead in str(err.value) and "export.pull_reviews=false" in str(err.value)
+    assert not (workdir / "export").exists()
+    out = export(workdir, f"review.url={dead}", "export.pull_reviews=false")
+    assert (out / "README.md").exists()
