@@ -3,7 +3,8 @@
 Every command takes ``--config FILE`` and ``--workdir DIR`` so two runs never share state by
 accident: the run folder comes from the config's ``workdir`` unless ``--workdir`` overrides it.
 Exit status: 0 when the stage ran, even if some items failed (their failures are in the ledger);
-2 when the run itself could not proceed (bad config, bad manifest, missing upstream).
+2 when the run itself could not proceed (bad config, bad manifest, missing upstream); 3 when
+another process is already running the same stage (and an overlapping shard) of the run folder.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class AvcapsGroup(click.Group):
             return super().invoke(ctx)
         except AbortRun as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(exc.exit_code)
 
 
 @click.group(cls=AvcapsGroup)

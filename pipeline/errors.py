@@ -1,7 +1,8 @@
 """Errors named by the action they trigger (after dolma's ``core/errors.py``).
 
 - :class:`AbortRun`: the run itself cannot proceed (bad config, missing model, bad manifest).
-  The runner commits what is done and exits non-zero.
+  The runner commits what is done and exits non-zero (2; :class:`StageBusy`, another process
+  already running the same stage and shard, exits 3).
 - :class:`PermanentError`: this item failed and retrying will not help (a removed video, a corrupt
   file). Recorded as ``failed_permanent``; retried only with ``--retry-failed`` or ``--force``.
 - :class:`TransientError`: this item failed for now (HTTP 429, a timeout). Recorded as
@@ -19,7 +20,15 @@ class PipelineError(Exception):
 
 
 class AbortRun(PipelineError):
-    """The run cannot proceed; nothing further is attempted."""
+    """The run cannot proceed; nothing further is attempted. The CLI exits with ``exit_code``."""
+
+    exit_code = 2
+
+
+class StageBusy(AbortRun):
+    """Another process is running the same stage (and an overlapping shard) of this run folder."""
+
+    exit_code = 3
 
 
 class ItemError(PipelineError):

@@ -1,8 +1,12 @@
 """Atomic file writes: a file is either absent or complete, never partial.
 
-Everything is written to a temporary name in the destination folder (same filesystem) and renamed
-into place; the rename is the commit. Temporary names start with ``.tmp-`` so a crash leaves only
-files that no reader takes for finished ones, and :func:`clean_temp_files` removes them.
+Everything is written to a temporary name and renamed into place; the rename is the commit, and
+the folder is fsynced after it so the commit survives a power cut. Temporary names start with
+``.tmp-`` and carry the writer's host and pid, so a crash leaves only files that no reader takes
+for finished ones, and :func:`clean_temp_files` can tell a dead writer's leftovers from a live
+writer's file. Media writers put their temporary files in one flat folder per run
+(``RunContext.tmp_dir``, on the media folder's filesystem), so cleaning up after a crash lists one
+small folder instead of walking the whole media tree.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,48 +43,72 @@ def temp_name(name: str) -> str:
     return f"{TMP_PREFIX}{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
 
 
+def fsync_dir(folder: Path | str) -> None:
+    """Make the renames in ``folder`` durable (POSIX: a rename is in the directory's data)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and Windows) cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(dest: Path | str) -> Iterator[Path]:
-    """Yield a temporary path next to ``dest``; on success fsync and rename it to ``dest``."""
+def atomic_path(dest: Path | str, tmp_dir: Path | str | None = None) -> Iterator[Path]:
+    """Yield a temporary path; on success fsync it, rename it to ``dest`` and fsync the folder.
+
+    The temporary file lives in ``tmp_dir`` (default: ``dest``'s folder), which must be on the same
+    filesystem as ``dest`` for the rename to be atomic.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tmp_dir) if tmp_dir is not None else dest.parent
+    folder.mkdir(parents=True, exist_ok=True)
     # Host and pid in the name let a later run tell a dead writer's leftovers from a live
     # writer's file; keeping the suffix lets tools that pick a format by extension still work.
-    tmp = dest.with_name(temp_name(dest.name))
+    tmp = folder / temp_name(dest.name)
     try:
         yield tmp
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
 
-def atomic_write_bytes(dest: Path | str, data: bytes) -> None:
-    with atomic_path(dest) as tmp:
+def atomic_write_bytes(dest: Path | str, data: bytes, tmp_dir: Path | str | None = None) -> None:
+    with atomic_path(dest, tmp_dir) as tmp:
         tmp.write_bytes(data)
 
 
-def atomic_write_text(dest: Path | str, text: str) -> None:
-    atomic_write_bytes(dest, text.encode("utf-8"))
+def atomic_write_text(dest: Path | str, text: str, tmp_dir: Path | str | None = None) -> None:
+    atomic_write_bytes(dest, text.encode("utf-8"), tmp_dir)
 
 
-def clean_temp_files(folder: Path | str, older_than_s: float = 3600.0) -> int:
-    """Remove leftovers of interrupted writes under ``folder``; returns how many.
+def clean_temp_files(folder: Path | str, older_than_s: float = 3600.0, recursive: bool = True) -> int:
+    """Remove leftovers of interrupted writes in ``folder``; returns how many.
 
     A leftover is removed when its writer (same host) has exited, or when it is older than
     ``older_than_s`` (writers on other hosts of a shared filesystem); a live writer's file stays.
+    ``recursive=False`` lists ``folder`` alone (what the runner does at every start).
     """
-    import time
-
     folder = Path(folder)
     if not folder.exists():
         return 0
     n = 0
     cutoff = time.time() - older_than_s
-    for p in folder.rglob(f"{TMP_PREFIX}*"):
-        if p.is_file() and (_writer_is_dead(p.name) or p.stat().st_mtime <= cutoff):
-            p.unlink(missing_ok=True)
-            n += 1
+    found = folder.rglob(f"{TMP_PREFIX}*") if recursive else folder.glob(f"{TMP_PREFIX}*")
+    for p in found:
+        try:
+            if p.is_file() and (_writer_is_dead(p.name) or p.stat().st_mtime <= cutoff):
+                p.unlink(missing_ok=True)
+                n += 1
+        except FileNotFoundError:
+            continue
     return n

@@ -21,9 +21,12 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.stage import Item, ItemStage, RunContext, RunOptions
+
+if TYPE_CHECKING:
+    from pipeline.runner import WorkList
 
 log = logging.getLogger("avcaps")
 _STAGE_CACHE: dict[str, ItemStage] = {}
@@ -65,21 +68,23 @@ def _build_stage(spec: WorkerSpec) -> ItemStage:
 def _part_name(spec: WorkerSpec, items: list[Item]) -> str:
     h = hashlib.blake2b(digest_size=8)
     for it in sorted(items, key=lambda i: i.clip_id):
-        h.update(f"{it.clip_id}:{it.attempt};".encode())
+        h.update(f"{it.clip_id}:{it.attempt}:{it.seq};".encode())
     return f"{spec.pass_token}-{h.hexdigest()}"
 
 
 def process_records(batch: dict[str, Any], spec: WorkerSpec) -> dict[str, list[Any]]:
-    """Process one Ray batch (columns clip_id, attempt, data) and commit it; return summaries."""
+    """Process one Ray batch (columns clip_id, attempt, seq, data) and commit it; return summaries."""
     from pipeline.runner import process_and_commit, stage_ledger
 
     stage = _build_stage(spec)
     items = [
-        Item(str(cid), json.loads(data), int(att))
-        for cid, att, data in zip(batch["clip_id"], batch["attempt"], batch["data"], strict=True)
+        Item(str(cid), json.loads(data), int(att), int(seq))
+        for cid, att, seq, data in zip(
+            batch["clip_id"], batch["attempt"], batch["seq"], batch["data"], strict=True
+        )
     ]
     rows = process_and_commit(stage, stage_ledger(stage), items, _part_name(spec, items))
-    return {k: [r[k] for r in rows] for k in ("clip_id", "status", "attempts")}
+    return {k: [r[k] for r in rows] for k in ("clip_id", "status", "attempts", "seq")}
 
 
 class _Actor:
@@ -140,12 +145,15 @@ class RayExecutor:
             pass_token=f"{self.run_token}-{self.passes:03d}",
         )
 
-    def run_pass(self, todo: list[Item]) -> Iterator[list[dict[str, Any]]]:
+    def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:
         import ray
 
         spec = self._spec()
         size = self.stage.stage_config.batch_size
-        records = [{"clip_id": it.clip_id, "attempt": it.attempt, "data": json.dumps(it.data)} for it in todo]
+        records = [
+            {"clip_id": it.clip_id, "attempt": it.attempt, "seq": it.seq, "data": json.dumps(it.data)}
+            for it in todo.items()
+        ]
         ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // size)))
         res = self.stage.resources
         available = ray.cluster_resources()
@@ -181,6 +189,6 @@ class RayExecutor:
             )
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
             yield [
-                {"clip_id": str(c), "status": str(s), "attempts": int(a)}
-                for c, s, a in zip(out["clip_id"], out["status"], out["attempts"], strict=True)
+                {"clip_id": str(c), "status": str(s), "attempts": int(a), "seq": int(q)}
+                for c, s, a, q in zip(out["clip_id"], out["status"], out["attempts"], out["seq"], strict=True)
             ]

@@ -4,37 +4,50 @@ Per item, per run: every eligible item in the shard ends with exactly one curren
 Completion is recorded per item, so a killed run resumes with the items that have no terminal row;
 failures that may pass (``failed_transient``) are retried with exponential backoff up to the
 stage's ``max_attempts``; ``--retry-failed`` re-queues every failed item, ``--force`` everything.
+
+Selection is vectorized over Arrow/pandas columns and the items' data is materialized one batch at
+a time, so a run of millions of clips reaches its first batch in seconds. One process at a time
+works on a stage and shard (:mod:`pipeline.locks`); each run logs to ``DIR/runs/<stamp>-<stage>.log``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun, ItemError
 from pipeline.io import atomic_write_text, clean_temp_files
-from pipeline.ledger import BASE_COLUMNS, Ledger
+from pipeline.ledger import Ledger, to_pandas
 from pipeline.registry import ancestors
 from pipeline.sharding import in_shard
 from pipeline.stage import Item, ItemStage, Result, RunContext, RunOptions, Stage, WholeStage
 
 if TYPE_CHECKING:
     import pandas as pd
+    import pyarrow as pa
 
 log = logging.getLogger("avcaps")
+# Compaction is considered every this many commits of a run (it only merges small parts).
+COMPACT_EVERY_COMMITS = 64
+# At the end of a run, small parts are merged when at least this many are left.
+COMPACT_AT_END_PARTS = 16
 
 
-def stage_ledger(stage: Stage) -> Ledger:
-    return Ledger(stage.folder / "ledger", stage.output_schema())  # type: ignore[attr-defined]
+def stage_ledger(stage: Stage | type[Stage], workdir: Path | None = None) -> Ledger:
+    """The ledger of a stage (an instance, or a class and the run folder), with its schema."""
+    folder = (workdir / stage.dirname()) if workdir is not None else stage.folder  # type: ignore[union-attr]
+    return Ledger(Path(folder) / "ledger", stage.output_schema())
 
 
 def to_python(value: Any) -> Any:
-    """Pandas cells back to plain Python (lists arrive as numpy arrays, nulls as NaN/None)."""
+    """Pandas cells back to plain Python (lists arrive as numpy arrays, nulls as NaN/None/NA)."""
     import numpy as np
     import pandas as pd
 
@@ -49,41 +62,159 @@ def to_python(value: Any) -> Any:
     return value
 
 
-def upstream_table(cls: type[Stage], ctx: RunContext) -> pd.DataFrame:
-    """The clip rows joined with the ok outputs of every ancestor of ``cls``, by ``clip_id``."""
+# -- what is upstream -----------------------------------------------------------------------------
+def upstream_ok(cls: type[Stage], ctx: RunContext, columns: list[str] | None = None) -> pa.Table:
+    """``clip_id`` plus ``columns`` (None: every output column) of the clips that are ok in every
+    ancestor of ``cls``, joined by ``clip_id``, in clip-table order."""
+    import pyarrow.compute as pc
 
-    table: pd.DataFrame | None = None
+    table: pa.Table | None = None
     for anc_cls in ancestors(cls):
-        anc = anc_cls(ctx)
-        ledger = stage_ledger(anc)
+        ledger = stage_ledger(anc_cls, ctx.workdir)
         if not ledger.exists():
             raise AbortRun(
-                f"stage {anc.dirname()} has not run yet in {ctx.workdir}: run `avcaps run {anc.number}` first"
+                f"stage {anc_cls.dirname()} has not run yet in {ctx.workdir}: "
+                f"run `avcaps run {anc_cls.number}` first"
             )
-        df = ledger.latest()
-        df = df[df["status"] == "ok"]
-        cols = [c for c in df.columns if c not in BASE_COLUMNS]
-        df = df[cols]
+        outs = [f.name for f in anc_cls.output_schema()]
+        want = outs if columns is None else [c for c in columns if c in outs]
+        state = ledger.latest_table(["status", *want])
+        state = state.filter(pc.equal(state["status"], "ok"))
         if table is None:
-            table = df
-        else:
-            clash = set(cols) & set(table.columns)
-            if clash:
-                raise AbortRun(f"stage {anc.dirname()} outputs clash with upstream columns: {clash}")
-            table = table.join(df, how="inner")
+            table = state.select(["clip_id", *want])
+            continue
+        clash = set(want) & set(table.column_names)
+        if clash:
+            raise AbortRun(f"stage {anc_cls.dirname()} outputs clash with upstream columns: {sorted(clash)}")
+        idx = pc.index_in(table["clip_id"], value_set=state["clip_id"].combine_chunks())
+        keep = pc.is_valid(idx)
+        table, idx = table.filter(keep), idx.filter(keep)
+        for name in want:
+            table = table.append_column(state.schema.field(name), state[name].take(idx))
     if table is None:
         raise AbortRun(f"stage {cls.dirname()} has no upstream stage to take items from")
     return table
 
 
-def eligible_items(stage: ItemStage, ctx: RunContext) -> pd.DataFrame:
-    table = upstream_table(type(stage), ctx)
-    if table.empty:
+def _selected(stage: ItemStage, table: pa.Table) -> pa.Table:
+    """The rows of ``table`` (upstream clips) that ``stage.select`` keeps."""
+    import numpy as np
+
+    if not stage.selection_columns or table.num_rows == 0:
         return table
-    mask = [stage.wants({k: to_python(v) for k, v in row.items()}) for row in table.to_dict("records")]
-    return table[mask]
+    frame = to_pandas(table.select(["clip_id", *stage.selection_columns])).set_index("clip_id", drop=False)
+    mask = stage.select(frame)
+    if mask is None:
+        return table
+    return table.filter(np.asarray(mask, dtype=bool))
 
 
+def eligible_frame(
+    stage: ItemStage, ctx: RunContext, columns: list[str] | tuple[str, ...] = ()
+) -> pd.DataFrame:
+    """The clips ``stage`` applies to (ok upstream, kept by ``select``), indexed by ``clip_id``,
+    with the upstream ``columns`` asked for (e.g. ``split``)."""
+    cols = list(dict.fromkeys([*stage.selection_columns, *columns]))
+    table = _selected(stage, upstream_ok(type(stage), ctx, cols))
+    return to_pandas(table.select(["clip_id", *[c for c in columns if c in table.column_names]])).set_index(
+        "clip_id", drop=False
+    )
+
+
+# -- what is pending ------------------------------------------------------------------------------
+def select_pending(
+    eligible_ids: pa.Array | list[str], state: pa.Table, options: RunOptions, max_attempts: int
+) -> pd.DataFrame:
+    """The items to work on, in ``eligible_ids`` order: ``clip_id``, ``attempt``, ``seq`` (the seq
+    of the row each one supersedes). ``state`` is the stage's current rows (clip_id, status,
+    attempts, seq)."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = pa.array(eligible_ids, type=pa.string()) if isinstance(eligible_ids, list) else eligible_ids
+    if options.shard is not None:
+        keep = [in_shard(c, options.shard) for c in ids.to_pylist()]
+        ids = ids.filter(pa.array(keep, type=pa.bool_()))
+    idx = pc.index_in(ids, value_set=state["clip_id"].combine_chunks())
+    has_row = pc.is_valid(idx).to_numpy(zero_copy_only=False)
+    status = state["status"].take(idx).fill_null("").to_numpy(zero_copy_only=False)
+    tries = state["attempts"].take(idx).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    seq = state["seq"].take(idx).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    if options.force:
+        pending = np.ones(len(ids), dtype=bool)
+        attempt = np.ones(len(ids), dtype=np.int64)
+    elif options.retry_failed:
+        pending = ~has_row | (status != "ok")
+        attempt = np.ones(len(ids), dtype=np.int64)
+    else:
+        retryable = (status != "ok") & (status != "failed_permanent") & (tries < max_attempts)
+        pending = ~has_row | retryable
+        attempt = np.where(has_row, tries + 1, 1)
+    out = pd.DataFrame(
+        {
+            "clip_id": ids.filter(pa.array(pending)).to_pylist(),
+            "attempt": attempt[pending],
+            "seq": seq[pending],
+        }
+    )
+    if options.limit is not None:
+        out = out.head(options.limit)
+    return out
+
+
+class WorkList:
+    """The items of one pass, their data kept as an Arrow table and turned into :class:`Item`
+    objects one batch at a time (millions of items never sit in memory as Python objects)."""
+
+    def __init__(self, data: pa.Table, attempts: list[int], seqs: list[int]) -> None:
+        self.data = data  # clip_id + upstream columns, one row per item
+        self.attempts = attempts
+        self.seqs = seqs
+
+    @classmethod
+    def of(cls, upstream: pa.Table, pending: pd.DataFrame) -> WorkList:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        ids = pa.array(pending["clip_id"].tolist(), type=pa.string())
+        idx = pc.index_in(ids, value_set=upstream["clip_id"].combine_chunks())
+        return cls(upstream.take(idx), pending["attempt"].tolist(), pending["seq"].tolist())
+
+    def __len__(self) -> int:
+        return self.data.num_rows
+
+    def batches(self, size: int) -> Iterator[list[Item]]:
+        for start in range(0, len(self), size):
+            rows = self.data.slice(start, size).to_pylist()
+            yield [
+                Item(
+                    row.pop("clip_id"),
+                    row,
+                    int(self.attempts[start + k]),
+                    int(self.seqs[start + k]),
+                )
+                for k, row in enumerate(rows)
+            ]
+
+    def items(self) -> Iterator[Item]:
+        for batch in self.batches(4096):
+            yield from batch
+
+    def retry(self, rows: list[dict[str, Any]]) -> WorkList:
+        """The next attempt of the items in ``rows`` (summaries: clip_id, attempts, seq)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        ids = pa.array([r["clip_id"] for r in rows], type=pa.string())
+        idx = pc.index_in(ids, value_set=self.data["clip_id"].combine_chunks())
+        return WorkList(
+            self.data.take(idx), [int(r["attempts"]) + 1 for r in rows], [int(r["seq"]) for r in rows]
+        )
+
+
+# -- running a batch ------------------------------------------------------------------------------
 def _summarize_exception(exc: BaseException) -> str:
     frames = traceback.extract_tb(exc.__traceback__)[-3:]
     where = " <- ".join(f"{f.name}@{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in frames[::-1])
@@ -151,44 +282,17 @@ class RunReport:
         return f"{self.stage}: {self.processed} item attempts in {self.seconds:.1f}s ({rate:.2f}/s): {parts}"
 
 
-def _batches(items: list[Item], size: int) -> Iterator[list[Item]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def select_pending(
-    eligible: pd.DataFrame, state: pd.DataFrame, options: RunOptions, max_attempts: int
-) -> list[Item]:
-    items: list[Item] = []
-    for clip_id, row in zip(eligible.index, eligible.to_dict("records"), strict=True):
-        if not in_shard(clip_id, options.shard):
-            continue
-        attempt = 1
-        if clip_id in state.index and not options.force:
-            prev = state.loc[clip_id]
-            status, tries = prev["status"], int(prev["attempts"] or 0)
-            if status == "ok":
-                continue
-            if not options.retry_failed:
-                if status == "failed_permanent" or tries >= max_attempts:
-                    continue
-                attempt = tries + 1
-        items.append(Item(clip_id, {k: to_python(v) for k, v in row.items()}, attempt))
-        if options.limit is not None and len(items) >= options.limit:
-            break
-    return items
-
-
 def result_rows(batch: list[Item], results: list[Result]) -> list[dict[str, Any]]:
-    """Ledger rows for the results of a batch (attempt numbers come from the items)."""
-    attempts = {item.clip_id: item.attempt for item in batch}
+    """Ledger rows for the results of a batch (attempt numbers and order come from the items)."""
+    by_id = {item.clip_id: item for item in batch}
     return [
         {
             "clip_id": res.clip_id,
             "status": res.status,
             "reason": res.reason,
             "message": res.message,
-            "attempts": attempts[res.clip_id],
+            "attempts": by_id[res.clip_id].attempt,
+            "seq": by_id[res.clip_id].seq + 1,
             **res.outputs,
         }
         for res in results
@@ -202,7 +306,7 @@ def process_and_commit(
     at most). Returns one small summary per item for the driver."""
     rows = result_rows(batch, run_batch(stage, batch))
     ledger.commit(rows, name=part_name)
-    return [{"clip_id": r["clip_id"], "status": r["status"], "attempts": r["attempts"]} for r in rows]
+    return [{k: r[k] for k in ("clip_id", "status", "attempts", "seq")} for r in rows]
 
 
 class LocalExecutor:
@@ -219,8 +323,8 @@ class LocalExecutor:
     def __exit__(self, *exc: object) -> None:
         self.stage.teardown()
 
-    def run_pass(self, todo: list[Item]) -> Iterator[list[dict[str, Any]]]:
-        for batch in _batches(todo, self.stage.stage_config.batch_size):
+    def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:
+        for batch in todo.batches(self.stage.stage_config.batch_size):
             yield process_and_commit(self.stage, self.ledger, batch)
 
 
@@ -240,19 +344,29 @@ def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
     cfg = stage.stage_config
     report = RunReport(stage.dirname())
     ledger = stage_ledger(stage)
-    eligible = eligible_items(stage, stage.ctx)
-    pending = select_pending(eligible, ledger.latest(), options, cfg.max_attempts)
+    upstream = _selected(stage, upstream_ok(type(stage), stage.ctx))
+    state = ledger.latest_table(["status", "attempts"])
+    pending = select_pending(upstream["clip_id"].combine_chunks(), state, options, cfg.max_attempts)
     report.selected = len(pending)
-    if not pending:
-        report.message = f"nothing to do ({len(eligible)} eligible items are all done or failed)"
+    if not len(pending):
+        report.message = f"nothing to do ({upstream.num_rows} eligible items are all done or failed)"
+        log.info("%s: %s", stage.dirname(), report.message)
         return report
+    log.info(
+        "%s: %d of %d eligible items to do%s",
+        stage.dirname(),
+        len(pending),
+        upstream.num_rows,
+        f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else "",
+    )
+    todo = WorkList.of(upstream, pending)
+    del upstream, state
     stage.folder.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    commits = 0
     with make_executor(stage, options) as executor:
-        todo = pending
-        while todo:
-            by_id = {item.clip_id: item for item in todo}
-            retry: list[Item] = []
+        while len(todo):
+            retry: list[dict[str, Any]] = []
             bar = tqdm(
                 total=len(todo),
                 desc=stage.dirname(),
@@ -264,25 +378,30 @@ def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
                 for row in summaries:
                     report.counts[row["status"]] = report.counts.get(row["status"], 0) + 1
                     if row["status"] == "failed_transient" and row["attempts"] < cfg.max_attempts:
-                        item = by_id[row["clip_id"]]
-                        retry.append(Item(item.clip_id, item.data, item.attempt + 1))
+                        retry.append(row)
                 report.processed += len(summaries)
                 bar.update(len(summaries))
+                commits += 1
+                if commits % COMPACT_EVERY_COMMITS == 0:
+                    ledger.maybe_compact()
             bar.close()
             if retry:
-                delay = min(cfg.backoff_s * 2 ** (retry[0].attempt - 2), cfg.backoff_max_s)
+                attempt = int(retry[0]["attempts"]) + 1
+                delay = min(cfg.backoff_s * 2 ** (attempt - 2), cfg.backoff_max_s)
                 log.info(
                     "%s: %d transient failures; retrying in %.1fs (attempt %d/%d)",
                     stage.dirname(),
                     len(retry),
                     delay,
-                    retry[0].attempt,
+                    attempt,
                     cfg.max_attempts,
                 )
                 time.sleep(delay)
-            todo = retry
+                todo = todo.retry(retry)
+            else:
+                break
     report.seconds = time.monotonic() - t0
-    if len(ledger.parts()) > 64:
+    if len(ledger.small_parts()) >= COMPACT_AT_END_PARTS:
         ledger.compact()
     return report
 
@@ -306,26 +425,90 @@ def write_stats(stage: Stage, report: RunReport, extra: dict[str, Any] | None = 
     atomic_write_text(stage.folder / "stats.json", json.dumps(stats, indent=2, default=str) + "\n")
 
 
+# -- one `avcaps run` -------------------------------------------------------------------------------
+def _claim(folder: Path, stem: str, suffix: str) -> Path:
+    """A new file ``stem.suffix`` in ``folder`` (``stem-<pid>`` if another run took the name)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (stem, f"{stem}-{os.getpid()}"):
+        path = folder / f"{name}{suffix}"
+        try:
+            with open(path, "x"):
+                return path
+        except FileExistsError:
+            continue
+    return folder / f"{stem}-{os.getpid()}-{time.monotonic_ns()}{suffix}"
+
+
+class _RunLog:
+    """INFO and up of the ``avcaps`` logger, also to ``DIR/runs/<stamp>-<stage>.log``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handler = logging.FileHandler(path, encoding="utf-8")
+        self.handler.setLevel(logging.INFO)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def __enter__(self) -> _RunLog:
+        logger = logging.getLogger("avcaps")
+        logger.addHandler(self.handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            self._level: int | None = logger.level
+            logger.setLevel(logging.INFO)
+        else:
+            self._level = None
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        logger = logging.getLogger("avcaps")
+        if exc is not None:
+            if isinstance(exc, AbortRun):
+                logger.error("aborted: %s", exc)
+            elif isinstance(exc, KeyboardInterrupt):
+                logger.error("interrupted")
+            else:
+                logger.error("crashed: %s", _summarize_exception(exc))
+        logger.removeHandler(self.handler)
+        self.handler.close()
+        if self._level is not None:
+            logger.setLevel(self._level)
+
+
 def run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions) -> RunReport:
     """Run one stage of a run folder; the entry point of ``avcaps run``."""
     from pipeline.config import dump_config
+    from pipeline.locks import stage_lock
 
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     stage = cls(ctx)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     # Save the resolved config with each run, so every run folder says how it was made.
-    atomic_write_text(ctx.workdir / "config.yaml", dump_config(ctx.config))
-    atomic_write_text(ctx.workdir / "runs" / f"{stamp}-{cls.dirname()}.yaml", dump_config(ctx.config))
-    for folder in (stage.folder, ctx.media_dir):
-        clean_temp_files(folder)
-    if isinstance(stage, WholeStage):
-        t0 = time.monotonic()
-        summary = stage.run(options)
-        report = RunReport(cls.dirname(), message=str(summary.get("message", "done")))
-        report.seconds = time.monotonic() - t0
-        write_stats(stage, report, summary)
-        return report
-    assert isinstance(stage, ItemStage)
-    report = run_item_stage(stage, options)
-    write_stats(stage, report, stage.extra_stats(stage_ledger(stage).latest()))
+    config_text = dump_config(ctx.config)
+    atomic_write_text(ctx.workdir / "config.yaml", config_text)
+    runs = ctx.workdir / "runs"
+    log_path = _claim(runs, f"{stamp}-{cls.dirname()}", ".log")
+    atomic_write_text(log_path.with_suffix(".yaml"), config_text)
+    shard = options.shard if isinstance(stage, ItemStage) else None
+    with _RunLog(log_path):
+        log.info(
+            "%s: run in %s (pid %d%s)",
+            cls.dirname(),
+            ctx.workdir,
+            os.getpid(),
+            f", shard {shard[0]}/{shard[1]}" if shard else "",
+        )
+        with stage_lock(stage.folder, cls.dirname(), shard):
+            stage_ledger(stage).recover()
+            clean_temp_files(stage.folder, recursive=False)
+            clean_temp_files(ctx.tmp_dir, recursive=False)
+            if isinstance(stage, WholeStage):
+                t0 = time.monotonic()
+                summary = stage.run(options)
+                report = RunReport(cls.dirname(), message=str(summary.get("message", "done")))
+                report.seconds = time.monotonic() - t0
+                write_stats(stage, report, summary)
+            else:
+                assert isinstance(stage, ItemStage)
+                report = run_item_stage(stage, options)
+                write_stats(stage, report, stage.extra_stats(stage_ledger(stage).latest()))
+        log.info("%s", report.line())
     return report

@@ -36,11 +36,16 @@ class Resources:
 
 @dataclass
 class Item:
-    """One clip as a stage sees it: the clip row plus the ok outputs of every upstream stage."""
+    """One clip as a stage sees it: the clip row plus the ok outputs of every upstream stage.
+
+    ``attempt`` counts this item's tries; ``seq`` is the ledger ``seq`` of the row this attempt
+    supersedes (0: none), so the row it writes gets ``seq + 1`` (the ledger's clock-free order).
+    """
 
     clip_id: str
     data: dict[str, Any]
     attempt: int = 1
+    seq: int = 0
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -75,6 +80,12 @@ class RunContext:
     @property
     def media_dir(self) -> Path:
         return self.workdir / "media"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Where media writers put files being written (one flat folder, on the media folder's
+        filesystem, so a rename into place is atomic and cleaning up never walks the media)."""
+        return self.media_dir / ".tmp"
 
     def stage_dir(self, stage: type[Stage] | Stage) -> Path:
         return self.workdir / stage.dirname()
@@ -115,8 +126,10 @@ class Stage(ABC):
     def folder(self) -> Path:
         return self.ctx.stage_dir(self)
 
-    def output_schema(self) -> list[pa.Field]:
-        """The typed output columns this stage adds to its ledger (if it keeps one)."""
+    @classmethod
+    def output_schema(cls) -> list[pa.Field]:
+        """The typed output columns this stage adds to its ledger (if it keeps one): the one
+        source of the stage's column contract (stand-ins and tests import it, never copy it)."""
         return []
 
     def setup(self) -> None:
@@ -137,9 +150,14 @@ class ItemStage(Stage):
     def stage_config(self) -> StageConfig:
         return getattr(self.config, self.name)
 
-    def wants(self, data: dict[str, Any]) -> bool:
-        """Whether this stage applies to a clip at all (for example, only the test split)."""
-        return True
+    #: Upstream columns :meth:`select` looks at (read for every clip, so keep it short).
+    selection_columns: ClassVar[tuple[str, ...]] = ()
+
+    def select(self, table: pd.DataFrame) -> Any:
+        """Which clips this stage applies to at all (for example, only the test split): a boolean
+        mask over ``table`` (one row per clip ok upstream, columns :attr:`selection_columns`).
+        Vectorized, because it runs over every clip of the run at every start and status."""
+        return None  # every clip
 
     @abstractmethod
     def process(self, batch: list[Item]) -> list[Result]:

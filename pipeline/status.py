@@ -1,11 +1,14 @@
 """``avcaps status``: every stage at a glance, as a table or as JSON for dashboards.
 
-The JSON shape is an interface (cluster scripts read it): add keys, never rename them.
+The JSON shape is an interface (cluster scripts read it): add keys, never rename them. Status only
+reads (ledgers, ``stats.json``, the run logs' names); it reads just the columns it counts, so it
+stays fast on millions of clips, and it never takes a lock or changes a file.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun
@@ -15,45 +18,60 @@ from pipeline.stage import STATUSES, ItemStage, RunContext, Stage
 if TYPE_CHECKING:
     import pandas as pd
 
+GROUP_COLUMN = "split"  # counts are also given per value of this clip-table column, when present
 
-def _counts(ids: list[str], state: pd.DataFrame) -> dict[str, Any]:
-    import pandas as pd
 
-    current = state.reindex(pd.Index(ids, dtype="object"))
-    status = current["status"].fillna("pending") if "status" in current else pd.Series("pending", ids)
-    counts = {k: int(v) for k, v in status.value_counts().items()}
-    failed = current[status.isin(["failed_permanent", "failed_transient"]) & current["reason"].notna()]
-    reasons = {str(k): int(v) for k, v in failed["reason"].value_counts().sort_index().items() if k}
+def _counts(status: pd.Series, reason: pd.Series) -> dict[str, Any]:
+    counts = {str(k): int(v) for k, v in status.value_counts().items()}
+    failed = reason[status.isin(["failed_permanent", "failed_transient"]) & reason.notna() & (reason != "")]
+    reasons = {str(k): int(v) for k, v in failed.value_counts().sort_index().items()}
     return {**{k: counts.get(k, 0) for k in STATUSES}, "reasons": reasons}
 
 
+def _current(frame: pd.DataFrame, state: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Status (``pending`` where no row) and reason of each clip of ``frame``."""
+    current = state.reindex(frame.index)
+    return current["status"].astype(object).fillna("pending"), current["reason"].astype(object)
+
+
+def latest_log(workdir: Path, dirname: str) -> str | None:
+    """The newest ``runs/<stamp>-<stage>*.log`` of a stage, relative to the run folder."""
+    runs = workdir / "runs"
+    if not runs.is_dir():
+        return None
+    logs = sorted(runs.glob(f"*-{dirname}*.log"), key=lambda p: (p.name[:16], p.stat().st_mtime))
+    return str(logs[-1].relative_to(workdir)) if logs else None
+
+
 def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
-    from pipeline.runner import eligible_items, stage_ledger
+    from pipeline.runner import eligible_frame, stage_ledger
 
     stage = cls(ctx)
     entry: dict[str, Any] = {"stage": cls.dirname(), **dict.fromkeys(STATUSES, 0), "reasons": {}}
     stats_file = stage.folder / "stats.json"
+    ledger = stage_ledger(stage)
     if isinstance(stage, ItemStage):
-        state = stage_ledger(stage).latest()
         try:
-            eligible = eligible_items(stage, ctx)
+            eligible = eligible_frame(stage, ctx, [GROUP_COLUMN])
         except AbortRun:  # upstream has not run: nothing is eligible yet
             entry["waiting_for_upstream"] = True
             return entry
-        ids = list(eligible.index)
-        entry.update(_counts(ids, state))
-        if "split" in eligible.columns:
+        state = ledger.latest(["status", "reason"])
+        status, reason = _current(eligible, state)
+        entry.update(_counts(status, reason))
+        if GROUP_COLUMN in eligible.columns:
+            groups = eligible[GROUP_COLUMN].astype(object)
             entry["by_split"] = {
-                str(split): _counts(list(group.index), state)
-                for split, group in eligible.groupby("split", sort=True)
+                str(g): _counts(status[groups == g], reason[groups == g])
+                for g in sorted(groups.dropna().unique())
             }
     else:
-        ledger = stage_ledger(stage)
         if ledger.exists():
-            state = ledger.latest()
-            entry.update(_counts(list(state.index), state))
-            if "split" in state.columns:
-                per_split = state["split"].value_counts().sort_index()
+            names = {f.name for f in cls.output_schema()}
+            state = ledger.latest(["status", "reason", *([GROUP_COLUMN] if GROUP_COLUMN in names else [])])
+            entry.update(_counts(state["status"].astype(object), state["reason"].astype(object)))
+            if GROUP_COLUMN in state.columns:
+                per_split = state[GROUP_COLUMN].astype(object).value_counts().sort_index()
                 entry["by_split"] = {str(k): int(v) for k, v in per_split.items()}
         entry["done"] = stats_file.exists()
     if stats_file.exists():
@@ -61,6 +79,9 @@ def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
         for key in ("last_run", "summary"):
             if key in stats:
                 entry[key] = stats[key]
+    log = latest_log(ctx.workdir, cls.dirname())
+    if log:
+        entry["log"] = log
     return entry
 
 
@@ -71,6 +92,7 @@ def run_status(ctx: RunContext) -> dict[str, Any]:
 def format_table(status: dict[str, Any]) -> str:
     head = f"{'stage':<14}{'ok':>9}{'failed_perm':>13}{'failed_trans':>14}{'pending':>9}  notes"
     lines = [f"run folder: {status['workdir']}", head, "-" * len(head)]
+    logs = []
     for st in status["stages"]:
         notes = []
         if st.get("waiting_for_upstream"):
@@ -91,4 +113,8 @@ def format_table(status: dict[str, Any]) -> str:
                     f"  {split:<12}{c['ok']:>9}{c['failed_permanent']:>13}"
                     f"{c['failed_transient']:>14}{c['pending']:>9}  {why}"
                 )
+        if st.get("log"):
+            logs.append(f"  {st['stage']:<14}{st['log']}")
+    if logs:
+        lines += ["latest run logs:", *logs]
     return "\n".join(lines)

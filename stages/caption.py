@@ -414,7 +414,8 @@ class CaptionStage(ItemStage):
     def cfg(self) -> CaptionConfig:
         return self.config.caption  # type: ignore[attr-defined,no-any-return]
 
-    def output_schema(self) -> list[pa.Field]:
+    @classmethod
+    def output_schema(cls) -> list[pa.Field]:
         import pyarrow as pa
 
         return [

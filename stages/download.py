@@ -290,7 +290,8 @@ class DownloadStage(ItemStage):
     def cfg(self) -> DownloadConfig:
         return self.config.download  # type: ignore[attr-defined,no-any-return]
 
-    def output_schema(self) -> list[pa.Field]:
+    @classmethod
+    def output_schema(cls) -> list[pa.Field]:
         import pyarrow as pa
 
         return [
@@ -315,6 +316,7 @@ class DownloadStage(ItemStage):
             raise AbortRun(f"download.url_template has no {{id}}: {self.cfg.url_template!r}")
         self._polite = _Politeness(self.cfg.delay_s, self.cfg.jitter_s)
         (self.ctx.media_dir / "video").mkdir(parents=True, exist_ok=True)
+        self.ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
 
     def process(self, batch: list[Item]) -> list[Result]:
         if len(batch) == 1 or self.cfg.concurrency == 1:
@@ -385,10 +387,13 @@ class DownloadStage(ItemStage):
                 except ItemError:
                     old.unlink(missing_ok=True)  # invalid: download it again
 
+        # yt-dlp writes into the run's flat temp folder (cheap to list and to clean after a
+        # crash); the validated file is then renamed into the media folder.
         stem = temp_name(clip_id)
+        tmp_dir = self.ctx.tmp_dir
         logger = _QuietLogger()
         self._polite.wait()
-        opts = self._ydl_options(str(video_dir / f"{stem}.%(ext)s"), start, end, logger)
+        opts = self._ydl_options(str(tmp_dir / f"{stem}.%(ext)s"), start, end, logger)
         cookies = None
         try:
             if cfg.cookies_file is not None:
@@ -412,7 +417,7 @@ class DownloadStage(ItemStage):
                         probe_source(media_url, cfg.read_timeout_s)
                         err = TransientError("ffmpeg_failed", f"{err.message} (the source probes fine)")
                     raise err from exc
-            files = [p for p in video_dir.glob(f"{stem}.*") if p.suffix in (".mp4", ".mkv", ".webm")]
+            files = [p for p in tmp_dir.glob(f"{stem}.*") if p.suffix in (".mp4", ".mkv", ".webm")]
             if not files or files[0].stat().st_size == 0:
                 raise TransientError("no_file", "yt-dlp reported success but wrote no file")
             src_dur = info.get("duration")
@@ -422,7 +427,7 @@ class DownloadStage(ItemStage):
             dest = video_dir / f"{clip_id}{files[0].suffix}"
             return self._validate_and_place(files[0], dest, url, expected, src_dur)
         finally:
-            for p in video_dir.glob(f"{stem}*"):  # yt-dlp's .part/.ytdl leftovers included
+            for p in tmp_dir.glob(f"{stem}*"):  # yt-dlp's .part/.ytdl leftovers included
                 p.unlink(missing_ok=True)
             if cookies is not None:
                 cookies.unlink(missing_ok=True)
@@ -456,7 +461,7 @@ class DownloadStage(ItemStage):
                 "truncated", f"{dest.name}: {duration:.2f} s of video decoded, {expected_s:.2f} s expected"
             )
         if path != dest:
-            with atomic_path(dest) as tmp:
+            with atomic_path(dest, self.ctx.tmp_dir) as tmp:
                 os.replace(path, tmp)
         rel = dest.relative_to(self.ctx.workdir).as_posix()
         return {
@@ -476,10 +481,10 @@ class DownloadStage(ItemStage):
 
 
 def availability_report(stage: ItemStage, state: pd.DataFrame) -> dict[str, Any]:
-    from pipeline.runner import eligible_items
+    from pipeline.runner import eligible_frame
 
     try:
-        eligible = eligible_items(stage, stage.ctx)
+        eligible = eligible_frame(stage, stage.ctx, ["split"])
     except AbortRun:
         return {}
     report: dict[str, Any] = {}
@@ -487,7 +492,7 @@ def availability_report(stage: ItemStage, state: pd.DataFrame) -> dict[str, Any]
     groups = eligible.groupby(splits) if splits is not None else [("all", eligible)]
     for split, group in groups:
         cur = state.reindex(group.index)
-        status = cur["status"].fillna("pending")
+        status = cur["status"].astype(object).fillna("pending")
         n = len(group)
         ok = int((status == "ok").sum())
         perm = cur[status == "failed_permanent"]["reason"].value_counts().sort_index()

@@ -164,7 +164,8 @@ class KeyframesStage(ItemStage):
     def cfg(self) -> KeyframesConfig:
         return self.config.keyframes  # type: ignore[attr-defined,no-any-return]
 
-    def output_schema(self) -> list[pa.Field]:
+    @classmethod
+    def output_schema(cls) -> list[pa.Field]:
         import pyarrow as pa
 
         return [
@@ -232,7 +233,7 @@ class KeyframesStage(ItemStage):
             means.append(round(float(luma.mean()), 2))
             stds.append(round(float(luma.std()), 2))
             dest = frame_dir / f"{k}.jpg"
-            with atomic_path(dest) as tmp:
+            with atomic_path(dest, self.ctx.tmp_dir) as tmp:
                 img.save(tmp, "JPEG", quality=cfg.jpeg_quality)
             paths.append(dest.relative_to(workdir).as_posix())
             times.append(round(t, 4))
@@ -248,7 +249,7 @@ class KeyframesStage(ItemStage):
         out = np.zeros(want, np.float32)
         out[:have] = audio[:have]
         audio_dest = self.ctx.media_dir / "audio" / f"{item.clip_id}.{cfg.audio_format}"
-        with atomic_path(audio_dest) as tmp:
+        with atomic_path(audio_dest, self.ctx.tmp_dir) as tmp:
             sf.write(tmp, out, cfg.sample_rate, subtype="PCM_16", format=cfg.audio_format.upper())
         padded = (want - have) / cfg.sample_rate
         middle = min(range(len(times)), key=lambda i: abs(times[i] - clip_s / 2))

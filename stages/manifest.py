@@ -210,7 +210,8 @@ class ManifestStage(WholeStage):
     def cfg(self) -> ManifestConfig:
         return self.config.manifest  # type: ignore[attr-defined,no-any-return]
 
-    def output_schema(self) -> list[pa.Field]:
+    @classmethod
+    def output_schema(cls) -> list[pa.Field]:
         import pyarrow as pa
 
         return [

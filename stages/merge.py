@@ -162,7 +162,8 @@ class MergeStage(ItemStage):
         c = self.cfg
         return GateSettings(c.max_words, c.min_words, c.min_audio_overlap, c.min_visual_overlap)
 
-    def output_schema(self) -> list[pa.Field]:
+    @classmethod
+    def output_schema(cls) -> list[pa.Field]:
         import pyarrow as pa
 
         return [
@@ -175,8 +176,10 @@ class MergeStage(ItemStage):
             pa.field("merge_checks", pa.string()),
         ]
 
-    def wants(self, data: dict[str, Any]) -> bool:
-        return data.get("split") in self.cfg.splits
+    selection_columns = ("split",)
+
+    def select(self, table: pd.DataFrame) -> Any:
+        return table["split"].isin(self.cfg.splits)
 
     def setup(self) -> None:
         from stages.merge_backends import make_backend

@@ -124,7 +124,8 @@ class ReviewStage(ItemStage):
     upstream = "merge"
     description = "Push the test merges to Label Studio for human review (pull with `avcaps review pull`)."
 
-    def output_schema(self) -> list[pa.Field]:
+    @classmethod
+    def output_schema(cls) -> list[pa.Field]:
         import pyarrow as pa
 
         return [pa.field("ls_task_id", pa.int64()), pa.field("ls_project_id", pa.int64())]
@@ -133,8 +134,10 @@ class ReviewStage(ItemStage):
     def cfg(self) -> ReviewConfig:
         return review_config(self.config)
 
-    def wants(self, data: dict[str, Any]) -> bool:
-        return data.get("split") in self.cfg.splits
+    selection_columns = ("split",)
+
+    def select(self, table: pd.DataFrame) -> Any:
+        return table["split"].isin(self.cfg.splits)
 
     # -- setup: one project per run folder, storage attached, existing tasks listed --------------
     def setup(self) -> None:

@@ -44,7 +44,8 @@ class ContractMergeStage(ItemStage):
     name = "merge"
     upstream = "manifest"
 
-    def output_schema(self) -> list[pa.Field]:
+    @classmethod
+    def output_schema(cls) -> list[pa.Field]:
         import pyarrow as pa
 
         return [
@@ -118,9 +119,9 @@ def write_contract_run(workdir: Path, clips: list[dict[str, Any]], share_media: 
                 "merge_model": "stand-in",
             }
         )
-    schema = ManifestStage.output_schema(None)  # type: ignore[arg-type]
+    schema = ManifestStage.output_schema()
     Ledger(workdir / "00-manifest" / "ledger", schema).commit(manifest_rows)
-    Ledger(workdir / "04-merge" / "ledger", ContractMergeStage.output_schema(None)).commit(merge_rows)  # type: ignore[arg-type]
+    Ledger(workdir / "04-merge" / "ledger", ContractMergeStage.output_schema()).commit(merge_rows)
 
 
 def make_clips(n: int, tag: str = "a") -> list[dict[str, Any]]:

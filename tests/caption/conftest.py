@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.ledger import Ledger
 from pipeline.stage import Item, RunContext
 from stages.caption import CaptionStage
 from stages.config import RunConfig
@@ -107,40 +105,99 @@ def stage_factory(tiny_blip2: Path) -> Iterator[Any]:
         st.teardown()
 
 
-def write_upstream_ledgers(workdir: Path, items: list[Item]) -> None:
-    """Ledgers of stages 0-2 to the column contract, for runner-level tests before stage 2 lands."""
-    import pyarrow as pa
+# Clips that a real run has failed upstream: they must never reach the caption stage.
+FAILED_DOWNLOAD = "dlfail00000_0_10000"
+FAILED_KEYFRAMES = "kffail00000_0_10000"
 
-    base = {"status": "ok", "reason": "", "message": "", "attempts": 1}
-    manifest = Ledger(
-        workdir / "00-manifest" / "ledger",
+
+def write_upstream_ledgers(workdir: Path, items: list[Item]) -> None:
+    """Ledgers of stages 0-2 as a real run leaves them, for runner-level tests.
+
+    Written with each stage's own output schema (imported, never copied) and the real ledger, they
+    hold what a real run holds beside ``items``: a clip that failed the download for good, one
+    whose keyframes failed (its integer ``middle_frame`` is null, which once turned the column
+    into floats for every clip), and a download that failed transiently before it succeeded.
+    """
+    from pipeline.runner import stage_ledger
+    from stages.download import DownloadStage
+    from stages.keyframes import KeyframesStage
+    from stages.manifest import ManifestStage
+
+    ok = {"status": "ok", "reason": "", "message": "", "attempts": 1}
+    extra = [FAILED_DOWNLOAD, FAILED_KEYFRAMES]
+    ids = [it.clip_id for it in items] + extra
+    stage_ledger(ManifestStage, workdir).commit(
         [
-            pa.field("youtube_id", pa.string()),
-            pa.field("start_s", pa.int32()),
-            pa.field("split", pa.string()),
-        ],
-    )
-    manifest.commit(
-        [
-            {"clip_id": it.clip_id, **base, "youtube_id": it.clip_id[:11], "start_s": 0, "split": "test"}
-            for it in items
+            {
+                "clip_id": cid,
+                **ok,
+                "youtube_id": cid[:11],
+                "start_s": 0,
+                "end_s": 10,
+                "split": "test",
+                "audio_captions": ["a dog barks"],
+                "audiocap_ids": [i + 1],
+            }
+            for i, cid in enumerate(ids)
         ]
     )
-    download = Ledger(workdir / "01-download" / "ledger", [pa.field("video_path", pa.string())])
+    download = stage_ledger(DownloadStage, workdir)
+    first = items[0].clip_id
     download.commit(
-        [{"clip_id": it.clip_id, **base, "video_path": f"media/video/{it.clip_id}.mp4"} for it in items]
+        [
+            {
+                "clip_id": first,
+                "status": "failed_transient",
+                "reason": "http_429",
+                "message": "slow down",
+                "attempts": 1,
+                "seq": 1,
+            },
+            {
+                "clip_id": FAILED_DOWNLOAD,
+                "status": "failed_permanent",
+                "reason": "http_404",
+                "message": "HTTP Error 404: Not Found",
+                "attempts": 1,
+                "seq": 1,
+            },
+        ]
     )
-    keyframes = Ledger(
-        workdir / "02-keyframes" / "ledger",
-        [pa.field("frame_paths", pa.list_(pa.string())), pa.field("middle_frame", pa.int32())],
+    download.commit(
+        [
+            {
+                "clip_id": cid,
+                **ok,
+                "attempts": 2 if cid == first else 1,
+                "seq": 2 if cid == first else 1,
+                "video_path": f"media/video/{cid}.mp4",
+                "video_width": 320,
+                "video_height": 240,
+            }
+            for cid in [it.clip_id for it in items] + [FAILED_KEYFRAMES]
+        ]
+    )
+    keyframes = stage_ledger(KeyframesStage, workdir)
+    keyframes.commit(
+        [
+            {
+                "clip_id": FAILED_KEYFRAMES,
+                "status": "failed_permanent",
+                "reason": "corrupt_video",
+                "message": "cannot decode media/video/kffail00000_0_10000.mp4",
+                "attempts": 1,
+            }
+        ]
     )
     keyframes.commit(
         [
             {
                 "clip_id": it.clip_id,
-                **base,
+                **ok,
                 "frame_paths": it["frame_paths"],
                 "middle_frame": it["middle_frame"],
+                "audio_path": f"media/audio/{it.clip_id}.flac",
+                "audio_samples": 160000,
             }
             for it in items
         ]
@@ -149,14 +206,13 @@ def write_upstream_ledgers(workdir: Path, items: list[Item]) -> None:
 
 @pytest.fixture
 def upstream_app(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Point the engine at :mod:`upstream_app` in this process; returns the env for subprocesses."""
-    monkeypatch.setenv("AVCAPS_APP", "upstream_app")
-    monkeypatch.syspath_prepend(str(HERE))
-    sys.modules.pop("upstream_app", None)
+    """The real application (``stages``) for this test; returns the env for subprocesses."""
     import os
 
+    monkeypatch.delenv("AVCAPS_APP", raising=False)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parents[1]), env.get("PYTHONPATH", "")])
+    env.pop("AVCAPS_APP", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")])
     return env
 
 

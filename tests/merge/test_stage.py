@@ -107,10 +107,12 @@ def test_bad_input_fails_only_that_clip(tmp_path: Path, tiny_chat_model: Path) -
     assert good.outputs["merge_raw"]
 
 
-def test_wants_only_configured_splits(tmp_path: Path) -> None:
-    stage = stage_for(tmp_path, [])
-    assert stage.wants({"split": "test"}) and not stage.wants({"split": "train"})
-    assert stage_for(tmp_path, ["merge.splits=[train, test]"]).wants({"split": "train"})
+def test_selects_only_configured_splits(tmp_path: Path) -> None:
+    import pandas as pd
+
+    table = pd.DataFrame({"split": ["test", "train", "val"]})
+    assert stage_for(tmp_path, []).select(table).tolist() == [True, False, False]
+    assert stage_for(tmp_path, ["merge.splits=[train, test]"]).select(table).tolist() == [True, True, False]
 
 
 def _free_port() -> int:

@@ -49,6 +49,12 @@ def test_replace_all_recovers_from_a_crash_between_renames(tmp_path: Path) -> No
     new = Ledger(tmp_path / "ledger.new")
     new.commit([{"clip_id": "new", "status": "ok", "attempts": 1}])
     folder.rename(tmp_path / "ledger.old")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    # A reader sees the complete new table and changes nothing ...
+    assert list(Ledger(folder).latest().index) == ["new"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    # ... the next writer finishes the swap.
+    Ledger(folder).recover()
     assert list(Ledger(folder).latest().index) == ["new"]
     assert not (tmp_path / "ledger.old").exists() and not (tmp_path / "ledger.new").exists()
 

@@ -46,12 +46,15 @@ class ToyStage(ItemStage):
     name = "toy"
     upstream = "manifest"
 
-    def output_schema(self) -> list[pa.Field]:
+    @classmethod
+    def output_schema(cls) -> list[pa.Field]:
         return [pa.field("toy_out", pa.string()), pa.field("toy_file", pa.string())]
 
-    def wants(self, data: dict[str, Any]) -> bool:
+    selection_columns = ("split",)
+
+    def select(self, table: Any) -> Any:
         only = self.stage_config.only_split  # type: ignore[attr-defined]
-        return only is None or data["split"] == only
+        return None if only is None else table["split"] == only
 
     def setup(self) -> None:
         cfg = self.stage_config

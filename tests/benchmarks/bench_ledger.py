@@ -1,0 +1,194 @@
+"""Benchmark: the engine and its ledger at AudioSet scale, on the toy stage (no media, no model).
+
+What it measures, each as the real CLI in a fresh process (wall seconds and peak RSS from
+``/usr/bin/time``), on a generated AudioCaps-style CSV of ``BENCH_LEDGER_ITEMS`` clips (default
+2,000,000):
+
+1. ``avcaps run 0``: the clip table;
+2. a toy-stage run stopped after ``BENCH_LEDGER_STOP_S`` seconds (default 120) at batch size 8,
+   which leaves the ledger a real interrupted run leaves (then its engine overhead per item);
+3. ``avcaps status --json`` on that run folder;
+4. the resumed run with ``--limit 8``: its time to the first (and only) batch, stats included;
+5. ``BENCH_LEDGER_SHARDS`` (default 16) processes ``--shard i/16`` at once on a
+   ``BENCH_LEDGER_SHARD_ITEMS``-item (default 200,000) table: wall time, and exactly one ok row
+   per item in the end.
+
+``BENCH_LEDGER_REPO=/path/to/checkout`` runs the same steps with another checkout's code (the
+"before" column of BENCHMARKS.md comes from the commit before the ledger rewrite). Record the
+printed table in BENCHMARKS.md with the date, the machine and the command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = Path(os.environ.get("BENCH_LEDGER_REPO", HERE.parents[1])).resolve()
+TOY = REPO / "tests" / "pipeline"
+ITEMS = int(os.environ.get("BENCH_LEDGER_ITEMS", "2000000"))
+STOP_S = float(os.environ.get("BENCH_LEDGER_STOP_S", "120"))
+SHARDS = int(os.environ.get("BENCH_LEDGER_SHARDS", "16"))
+SHARD_ITEMS = int(os.environ.get("BENCH_LEDGER_SHARD_ITEMS", "200000"))
+
+
+def write_csv(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ("a dog barks", "rain falls on a roof", "a man speaks", "an engine idles", "birds chirp")
+    with open(folder / "train.csv", "w") as fh:
+        fh.write("audiocap_id,youtube_id,start_time,caption\n")
+        for i in range(n):
+            fh.write(f"{i + 1},{i:011d},{i % 590},{words[i % 5]} while {words[(i // 5) % 5]}\n")
+    return folder
+
+
+def write_config(path: Path, workdir: Path, csv_dir: Path) -> Path:
+    path.write_text(
+        f"workdir: {workdir}\nmanifest:\n  csv_dir: {csv_dir}\n  splits: {{train: train.csv}}\n"
+        "  checksums: null\ntoy:\n  batch_size: 8\n"
+    )
+    return path
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["AVCAPS_APP"] = "toyapp"
+    e["PYTHONPATH"] = os.pathsep.join([str(TOY), str(REPO)])
+    return e
+
+
+def timed(args: list[str], timeout: float | None = None) -> dict[str, float | str | int]:
+    """Run ``avcaps ARGS`` under /usr/bin/time; wall seconds, peak RSS (GB), exit code, output."""
+    cmd = ["/usr/bin/time", "-f", "TIME %e %M", sys.executable, "-m", "pipeline.cli", *args]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)  # what a user's Ctrl-C does
+        out, err = proc.communicate()
+    wall = time.monotonic() - t0
+    m = re.search(r"TIME ([\d.]+) (\d+)", err)
+    return {
+        "wall_s": round(wall, 1),
+        "rss_gb": round(int(m.group(2)) / 1e6, 2) if m else float("nan"),
+        "rc": proc.returncode,
+        "out": out[-400:] + err[-800:],
+    }
+
+
+def ledger_rows(workdir: Path, dirname: str) -> tuple[int, int]:
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(workdir / dirname / "ledger", format="parquet").to_table(columns=["clip_id", "status"])
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    return ok.num_rows, pc.count_distinct(ok["clip_id"]).as_py()
+
+
+def parts(workdir: Path, dirname: str) -> int:
+    return len(list((workdir / dirname / "ledger").glob("part-*.parquet")))
+
+
+def scale(tmp: Path) -> list[tuple[str, str]]:
+    csv_dir = write_csv(tmp / "csv", ITEMS)
+    cfg = write_config(tmp / "toy.yaml", tmp / "run", csv_dir)
+    rows: list[tuple[str, str]] = []
+    s0 = timed(["run", "0", "--config", str(cfg), "--no-progress"])
+    assert s0["rc"] == 0, s0["out"]
+    rows.append((f"stage 0, {ITEMS:,} clips", f"{s0['wall_s']} s, {s0['rss_gb']} GB"))
+    run = timed(["run", "toy", "--config", str(cfg), "--no-progress"], timeout=STOP_S)
+    done = ledger_rows(tmp / "run", "01-toy")[0]
+    per_item = STOP_S / done * 1000 if done else float("nan")
+    rows.append(
+        (
+            f"toy stage, batch 8, stopped after {STOP_S:.0f} s",
+            f"{done:,} items done ({per_item:.2f} ms/item all in), "
+            f"{parts(tmp / 'run', '01-toy'):,} part files, {run['rss_gb']} GB",
+        )
+    )
+    st = timed(["status", "--config", str(cfg), "--json"])
+    assert st["rc"] == 0, st["out"]
+    rows.append(("avcaps status --json", f"{st['wall_s']} s, {st['rss_gb']} GB"))
+    res = timed(["run", "toy", "--config", str(cfg), "--no-progress", "--limit", "8"])
+    assert res["rc"] == 0, res["out"]
+    rows.append(
+        ("resumed run --limit 8 (first batch, stats included)", f"{res['wall_s']} s, {res['rss_gb']} GB")
+    )
+    return rows
+
+
+def concurrency(tmp: Path) -> list[tuple[str, str]]:
+    csv_dir = write_csv(tmp / "csv-shards", SHARD_ITEMS)
+    cfg = write_config(tmp / "shards.yaml", tmp / "run-shards", csv_dir)
+    assert timed(["run", "0", "--config", str(cfg), "--no-progress"])["rc"] == 0
+    t0 = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli",
+                "run",
+                "toy",
+                "--config",
+                str(cfg),
+                "--no-progress",
+                "--shard",
+                f"{i}/{SHARDS}",
+            ],
+            cwd=REPO,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(SHARDS)
+    ]
+    codes = [p.wait() for p in procs]
+    wall = time.monotonic() - t0
+    ok_rows, ok_items = ledger_rows(tmp / "run-shards", "01-toy")
+    status = timed(["status", "--config", str(cfg), "--json"])
+    counts = (
+        json.loads(status["out"][status["out"].index("{") :])
+        if status["rc"] == 0 and "{" in status["out"]
+        else {}
+    )
+    return [
+        (
+            f"{SHARDS} shard processes at once, {SHARD_ITEMS:,} items",
+            f"{wall:.1f} s, exit codes {sorted(set(codes))}, ok rows {ok_rows:,} for {ok_items:,} items, "
+            f"{parts(tmp / 'run-shards', '01-toy')} part files after",
+        ),
+        (
+            "  status afterwards",
+            f"{status['wall_s']} s" + (f", pending {counts['stages'][1]['pending']}" if counts else ""),
+        ),
+    ]
+
+
+def test_ledger_scale(tmp_path: Path) -> None:
+    rows = [("code", str(REPO)), *scale(tmp_path), *concurrency(tmp_path)]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        test_ledger_scale(Path(d))
