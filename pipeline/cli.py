@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,10 @@ def main(verbose: bool) -> None:
     )
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @main.command()
 @click.argument("stage")
 @config_options
@@ -152,6 +157,9 @@ def run(
 
     if sample is not None:
         overrides = (*overrides, f"manifest.sample_per_split={sample}")
+    # A scheduler's SIGTERM (Slurm at the time limit, `kill`) ends the run like Ctrl-C: the batch in
+    # flight is lost, committed batches stay, and the run log says it was interrupted.
+    signal.signal(signal.SIGTERM, _interrupt)
     ctx = load_context(config_path, workdir, overrides)
     cls = find_stage(stage)
     options = RunOptions(

@@ -34,6 +34,13 @@ class StageConfig(StrictModel):
     max_attempts: int = Field(3, gt=0, description="Attempts for an item failing transiently.")
     backoff_s: float = Field(2.0, ge=0, description="First retry delay; doubles per attempt.")
     backoff_max_s: float = Field(300.0, ge=0, description="Cap on the retry delay.")
+    commit_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="Least seconds between two ledger commits of one process: results of faster batches "
+        "wait in memory (a kill loses at most this much finished work, or the batch in flight); 0 commits "
+        "every batch.",
+    )
 
 
 M = TypeVar("M", bound=BaseModel)

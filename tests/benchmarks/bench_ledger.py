@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = Path(os.environ.get("BENCH_LEDGER_REPO", HERE.parents[1])).resolve()
@@ -36,6 +37,7 @@ ITEMS = int(os.environ.get("BENCH_LEDGER_ITEMS", "2000000"))
 STOP_S = float(os.environ.get("BENCH_LEDGER_STOP_S", "120"))
 SHARDS = int(os.environ.get("BENCH_LEDGER_SHARDS", "16"))
 SHARD_ITEMS = int(os.environ.get("BENCH_LEDGER_SHARD_ITEMS", "200000"))
+OVERHEAD_ITEMS = int(os.environ.get("BENCH_LEDGER_OVERHEAD_ITEMS", "20000"))
 
 
 def write_csv(folder: Path, n: int) -> Path:
@@ -49,9 +51,11 @@ def write_csv(folder: Path, n: int) -> Path:
 
 
 def write_config(path: Path, workdir: Path, csv_dir: Path) -> Path:
+    # The toy stage does no work of its own (`write_file: false`) where the code has that switch.
+    quiet = "  write_file: false\n" if "write_file" in (TOY / "toyapp.py").read_text() else ""
     path.write_text(
         f"workdir: {workdir}\nmanifest:\n  csv_dir: {csv_dir}\n  splits: {{train: train.csv}}\n"
-        "  checksums: null\ntoy:\n  batch_size: 8\n"
+        f"  checksums: null\ntoy:\n  batch_size: 8\n{quiet}"
     )
     return path
 
@@ -63,7 +67,7 @@ def env() -> dict[str, str]:
     return e
 
 
-def timed(args: list[str], timeout: float | None = None) -> dict[str, float | str | int]:
+def timed(args: list[str], timeout: float | None = None) -> dict[str, Any]:
     """Run ``avcaps ARGS`` under /usr/bin/time; wall seconds, peak RSS (GB), exit code, output."""
     cmd = ["/usr/bin/time", "-f", "TIME %e %M", sys.executable, "-m", "pipeline.cli", *args]
     t0 = time.monotonic()
@@ -87,6 +91,7 @@ def timed(args: list[str], timeout: float | None = None) -> dict[str, float | st
         "wall_s": round(wall, 1),
         "rss_gb": round(int(m.group(2)) / 1e6, 2) if m else float("nan"),
         "rc": proc.returncode,
+        "stdout": out,
         "out": out[-400:] + err[-800:],
     }
 
@@ -129,6 +134,13 @@ def scale(tmp: Path) -> list[tuple[str, str]]:
     rows.append(
         ("resumed run --limit 8 (first batch, stats included)", f"{res['wall_s']} s, {res['rss_gb']} GB")
     )
+    # Engine cost per item: a run of OVERHEAD_ITEMS items, timed by the runner itself (its loop
+    # only: no start-up, no stats), on a toy stage that does no work of its own.
+    ovh = timed(["run", "toy", "--config", str(cfg), "--no-progress", "--limit", str(OVERHEAD_ITEMS)])
+    assert ovh["rc"] == 0, ovh["out"]
+    last = json.loads((tmp / "run" / "01-toy" / "stats.json").read_text())["last_run"]
+    ms = last["seconds"] / last["processed"] * 1000
+    rows.append((f"engine overhead, batch 8, {OVERHEAD_ITEMS:,} items", f"{ms:.3f} ms/item (runner loop)"))
     return rows
 
 
@@ -153,21 +165,18 @@ def concurrency(tmp: Path) -> list[tuple[str, str]]:
             ],
             cwd=REPO,
             env=env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / f"shard-{i}.err", "w"),  # noqa: SIM115 (closed with the process)
         )
         for i in range(SHARDS)
     ]
     codes = [p.wait() for p in procs]
+    for i, rc in enumerate(codes):
+        assert rc == 0, (tmp / f"shard-{i}.err").read_text()[-2000:]
     wall = time.monotonic() - t0
     ok_rows, ok_items = ledger_rows(tmp / "run-shards", "01-toy")
     status = timed(["status", "--config", str(cfg), "--json"])
-    counts = (
-        json.loads(status["out"][status["out"].index("{") :])
-        if status["rc"] == 0 and "{" in status["out"]
-        else {}
-    )
+    counts = json.loads(status["stdout"]) if status["rc"] == 0 else {}
     return [
         (
             f"{SHARDS} shard processes at once, {SHARD_ITEMS:,} items",

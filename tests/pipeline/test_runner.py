@@ -203,6 +203,8 @@ def test_sigkill_mid_stage_then_resume(run: dict) -> None:
         str(run["cfg"]),
         "--set",
         "toy.sleep_s=0.1",
+        "--set",
+        "toy.commit_interval_s=0",  # commit every batch: a kill then loses the batch in flight only
         "--no-progress",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -215,7 +217,7 @@ def test_sigkill_mid_stage_then_resume(run: dict) -> None:
     partial = latest(run) if (run["workdir"] / "01-toy" / "ledger").exists() else pd.DataFrame()
     assert 0 < killed_at < N + 4, "the kill must land mid-stage"
     assert len(partial) < N + 4
-    subprocess.run([*cmd[:-3], "--no-progress"], env=env, check=True, capture_output=True)
+    subprocess.run([*cmd[:-5], "--no-progress"], env=env, check=True, capture_output=True)
     hist = history(run)
     assert hist["clip_id"].is_unique, "an item was committed twice"
     assert len(hist) == N + 4 and (hist["status"] == "ok").all()

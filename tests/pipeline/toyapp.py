@@ -33,6 +33,7 @@ class ToySection(StageConfig):
     work_log: Path | None = None
     sleep_s: float = 0.0
     only_split: str | None = None
+    write_file: bool = Field(True, description="Write a media file per ok item (off: pure engine cost).")
 
 
 class ToyConfig(StrictModel):
@@ -89,10 +90,9 @@ class ToyStage(ItemStage):
         return out
 
     def _ok(self, it: Item) -> Result:
-        path = self.ctx.media_dir / "toy" / f"{it.clip_id}.txt"
-        atomic_write_text(path, it.data["audio_captions"][0])
-        return Result.ok(
-            it.clip_id,
-            toy_out=f"{it.data['split']}:{it.attempt}",
-            toy_file=str(path.relative_to(self.ctx.workdir)),
-        )
+        rel = None
+        if self.stage_config.write_file:  # type: ignore[attr-defined]
+            path = self.ctx.media_dir / "toy" / f"{it.clip_id}.txt"
+            atomic_write_text(path, it.data["audio_captions"][0], self.ctx.tmp_dir)
+            rel = str(path.relative_to(self.ctx.workdir))
+        return Result.ok(it.clip_id, toy_out=f"{it.data['split']}:{it.attempt}", toy_file=rel)
