@@ -4,17 +4,21 @@ YouTube's own pages cannot be served here, so the download stage runs for real (
 extractor, ffmpeg) against files served on 127.0.0.1. The clips are made with ffmpeg:
 
 - the picture is a flat gray whose level changes every second of *source* time
-  (:func:`level_for_second`), so a test can tell from a decoded frame which second it came from;
-- the audio is a 440 Hz tone (or none, for the clip without audio).
+  (:func:`level_for_second`), so a test can tell from a decoded frame which second it came from
+  (or black throughout, for the black-frame flag);
+- the audio is a 440 Hz tone (or digital silence, or none, for the clip without audio).
 
 The server (:class:`MediaServer`) serves a folder with HTTP Range support (ffmpeg seeks in mp4
 files with ranges) and a fault mode per file: an HTTP status, a stall mid-transfer, garbage bytes,
-a truncated file, each optionally clearing after the first k requests.
+a truncated file, each optionally clearing after the first k requests; or ``private``, YouTube's
+refusal of a private video: a redirect to a watch page whose player response says so, which the
+yt-dlp plugin in :data:`YTDLP_PLUGINS` reads as yt-dlp's YouTube extractor would.
 """
 
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import random
 import re
@@ -36,7 +40,23 @@ PROFILES: dict[str, tuple[list[str], list[str], str]] = {
     "vp9": (["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8"], ["-c:a", "libopus"], "webm"),
 }
 
-FAULTS = ("404", "410", "429", "500", "503", "stall", "garbage", "truncated")
+FAULTS = ("404", "410", "429", "500", "503", "stall", "garbage", "truncated", "private")
+
+# YouTube's answer for a private video, as the player response of its watch page carries it.
+PRIVATE_PLAYABILITY = {
+    "status": "LOGIN_REQUIRED",
+    "reason": "Private video",
+    "errorScreen": {
+        "playerErrorMessageRenderer": {
+            "reason": {"simpleText": "Private video"},
+            "subreason": {"simpleText": "Sign in if you've been granted access to this video"},
+        }
+    },
+}
+# The folder to put on the PYTHONPATH of a process running stage 1 so that yt-dlp loads the
+# stand-in for its YouTube extractor (``yt_dlp_plugins/extractor/avcaps_watch_page.py``), which
+# reads the watch pages of the ``private`` fault. Never on the path in production.
+YTDLP_PLUGINS = Path(__file__).parent / "ytdlp"
 
 
 def level_for_second(second: int) -> int:
@@ -51,11 +71,18 @@ def second_for_level(level: float) -> int | None:
 
 
 def _encode(
-    dest: Path, duration_s: float, profile: str, audio: bool, size: str, fps: int, tone_hz: float
+    dest: Path,
+    duration_s: float,
+    profile: str,
+    audio: bool,
+    size: str,
+    fps: int,
+    tone_hz: float,
+    black: bool = False,
 ) -> None:
     vcodec, acodec, _ = PROFILES[profile]
     # geq computes the gray level from the frame time T; 12 levels repeat every 12 s.
-    level = "15+20*mod(floor(T+0.0001),12)"
+    level = "0" if black else "15+20*mod(floor(T+0.0001),12)"
     video = f"color=c=black:s={size}:r={fps}:d={duration_s},format=gray,geq=lum='{level}',format=yuv420p"
     cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", video]
     if audio:
@@ -78,8 +105,10 @@ def make_clip(
     size: str = "96x64",
     fps: int = 10,
     tone_hz: float = 440.0,
+    black: bool = False,
 ) -> Path:
-    """Write a test clip of ``duration_s`` seconds to ``dest`` (extension from ``profile``).
+    """Write a test clip of ``duration_s`` seconds to ``dest`` (extension from ``profile``);
+    ``black``: a black picture throughout, ``tone_hz=0``: digital silence.
 
     Clips over a minute (AudioCaps starts go up to 590 s) are a 12-s encoded period (the gray
     levels repeat every 12 s) looped by stream copy, which takes a fraction of the time; the loop
@@ -90,13 +119,13 @@ def make_clip(
     dest = dest.with_suffix(f".{ext}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     if duration_s <= 60:
-        _encode(dest, duration_s, profile, audio, size, fps, tone_hz)
+        _encode(dest, duration_s, profile, audio, size, fps, tone_hz, black)
         return dest
-    base = dest.parent / f".base-{profile}-{int(audio)}-{size}-{fps}-{tone_hz:g}.{ext}"
+    base = dest.parent / f".base-{profile}-{int(audio)}-{size}-{fps}-{tone_hz:g}-{int(black)}.{ext}"
     with _BASE_LOCK:
         if not base.exists():
             tmp = base.with_name(f".tmp-{os.getpid()}-{base.name}")
-            _encode(tmp, 12, profile, audio, size, fps, tone_hz)
+            _encode(tmp, 12, profile, audio, size, fps, tone_hz, black)
             os.replace(tmp, base)
     cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(base)]
     cmd += ["-c", "copy", "-t", str(duration_s)]
@@ -142,9 +171,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
+    def _send(self, code: int, headers: dict[str, str], payload: bytes, body: bool) -> None:
+        self.send_response(code)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+
+    def _send_watch_page(self, body: bool) -> None:
+        """A watch page refusing the video as YouTube's does: the reason is in its player response."""
+        player = json.dumps({"playabilityStatus": PRIVATE_PLAYABILITY})
+        page = f"<html><body><script>var ytInitialPlayerResponse = {player};</script></body></html>"
+        self._send(200, {"Content-Type": "text/html; charset=utf-8"}, page.encode(), body)
+
     def _serve(self, body: bool) -> None:
         srv = self.server.media
         name = self.path.split("?", 1)[0].lstrip("/")
+        if name == "watch":  # only the redirect of the `private` fault leads here
+            self._send_watch_page(body)
+            return
         with srv.lock:
             srv.hits[name] = srv.hits.get(name, 0) + 1
             if self.headers.get("Cookie"):
@@ -157,6 +204,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = srv.root / name
         if mode is not None and mode.isdigit():
             self._send_status(int(mode))
+            return
+        if mode == "private":
+            video_id = name.rsplit(".", 1)[0]
+            self._send(302, {"Location": f"/watch?v={video_id}"}, b"", body)
             return
         if not path.is_file() or "/" in name:
             self._send_status(404)
