@@ -71,7 +71,9 @@ def upstream_ok(cls: type[Stage], ctx: RunContext, columns: list[str] | None = N
     table: pa.Table | None = None
     for anc_cls in ancestors(cls):
         ledger = stage_ledger(anc_cls, ctx.workdir)
-        if not ledger.exists():
+        # A stage that ran with nothing to do (no eligible clip) commits no row but writes its
+        # stats: it has run, and passes on no clip.
+        if not ledger.exists() and not (ctx.workdir / anc_cls.dirname() / "stats.json").exists():
             raise AbortRun(
                 f"stage {anc_cls.dirname()} has not run yet in {ctx.workdir}: "
                 f"run `avcaps run {anc_cls.number}` first"

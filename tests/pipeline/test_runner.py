@@ -225,3 +225,24 @@ def test_sigkill_mid_stage_then_resume(run: dict) -> None:
     assert len(work(run)) <= N + 4 + 4
     leftovers = list(run["workdir"].rglob(".tmp-*"))
     assert leftovers == [], leftovers
+
+
+def test_a_stage_with_nothing_eligible_counts_as_run_for_the_next(tmp_path: Path, toyapp: None) -> None:
+    """A run whose clips all fail upstream (or have no split a stage applies to) leaves a stage with
+    no row at all; the stage after it must see zero clips, not "has not run yet"."""
+    from pipeline.runner import upstream_ok
+
+    csv_dir = write_csvs(tmp_path / "csv", {"train": [(1, "r0000000000", 0, "a train caption")]})
+    cfg = write_config(
+        tmp_path / "toy.yaml", tmp_path / "run", csv_dir, ["train"], "toy:\n  only_split: test\n"
+    )
+    info = {"cfg": cfg, "workdir": tmp_path / "run"}
+    run_stage(find_stage("manifest"), ctx(info), RunOptions(progress=False))
+    report = toy(info)
+    assert report.selected == 0 and "nothing to do" in report.message
+    assert not (tmp_path / "run" / "01-toy" / "ledger").exists()
+
+    class After(find_stage("toy")):  # type: ignore[misc,valid-type]
+        number, name, upstream = 2, "after", "toy"
+
+    assert upstream_ok(After, ctx(info)).num_rows == 0
