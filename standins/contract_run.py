@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import Stage
-from stages.caption import CaptionStage
 from stages.download import DownloadStage
 from stages.keyframes import KeyframesStage
 from stages.merge import MergeStage
 from stages.review import ReviewStage
-from standins.run_history import Failure, clip_history, commit_histories
+from standins.run_history import UPSTREAM, Failure, clip_histories, commit_histories, ok_outputs
 
 FULL = Path("manifests/audiocaps.yaml")
 # Visual captions cycled over the clips: plain, an acronym start, an empty one, a proper noun.
@@ -38,7 +37,6 @@ VISUAL_CAPTIONS = (
     "Paris street at night with cars",
     "a group of people standing in a room",
 )
-UPSTREAM: tuple[type[Stage], ...] = (DownloadStage, KeyframesStage, CaptionStage, MergeStage)
 # The j-th clip of each split failed a first try in this stage, then succeeded (if it does not
 # fail for good there): every run has a retried clip in every stage it has enough clips for.
 RETRY_CYCLE: tuple[type[Stage] | None, ...] = (None, *UPSTREAM)
@@ -102,72 +100,24 @@ def _write_media(workdir: Path, cid: str, i: int) -> None:
     """The keyframes and audio stage 2 writes for a clip it extracts."""
     from pipeline.io import atomic_path
 
-    for rel, data in [(f"media/frames/{cid}/{k}.jpg", _jpeg(i + k)) for k in range(3)] + [
-        (f"media/audio/{cid}.wav", _wav(i))
-    ]:
+    files = {f"media/frames/{cid}/{k}.jpg": _jpeg(i + k) for k in range(3)}
+    files[f"media/audio/{cid}.wav"] = _wav(i)
+    for rel, data in files.items():
         with atomic_path(workdir / rel) as tmp:
             tmp.write_bytes(data)
 
 
 def _outputs(cid: str, clip: dict[str, Any], i: int) -> dict[type[Stage], dict[str, Any]]:
-    """The ok outputs of stages 1-4 for one clip: every column of each stage's schema."""
-    frames = [f"media/frames/{cid}/{k}.jpg" for k in range(3)]
-    audio = f"media/audio/{cid}.wav"
     visual = VISUAL_CAPTIONS[i % len(VISUAL_CAPTIONS)]
-    merged = [f"{a} while {visual or 'nothing is seen'}" for a in clip["audio_captions"]]
-    return {
-        DownloadStage: {
-            "video_path": f"media/video/{cid}.mp4",
-            "video_duration_s": 10.0,
-            "audio_duration_s": 10.0,
-            "source_duration_s": 30.0,
-            "video_width": 640,
-            "video_height": 360,
-            "file_bytes": 412_345,
-            "source_url": f"https://www.youtube.com/watch?v={clip['youtube_id']}",
-        },
-        KeyframesStage: {
-            "frame_paths": frames,
-            "frame_times_s": [(k + 0.5) * 10 / 3 for k in range(3)],
-            "middle_frame": 1,
-            "audio_path": audio,
-            "audio_samples": 160_000,
-            "audio_sample_rate": 16_000,
-            "audio_padded_s": 0.0,
-            "audio_dbfs": -20.0,
-            "frame_luma_mean": [90.0, 100.0, 110.0],
-            "frame_luma_std": [30.0, 31.0, 32.0],
-            "flag_black_frame": False,
-            "flag_flat_frame": False,
-            "flag_silent": i % 5 == 0,
-            "flag_padded": False,
-        },
-        CaptionStage: {
-            "visual_caption": visual,
-            "frame_captions": [visual] * 3,
-            "caption_model": "standin/tiny-blip2",
-            "caption_revision": "r0",
-            "caption_dtype": "float32",
-            "caption_settings_hash": "abc123",
-            "caption_versions": '{"transformers": "5.2x"}',
-            "caption_gen_batch": 64,
-        },
-        MergeStage: {
-            "merged_captions": merged,
-            "merge_mode": "per_caption",
-            "merge_raw": merged,
-            "merge_prompt_hash": "p0h4sh",
-            "merge_backend": "transformers",
-            "merge_model": "standin/tiny-gpt-oss",
-            "merge_checks": "{}",
-        },
-    }
-
-
-def _failed_merge_outputs(ok: dict[str, Any]) -> dict[str, Any]:
-    """What a failed merge row still carries (the stage records its raw answers and checks)."""
-    n = len(ok["merged_captions"])
-    return {**ok, "merged_captions": [None] * n, "merge_raw": ["I cannot see the video."] * n}
+    return ok_outputs(
+        cid,
+        clip["youtube_id"],
+        [f"media/frames/{cid}/{k}.jpg" for k in range(3)],
+        f"media/audio/{cid}.wav",
+        visual,
+        [f"{a} while {visual or 'nothing is seen'}" for a in clip["audio_captions"]],
+        flag_silent=i % 5 == 0,
+    )
 
 
 def build_contract_run(
@@ -217,38 +167,31 @@ def build_contract_run(
     position = {
         cid: j for split in {r["split"] for r in run.clips.values()} for j, cid in enumerate(run.ids(split))
     }
-    histories: dict[type[Stage], list[list[dict[str, Any]]]] = {stage: [] for stage in UPSTREAM}
+    max_attempts = {stage: getattr(ctx.config, stage.name).max_attempts for stage in UPSTREAM}
+    histories = []
     reviews = []
     for i, cid in enumerate(sorted(run.clips)):
         clip = run.clips[cid]
         outputs = _outputs(cid, clip, i)
-        failure = run.failed.get(cid)
-        retry_at = RETRY_CYCLE[position[cid] % len(RETRY_CYCLE)]
         stages = [s for s in UPSTREAM if s is not MergeStage or clip["split"] in merge_splits]
-        reached_review = MergeStage in stages
-        for stage in stages:
-            if cid in skipped.get(stage, set()):
-                reached_review = False
-                break  # a stage not done yet for this clip: no row here, nor in any later stage
-            history = clip_history(
-                stage,
-                cid,
-                outputs[stage],
-                failure=failure if failure is not None and failure.stage is stage else None,
-                retried=retry_at is stage,
-                max_attempts=getattr(ctx.config, stage.name).max_attempts,
-                failed_outputs=_failed_merge_outputs(outputs[stage]) if stage is MergeStage else None,
-            )
-            histories[stage].append(history)
-            if retry_at is stage:
-                run.retried[cid] = stage
-            if stage is KeyframesStage and history[-1]["status"] == "ok":
-                _write_media(workdir, cid, i)
-            if history[-1]["status"] != "ok":
-                reached_review = False
-                break  # a clip that failed here never reaches the next stage
+        # A stage not done yet for this clip: no row there, nor in any later stage.
+        done = next((k for k, s in enumerate(stages) if cid in skipped.get(s, set())), len(stages))
+        retried_in = RETRY_CYCLE[position[cid] % len(RETRY_CYCLE)]
+        per_stage = clip_histories(
+            cid,
+            {s: outputs[s] for s in stages[:done]},
+            failure=run.failed.get(cid),
+            retried_in=retried_in,
+            max_attempts=max_attempts,
+        )
+        histories.append(per_stage)
+        if retried_in in per_stage:
+            run.retried[cid] = retried_in
+        if per_stage.get(KeyframesStage, [{}])[-1].get("status") == "ok":
+            _write_media(workdir, cid, i)
         verdict = chosen.get(cid, review_default)
-        if reached_review and verdict is not None and cid not in skipped.get(ReviewStage, set()):
+        merged_ok = per_stage.get(MergeStage, [{}])[-1].get("status") == "ok"
+        if merged_ok and verdict is not None and cid not in skipped.get(ReviewStage, set()):
             merged = outputs[MergeStage]["merged_captions"]
             final = merged if verdict != "edited" else [m + " (edited)" for m in merged]
             reviews.append(
@@ -261,9 +204,7 @@ def build_contract_run(
                     "updated_at": pd.Timestamp("2026-11-27T12:00:00Z"),
                 }
             )
-    for stage, stage_histories in histories.items():
-        if stage_histories:
-            commit_histories(stage, workdir, stage_histories)
+    commit_histories(workdir, histories)
     if reviews:
         with atomic_path(workdir / ReviewStage.dirname() / "reviews.parquet") as tmp:
             pd.DataFrame(reviews).to_parquet(tmp, index=False)

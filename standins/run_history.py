@@ -10,11 +10,18 @@ per clip as the runner counts it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.stage import Stage, Status
+from stages.caption import CaptionStage
+from stages.download import DownloadStage
+from stages.keyframes import KeyframesStage
+from stages.merge import MergeStage
+
+UPSTREAM: tuple[type[Stage], ...] = (DownloadStage, KeyframesStage, CaptionStage, MergeStage)
 
 # How the first try of a retried clip failed, per stage: answers the stage really gives.
 FIRST_TRY: dict[str, tuple[Status, str, str]] = {
@@ -78,11 +85,106 @@ def clip_history(
     return rows
 
 
-def commit_histories(stage: type[Stage], workdir: Path, histories: list[list[dict[str, Any]]]) -> None:
-    """Commit the clips' histories as the runner does: one part per pass (every clip's first row,
-    then the second rows of those tried again, ...), each row with the ``seq`` it was given."""
+def ok_outputs(
+    clip_id: str,
+    youtube_id: str,
+    frame_paths: list[str],
+    audio_path: str,
+    visual_caption: str,
+    merged_captions: list[str],
+    flag_silent: bool = False,
+) -> dict[type[Stage], dict[str, Any]]:
+    """A clip's ok outputs in stages 1-4: every column of each stage's schema, plausible values."""
+    n = len(frame_paths)
+    return {
+        DownloadStage: {
+            "video_path": f"media/video/{clip_id}.mp4",
+            "video_duration_s": 10.0,
+            "audio_duration_s": 10.0,
+            "source_duration_s": 30.0,
+            "video_width": 640,
+            "video_height": 360,
+            "file_bytes": 412_345,
+            "source_url": f"https://www.youtube.com/watch?v={youtube_id}",
+        },
+        KeyframesStage: {
+            "frame_paths": frame_paths,
+            "frame_times_s": [(k + 0.5) * 10 / n for k in range(n)],
+            "middle_frame": n // 2,
+            "audio_path": audio_path,
+            "audio_samples": 160_000,
+            "audio_sample_rate": 16_000,
+            "audio_padded_s": 0.0,
+            "audio_dbfs": -20.0,
+            "frame_luma_mean": [100.0] * n,
+            "frame_luma_std": [30.0] * n,
+            "flag_black_frame": False,
+            "flag_flat_frame": False,
+            "flag_silent": flag_silent,
+            "flag_padded": False,
+        },
+        CaptionStage: {
+            "visual_caption": visual_caption,
+            "frame_captions": [visual_caption] * n,
+            "caption_model": "standin/tiny-blip2",
+            "caption_revision": "r0",
+            "caption_dtype": "float32",
+            "caption_settings_hash": "abc123",
+            "caption_versions": '{"transformers": "5.2x"}',
+            "caption_gen_batch": 64,
+        },
+        MergeStage: {
+            "merged_captions": merged_captions,
+            "merge_mode": "per_caption",
+            "merge_raw": merged_captions,
+            "merge_prompt_hash": "p0h4sh",
+            "merge_backend": "transformers",
+            "merge_model": "standin/tiny-gpt-oss",
+            "merge_checks": "{}",
+        },
+    }
+
+
+def clip_histories(
+    clip_id: str,
+    outputs: Mapping[type[Stage], dict[str, Any]],
+    *,
+    failure: Failure | None = None,
+    retried_in: type[Stage] | None = None,
+    max_attempts: Mapping[type[Stage], int] | None = None,
+) -> dict[type[Stage], list[dict[str, Any]]]:
+    """One clip's rows in the stages of ``outputs`` (in pipeline order), up to the stage where it
+    ends failed: a clip that fails is never handed to the next stage."""
+    out: dict[type[Stage], list[dict[str, Any]]] = {}
+    for stage, ok in outputs.items():
+        rows = clip_history(
+            stage,
+            clip_id,
+            ok,
+            failure=failure if failure is not None and failure.stage is stage else None,
+            retried=retried_in is stage,
+            max_attempts=(max_attempts or {}).get(stage, 3),
+            # A failed merge row keeps its raw answers and checks (merged_captions: None each).
+            failed_outputs={**ok, "merged_captions": [None] * len(ok["merged_captions"])}
+            if stage is MergeStage
+            else None,
+        )
+        out[stage] = rows
+        if rows[-1]["status"] != "ok":
+            break
+    return out
+
+
+def commit_histories(workdir: Path, clips: Iterable[Mapping[type[Stage], list[dict[str, Any]]]]) -> None:
+    """Commit the clips' histories as the runner does: per stage, one part per pass (every clip's
+    first row, then the second rows of the clips tried again, ...), each row with its ``seq``."""
     from pipeline.runner import stage_ledger
 
-    ledger = stage_ledger(stage, workdir)
-    for k in range(max((len(h) for h in histories), default=0)):
-        ledger.commit([h[k] for h in histories if len(h) > k])
+    by_stage: dict[type[Stage], list[list[dict[str, Any]]]] = {}
+    for per_stage in clips:
+        for stage, rows in per_stage.items():
+            by_stage.setdefault(stage, []).append(rows)
+    for stage, histories in by_stage.items():
+        ledger = stage_ledger(stage, workdir)
+        for k in range(max(len(h) for h in histories)):
+            ledger.commit([h[k] for h in histories if len(h) > k])
