@@ -55,6 +55,9 @@ def test_load_dataset_round_trip_for_every_config(
             assert ds[split].num_rows == n
         exported = {cid for split in ds.values() for cid in split["clip_id"]}
         assert retried_ok <= exported and not exported & (set(base_contract.failed) | rejected)
+        for split in ds.values():  # the middle keyframe, read from a ledger that has failed rows
+            frames = zip(split["clip_id"], split["frame_path"], split["frame_time_s"], strict=True)
+            assert all((f, t) == (f"media/frames/{cid}/1.jpg", 5.0) for cid, f, t in frames)
         for row in ds["train"]:
             clip = clips.loc[row["clip_id"]]
             assert row["audio_captions"] == list(clip["audio_captions"])
