@@ -1,18 +1,31 @@
-"""A run folder whose stages 1-5 are written directly to the column contract.
+"""A run folder whose stages 1-5 are written as a real run leaves them, for the export tests.
 
-Stage 0 runs for real (the real AudioCaps CSVs, a seeded sample per split); the ledgers of stages
-1-4 are committed with :class:`pipeline.ledger.Ledger` (the real on-disk format) and the reviews
-written as ``05-review/reviews.parquet``, with real JPEG keyframes and WAV audio in ``media/``. It
-stands in for the upstream stages until they run in the same tree, so export and publish can be
-tested on every case (failures, empty visual captions, acronyms, reviews of each verdict).
+Stage 0 runs for real (the real AudioCaps CSVs, a seeded sample per split). The ledgers of stages
+1-4 are written with each stage's own output schema (imported, never copied) through the real
+ledger, with the histories a real run leaves (:mod:`standins.run_history`): clips that end failed
+at some stage (``failures``) and, in every run, clips that failed a first try and then succeeded
+(:data:`RETRY_CYCLE`). The reviews are written as ``05-review/reviews.parquet``, with real JPEG
+keyframes and WAV audio in ``media/``. Export and publish are tested on every case this way
+(failures, retries, empty visual captions, acronyms, reviews of each verdict).
+
+Clips are named by their place in their split, ``("test", 0)`` being the first test clip in
+clip-id order, so a test can say which clip fails before the sample is drawn.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipeline.stage import Stage
+from stages.download import DownloadStage
+from stages.keyframes import KeyframesStage
+from stages.merge import MergeStage
+from stages.review import ReviewStage
+from standins.run_history import UPSTREAM, Failure, clip_histories, commit_histories, ok_outputs
 
 FULL = Path("manifests/audiocaps.yaml")
 # Visual captions cycled over the clips: plain, an acronym start, an empty one, a proper noun.
@@ -24,6 +37,16 @@ VISUAL_CAPTIONS = (
     "Paris street at night with cars",
     "a group of people standing in a room",
 )
+# The j-th clip of each split failed a first try in this stage, then succeeded (if it does not
+# fail for good there): every run has a retried clip in every stage it has enough clips for.
+RETRY_CYCLE: tuple[type[Stage] | None, ...] = (None, *UPSTREAM)
+Pick = tuple[str, int]  # (split, j): the j-th clip of the split in clip-id order
+# What a run without ``failures`` holds: the first clip of each split fails for good.
+DEFAULT_FAILURES: dict[Pick, Failure] = {
+    ("train", 0): Failure(DownloadStage, "private"),
+    ("val", 0): Failure(KeyframesStage, "corrupt_video"),
+    ("test", 0): Failure(DownloadStage, "removed"),
+}
 
 
 @dataclass
@@ -31,48 +54,12 @@ class ContractRun:
     workdir: Path
     config: Any
     clips: dict[str, dict[str, Any]] = field(default_factory=dict)  # clip_id -> manifest row
+    failed: dict[str, Failure] = field(default_factory=dict)  # clip_id -> where it ended failed
+    retried: dict[str, type[Stage]] = field(default_factory=dict)  # clip_id -> stage that retried it
 
-
-def _fields() -> dict[str, list[Any]]:
-    import pyarrow as pa
-
-    s, ls = pa.string(), pa.list_(pa.string())
-    return {
-        "01-download": [pa.field("video_path", s), pa.field("video_duration_s", pa.float64())],
-        "02-keyframes": [
-            pa.field("frame_paths", ls),
-            pa.field("frame_times_s", pa.list_(pa.float64())),
-            pa.field("middle_frame", pa.int32()),
-            pa.field("audio_path", s),
-            pa.field("audio_samples", pa.int64()),
-            pa.field("audio_padded_s", pa.float64()),
-            pa.field("flag_black_frame", pa.bool_()),
-            pa.field("flag_silent", pa.bool_()),
-            pa.field("audio_dbfs", pa.float64()),
-        ],
-        "03-caption": [
-            pa.field("visual_caption", s),
-            pa.field("frame_captions", ls),
-            pa.field("caption_model", s),
-            pa.field("caption_revision", s),
-            pa.field("caption_dtype", s),
-            pa.field("caption_settings_hash", s),
-            pa.field("caption_versions", s),
-        ],
-        "04-merge": [
-            pa.field("merged_captions", ls),
-            pa.field("merge_mode", s),
-            pa.field("merge_raw", ls),
-            pa.field("merge_prompt_hash", s),
-            pa.field("merge_backend", s),
-            pa.field("merge_model", s),
-            pa.field("merge_checks", s),
-        ],
-    }
-
-
-def _row(cid: str, status: str = "ok", reason: str = "", **outputs: Any) -> dict[str, Any]:
-    return {"clip_id": cid, "status": status, "reason": reason, "message": reason, "attempts": 1, **outputs}
+    def ids(self, split: str) -> list[str]:
+        """The split's clip ids in clip-id order (``ids(split)[j]`` is the clip ``(split, j)``)."""
+        return sorted(c for c, row in self.clips.items() if row["split"] == split)
 
 
 def _jpeg(seed: int) -> bytes:
@@ -109,24 +96,50 @@ def build_manifest(
     return ctx
 
 
+def _write_media(workdir: Path, cid: str, i: int) -> None:
+    """The keyframes and audio stage 2 writes for a clip it extracts."""
+    from pipeline.io import atomic_path
+
+    files = {f"media/frames/{cid}/{k}.jpg": _jpeg(i + k) for k in range(3)}
+    files[f"media/audio/{cid}.wav"] = _wav(i)
+    for rel, data in files.items():
+        with atomic_path(workdir / rel) as tmp:
+            tmp.write_bytes(data)
+
+
+def _outputs(cid: str, clip: dict[str, Any], i: int) -> dict[type[Stage], dict[str, Any]]:
+    visual = VISUAL_CAPTIONS[i % len(VISUAL_CAPTIONS)]
+    return ok_outputs(
+        cid,
+        clip["youtube_id"],
+        [f"media/frames/{cid}/{k}.jpg" for k in range(3)],
+        f"media/audio/{cid}.wav",
+        visual,
+        [f"{a} while {visual or 'nothing is seen'}" for a in clip["audio_captions"]],
+        flag_silent=i % 5 == 0,
+    )
+
+
 def build_contract_run(
     workdir: Path,
     *,
     config: Path = FULL,
     sample_per_split: int | None = 6,
-    download_failures: dict[str, str] | None = None,
-    skip: dict[str, set[str]] | None = None,
+    failures: Mapping[Pick, Failure] | None = None,
+    skip: Mapping[type[Stage], set[Pick]] | None = None,
     merge_splits: tuple[str, ...] = ("test",),
-    verdicts: dict[str, str | None] | None = None,
+    verdicts: Mapping[Pick, str | None] | None = None,
     review_default: str | None = "accept",
     overrides: list[str] | None = None,
 ) -> ContractRun:
-    """Write stages 1-5 for the sampled clips.
+    """Write stages 1-5 for the sampled clips, as a real run leaves them.
 
     ``config``: the run manifest whose stage 0 runs (``sample_per_split`` None keeps its own
-    sampling); ``download_failures``: clip_id -> failure reason; ``skip``: stage folder -> clip ids
-    with no row at all (a stage not done yet); ``verdicts``: clip_id -> verdict for merged clips
-    (None: no review row), the others get ``review_default``.
+    sampling); ``failures``: clip -> how it ends failed (:data:`DEFAULT_FAILURES` when None; the
+    later stages have no row for it); ``skip``: stage -> clips with no row at all (a stage not done
+    yet; ``ReviewStage``: no review); ``verdicts``: clip -> verdict for merged clips (None: no
+    review row), the others get ``review_default``. Clips are ``(split, j)`` picks; a pick beyond
+    its split's sample is ignored.
     """
     import pandas as pd
 
@@ -135,91 +148,64 @@ def build_contract_run(
 
     ctx = build_manifest(workdir, sample_per_split, overrides, config)
     clips_df = Ledger(workdir / "00-manifest" / "ledger").latest()
-    clips = {cid: row for cid, row in zip(clips_df.index, clips_df.to_dict("records"), strict=True)}
-    download_failures = download_failures or {}
-    skip = skip or {}
-    verdicts = verdicts or {}
-    fields = _fields()
-    rows: dict[str, list[dict[str, Any]]] = {k: [] for k in fields}
+    run = ContractRun(
+        workdir,
+        ctx.config,
+        {cid: row for cid, row in zip(clips_df.index, clips_df.to_dict("records"), strict=True)},
+    )
+
+    def resolve(pick: Pick) -> str | None:
+        split, j = pick
+        ids = run.ids(split)
+        return ids[j] if j < len(ids) else None
+
+    for pick, failure in (DEFAULT_FAILURES if failures is None else failures).items():
+        if (cid := resolve(pick)) is not None:
+            run.failed[cid] = failure
+    skipped = {stage: {resolve(p) for p in picks} for stage, picks in (skip or {}).items()}
+    chosen = {resolve(p): v for p, v in (verdicts or {}).items()}
+    position = {
+        cid: j for split in {r["split"] for r in run.clips.values()} for j, cid in enumerate(run.ids(split))
+    }
+    max_attempts = {stage: getattr(ctx.config, stage.name).max_attempts for stage in UPSTREAM}
+    histories = []
     reviews = []
-    for i, cid in enumerate(sorted(clips)):
-        split = clips[cid]["split"]
-        if cid in download_failures:
-            rows["01-download"].append(_row(cid, "failed_permanent", download_failures[cid]))
-            continue
-        rows["01-download"].append(_row(cid, video_path=f"media/video/{cid}.mp4", video_duration_s=10.0))
-        frames = []
-        for k in range(3):
-            rel = f"media/frames/{cid}/{k}.jpg"
-            with atomic_path(workdir / rel) as tmp:
-                tmp.write_bytes(_jpeg(i + k))
-            frames.append(rel)
-        audio = f"media/audio/{cid}.wav"
-        with atomic_path(workdir / audio) as tmp:
-            tmp.write_bytes(_wav(i))
-        rows["02-keyframes"].append(
-            _row(
-                cid,
-                frame_paths=frames,
-                frame_times_s=[1.0, 5.0, 9.0],
-                middle_frame=1,
-                audio_path=audio,
-                audio_samples=160_000,
-                audio_padded_s=0.0,
-                flag_black_frame=False,
-                flag_silent=i % 5 == 0,
-                audio_dbfs=-20.0,
-            )
+    for i, cid in enumerate(sorted(run.clips)):
+        clip = run.clips[cid]
+        outputs = _outputs(cid, clip, i)
+        stages = [s for s in UPSTREAM if s is not MergeStage or clip["split"] in merge_splits]
+        # A stage not done yet for this clip: no row there, nor in any later stage.
+        done = next((k for k, s in enumerate(stages) if cid in skipped.get(s, set())), len(stages))
+        retried_in = RETRY_CYCLE[position[cid] % len(RETRY_CYCLE)]
+        per_stage = clip_histories(
+            cid,
+            {s: outputs[s] for s in stages[:done]},
+            failure=run.failed.get(cid),
+            retried_in=retried_in,
+            max_attempts=max_attempts,
         )
-        visual = VISUAL_CAPTIONS[i % len(VISUAL_CAPTIONS)]
-        rows["03-caption"].append(
-            _row(
-                cid,
-                visual_caption=visual,
-                frame_captions=[visual] * 3,
-                caption_model="standin/tiny-blip2",
-                caption_revision="r0",
-                caption_dtype="float32",
-                caption_settings_hash="abc123",
-                caption_versions='{"transformers": "5.2x"}',
+        histories.append(per_stage)
+        if retried_in in per_stage:
+            run.retried[cid] = retried_in
+        if per_stage.get(KeyframesStage, [{}])[-1].get("status") == "ok":
+            _write_media(workdir, cid, i)
+        verdict = chosen.get(cid, review_default)
+        merged_ok = per_stage.get(MergeStage, [{}])[-1].get("status") == "ok"
+        if merged_ok and verdict is not None and cid not in skipped.get(ReviewStage, set()):
+            merged = outputs[MergeStage]["merged_captions"]
+            final = merged if verdict != "edited" else [m + " (edited)" for m in merged]
+            reviews.append(
+                {
+                    "clip_id": cid,
+                    "verdict": verdict,
+                    "final_captions": final if verdict != "rejected" else [],
+                    "comment": "",
+                    "annotator": "reviewer@example.org",
+                    "updated_at": pd.Timestamp("2026-11-27T12:00:00Z"),
+                }
             )
-        )
-        if split in merge_splits:
-            audio_caps = list(clips[cid]["audio_captions"])
-            merged = [f"{a} while {visual or 'nothing is seen'}" for a in audio_caps]
-            rows["04-merge"].append(
-                _row(
-                    cid,
-                    merged_captions=merged,
-                    merge_mode="per_caption",
-                    merge_raw=merged,
-                    merge_prompt_hash="p0h4sh",
-                    merge_backend="transformers",
-                    merge_model="standin/tiny-gpt-oss",
-                    merge_checks="{}",
-                )
-            )
-            verdict = verdicts.get(cid, review_default)
-            if verdict is not None:
-                final = merged if verdict != "edited" else [m + " (edited)" for m in merged]
-                reviews.append(
-                    {
-                        "clip_id": cid,
-                        "verdict": verdict,
-                        "final_captions": final if verdict != "rejected" else [],
-                        "comment": "",
-                        "annotator": "reviewer@example.org",
-                        "updated_at": pd.Timestamp("2026-11-27T12:00:00Z"),
-                    }
-                )
-    for dirname, stage_fields in fields.items():
-        keep = [r for r in rows[dirname] if r["clip_id"] not in skip.get(dirname, set())]
-        if dirname in skip and not keep:
-            continue
-        Ledger(workdir / dirname / "ledger", stage_fields).commit(keep)
-    if reviews or "05-review" not in skip:
-        keep = [r for r in reviews if r["clip_id"] not in skip.get("05-review", set())]
-        if keep:
-            with atomic_path(workdir / "05-review" / "reviews.parquet") as tmp:
-                pd.DataFrame(keep).to_parquet(tmp, index=False)
-    return ContractRun(workdir, ctx.config, clips)
+    commit_histories(workdir, histories)
+    if reviews:
+        with atomic_path(workdir / ReviewStage.dirname() / "reviews.parquet") as tmp:
+            pd.DataFrame(reviews).to_parquet(tmp, index=False)
+    return run

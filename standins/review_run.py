@@ -1,33 +1,25 @@
-"""A run folder as stages 0-4 leave it, built from the column contract (for stage 5's tests).
+"""A run folder as stages 0-4 leave it, for stage 5's tests: real media, real ledgers.
 
-Until stages 1-4 are on main, this writes what they would: real media files (JPEG keyframes made
-with Pillow, 16 kHz FLAC audio made with soundfile) under ``DIR/media/`` and ledger rows of
-``00-manifest`` and ``04-merge`` with the contract's columns. ``AVCAPS_APP=standins.review_run``
-makes the engine see a ``merge`` stage whose ledger is this prefilled one, so stage 5 runs through
-the real runner. A stand-in, named as such: it computes nothing.
+Writes real media files (JPEG keyframes made with Pillow, 16 kHz FLAC audio made with soundfile)
+under ``DIR/media/``, the clip table (``00-manifest``) and the ledgers of stages 1-4 with each
+stage's own output schema, as a real run leaves them (:mod:`standins.run_history`): beside the
+clips asked for, a test clip whose download failed for good and one whose merge failed the quality
+gate (neither may reach stage 5), and the first clips' merge and download each failed once before
+they succeeded. Stage 5 then runs through the real runner of the real application: the stages'
+ledgers are what it reads, nothing here computes.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pipeline.errors import AbortRun
-from pipeline.ledger import Ledger
-from pipeline.stage import Item, ItemStage, Result
+from pipeline.stage import Stage
 from review.server import Credentials
-
-if TYPE_CHECKING:
-    import pyarrow as pa
-
-STAGES: list[str] = [
-    "stages.manifest:ManifestStage",
-    "standins.review_run:ContractMergeStage",
-    "stages.review:ReviewStage",
-]
-CONFIG_MODEL = "stages.config:RunConfig"
-COMMANDS: dict[str, str] = {"review": "review.cli:review"}
+from stages.download import DownloadStage
+from stages.merge import MergeStage
+from standins.run_history import Failure, clip_histories, commit_histories, ok_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 # The admin of the tests' Label Studio: test-only, on a loopback server that lives for one session.
@@ -35,31 +27,13 @@ TEST_CREDS = Credentials(
     "admin@avcaps.test", "test-only-password-1", "5f0c7a9e2b4d6f8a1c3e5b7d9f0a2c4e6b8d0f1a"
 )
 COLORS = [(200, 40, 40), (40, 160, 60), (40, 80, 200), (220, 180, 30), (120, 40, 160), (30, 160, 170)]
-
-
-class ContractMergeStage(ItemStage):
-    """Stands for stages 1-4: its ledger is prefilled by :func:`write_contract_run`."""
-
-    number = 4
-    name = "merge"
-    upstream = "manifest"
-
-    @classmethod
-    def output_schema(cls) -> list[pa.Field]:
-        import pyarrow as pa
-
-        return [
-            pa.field("frame_paths", pa.list_(pa.string())),
-            pa.field("frame_times_s", pa.list_(pa.float64())),
-            pa.field("middle_frame", pa.int32()),
-            pa.field("audio_path", pa.string()),
-            pa.field("visual_caption", pa.string()),
-            pa.field("merged_captions", pa.list_(pa.string())),
-            pa.field("merge_model", pa.string()),
-        ]
-
-    def process(self, batch: list[Item]) -> list[Result]:
-        raise AbortRun("the contract stand-in computes nothing: its ledger is prefilled")
+# Test clips written beside the ones asked for, which end failed upstream: never pushed.
+UPSTREAM_FAILED: dict[str, Failure] = {
+    "dlfail00000_0_10000": Failure(DownloadStage, "private"),
+    "mgfail00000_0_10000": Failure(MergeStage, "gate_missing_visual"),
+}
+# The k-th clip asked for failed a first try in this stage, then succeeded.
+RETRIED: tuple[type[Stage], ...] = (MergeStage, DownloadStage)
 
 
 def write_media(workdir: Path, clip_id: str, index: int, frames: int = 3) -> tuple[list[str], str]:
@@ -84,21 +58,42 @@ def write_media(workdir: Path, clip_id: str, index: int, frames: int = 3) -> tup
 
 
 def write_contract_run(workdir: Path, clips: list[dict[str, Any]], share_media: bool = False) -> None:
-    """Media and ledgers for ``clips`` (dicts with clip_id, split, audio_captions, visual_caption,
-    merged_captions). ``share_media`` points every clip at the first clip's files (scale tests)."""
+    """Media and ledgers of stages 0-4 for ``clips`` (dicts with clip_id, split, audio_captions,
+    visual_caption, merged_captions) plus :data:`UPSTREAM_FAILED`. Every clip is merged whatever
+    its split (as with ``merge.splits`` covering it), so what keeps a clip out of stage 5 is either
+    its upstream failure or stage 5's own ``review.splits``. ``share_media`` points every clip at
+    the first clip's files (scale tests)."""
+    from pipeline.runner import stage_ledger
     from stages.manifest import ManifestStage
 
     workdir = Path(workdir)
-    manifest_rows, merge_rows = [], []
-    for i, clip in enumerate(clips):
+    failed = [
+        {
+            "clip_id": cid,
+            "split": "test",
+            "audio_captions": ["A car passes by"],
+            "visual_caption": "a red car on a road",
+            "merged_captions": ["A red car passes by on a road"],
+        }
+        for cid in UPSTREAM_FAILED
+    ]
+    manifest_rows, histories = [], []
+    media: tuple[list[str], str] | None = None
+    for i, clip in enumerate([*clips, *failed]):
         cid = clip["clip_id"]
         yt, start_ms, end_ms = cid.rsplit("_", 2)
-        if not share_media or i == 0:
-            frame_paths, audio = write_media(workdir, cid, i)
-        base = {"clip_id": cid, "status": "ok", "reason": "", "message": "", "attempts": 1}
+        failure = UPSTREAM_FAILED.get(cid)
+        downloaded = failure is None or failure.stage is not DownloadStage
+        if downloaded and (media is None or not share_media):
+            media = write_media(workdir, cid, i)
+        frame_paths, audio = media or ([], "")
         manifest_rows.append(
-            base
-            | {
+            {
+                "clip_id": cid,
+                "status": "ok",
+                "reason": "",
+                "message": "",
+                "attempts": 1,
                 "youtube_id": yt,
                 "start_s": int(start_ms) // 1000,
                 "end_s": int(end_ms) // 1000,
@@ -107,21 +102,17 @@ def write_contract_run(workdir: Path, clips: list[dict[str, Any]], share_media: 
                 "audiocap_ids": list(range(i * 10, i * 10 + len(clip["audio_captions"]))),
             }
         )
-        merge_rows.append(
-            base
-            | {
-                "frame_paths": frame_paths,
-                "frame_times_s": [2.0, 5.0, 8.0][: len(frame_paths)],
-                "middle_frame": 1,
-                "audio_path": audio,
-                "visual_caption": clip["visual_caption"],
-                "merged_captions": clip["merged_captions"],
-                "merge_model": "stand-in",
-            }
+        outputs = ok_outputs(cid, yt, frame_paths, audio, clip["visual_caption"], clip["merged_captions"])
+        histories.append(
+            clip_histories(
+                cid,
+                outputs,
+                failure=failure,
+                retried_in=RETRIED[i] if i < len(RETRIED) and i < len(clips) else None,
+            )
         )
-    schema = ManifestStage.output_schema()
-    Ledger(workdir / "00-manifest" / "ledger", schema).commit(manifest_rows)
-    Ledger(workdir / "04-merge" / "ledger", ContractMergeStage.output_schema()).commit(merge_rows)
+    stage_ledger(ManifestStage, workdir).commit(manifest_rows)
+    commit_histories(workdir, histories)
 
 
 def make_clips(n: int, tag: str = "a") -> list[dict[str, Any]]:

@@ -2,10 +2,11 @@
 this machine, in the same run: Ray's overhead per item. Both use the stage's own code path.
 
 Clips: ``BENCH_RAY_CLIPS`` (default 96) 10-s H.264 clips generated with ffmpeg (4 encoded, the
-rest copies), with a ``01-download`` ledger written in its real on-disk format, so that stage 2
-runs through the runner exactly as after a download. Same total parallelism on both sides:
-local = one process, ``keyframes.workers`` = 2 threads; Ray = a local 2-CPU cluster, 2 tasks in
-flight, 1 thread each. Record the printed table in BENCHMARKS.md.
+rest copies), with a ``01-download`` ledger as a real run leaves it (its own schema, a retried clip
+and two failed ones: ``LOST``), so that stage 2 runs through the runner exactly as after a
+download. Same total parallelism on both sides: local = one process, ``keyframes.workers`` = 2
+threads; Ray = a local 2-CPU cluster, 2 tasks in flight, 1 thread each. Record the printed table
+in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -20,13 +21,21 @@ from pipeline.ledger import Ledger
 from pipeline.registry import find_stage
 from pipeline.runner import run_stage
 from pipeline.stage import RunContext, RunOptions
+from stages.download import DownloadStage
 from standins.media import make_clip
+from standins.run_history import Failure, clip_history, commit_histories
 
 N_CLIPS = int(os.environ.get("BENCH_RAY_CLIPS", "96"))
+# Clips past the N_CLIPS downloaded ones whose download failed, as in any real run: stage 2 must
+# skip them (the first clip, for its part, was downloaded on its second try).
+LOST = {
+    0: Failure(DownloadStage, "removed"),
+    1: Failure(DownloadStage, "http_429", "failed_transient"),
+}
 
 
 def prepare(workdir: Path, clips_dir: Path) -> RunContext:
-    ids = [f"ray{i:08d}" for i in range(N_CLIPS)]
+    ids = [f"ray{i:08d}" for i in range(N_CLIPS + len(LOST))]
     csv_dir = workdir.parent / f"{workdir.name}-csv"
     csv_dir.mkdir(parents=True)
     lines = ["audiocap_id,youtube_id,start_time,caption"] + [
@@ -44,25 +53,28 @@ def prepare(workdir: Path, clips_dir: Path) -> RunContext:
         ),
     )
     run_stage(find_stage("manifest"), ctx, RunOptions(progress=False))
-    rows = []
+    histories = []
     for i, yt in enumerate(ids):
         cid = f"{yt}_0_10000"
         rel = f"media/video/{cid}.mp4"
-        (workdir / "media" / "video").mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(clips_dir / f"{i % 4}.mp4", workdir / rel)
-        rows.append(
-            {
-                "clip_id": cid,
-                "status": "ok",
-                "attempts": 1,
-                "video_path": rel,
-                "video_duration_s": 10.0,
-                "audio_duration_s": 10.0,
-                "source_duration_s": 10.0,
-            }
-        )
-    stage = find_stage("download")(ctx)
-    Ledger(workdir / stage.dirname() / "ledger", stage.output_schema()).commit(rows)
+        failure = LOST.get(i - N_CLIPS)
+        if failure is None:
+            (workdir / "media" / "video").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(clips_dir / f"{i % 4}.mp4", workdir / rel)
+        outputs = {
+            "video_path": rel,
+            "video_duration_s": 10.0,
+            "audio_duration_s": 10.0,
+            "source_duration_s": 10.0,
+            "video_width": 640,
+            "video_height": 360,
+            "file_bytes": (clips_dir / f"{i % 4}.mp4").stat().st_size,
+            "source_url": f"https://www.youtube.com/watch?v={yt}",
+        }
+        tries = ctx.config.download.max_attempts  # type: ignore[attr-defined]
+        rows = clip_history(DownloadStage, cid, outputs, failure=failure, retried=i == 0, max_attempts=tries)
+        histories.append({DownloadStage: rows})
+    commit_histories(workdir, histories)
     return ctx
 
 
@@ -116,7 +128,8 @@ def test_bench_ray_overhead(tmp_path: Path) -> None:
         ray.shutdown()
     for ctx in (local, distributed):
         led = Ledger(ctx.workdir / "02-keyframes" / "ledger").latest()
-        assert len(led) == N_CLIPS and (led["status"] == "ok").all()
+        assert (led["status"] == "ok").all()
+        assert set(led.index) == {f"ray{i:08d}_0_10000" for i in range(N_CLIPS)}  # never a LOST clip
     per_item_ms = (t_ray - t_local) / N_CLIPS * 1000
     print(f"\nstage 2, {N_CLIPS} clips, 1 frame + audio, batch 8, {os.cpu_count()} cores")
     print("| executor | wall s | clips/s |")

@@ -25,7 +25,11 @@ from evalkit.perturb import (
 )
 from pipeline.cli import main
 from pipeline.errors import AbortRun
-from pipeline.ledger import Ledger
+from pipeline.runner import stage_ledger
+from stages.download import DownloadStage
+from stages.keyframes import KeyframesStage
+from stages.manifest import ManifestStage
+from standins.run_history import Failure, clip_histories, commit_histories, ok_outputs
 
 
 def test_derangement_property_on_many_seeds() -> None:
@@ -195,44 +199,57 @@ def test_unreadable_clips_are_skipped_and_named(media: Path, tmp_path: Path) -> 
 
 
 def test_run_folder_source_and_cli(media: Path, tmp_path: Path) -> None:
-    """A run folder as stages 0 and 2 leave it: middle keyframe + audio of ok test clips."""
+    """A run folder as stages 0-2 leave it: middle keyframe + audio of the test clips whose
+    keyframes are ok in the end (a clip retried in stage 2 included; one failed there, one whose
+    download failed and so has no keyframes row, left out)."""
     run = tmp_path / "run"
     sources = read_manifest_sources(media)
     ids = sorted(sources)
-    manifest_rows, key_rows = [], []
-    for i, cid in enumerate(ids):
-        frames_dir = run / "media" / "frames" / cid
-        frames_dir.mkdir(parents=True)
-        frames = []
-        for k in range(3):
-            (frames_dir / f"{k}.jpg").write_bytes(sources[cid].image.read_bytes())
-            frames.append(f"media/frames/{cid}/{k}.jpg")
-        audio = run / "media" / "audio" / f"{cid}{sources[cid].audio.suffix}"
-        audio.parent.mkdir(parents=True, exist_ok=True)
-        audio.write_bytes(sources[cid].audio.read_bytes())
-        manifest_rows.append({"clip_id": cid, "status": "ok", "split": "train" if i == 0 else "test"})
-        key_rows.append(
+    lost = "dlfail00000_0_10000"
+    failures = {lost: Failure(DownloadStage, "private"), ids[1]: Failure(KeyframesStage, "corrupt_video")}
+    retried = {ids[2]: KeyframesStage, ids[3]: DownloadStage}
+    manifest_rows, histories = [], []
+    for i, cid in enumerate([*ids, lost]):
+        youtube_id = cid.rsplit("_", 2)[0]
+        manifest_rows.append(
             {
                 "clip_id": cid,
-                "status": "failed_permanent" if i == 1 else "ok",
-                "frame_paths": frames,
-                "middle_frame": 1,
-                "audio_path": str(audio.relative_to(run)),
+                "status": "ok",
+                "attempts": 1,
+                "youtube_id": youtube_id,
+                "start_s": 0,
+                "end_s": 10,
+                "split": "train" if i == 0 else "test",
+                "audio_captions": ["a dog barks"],
+                "audiocap_ids": [i + 1],
             }
         )
-    Ledger(run / "00-manifest" / "ledger", [pa.field("split", pa.string())]).commit(manifest_rows)
-    Ledger(
-        run / "02-keyframes" / "ledger",
-        [
-            pa.field("frame_paths", pa.list_(pa.string())),
-            pa.field("middle_frame", pa.int64()),
-            pa.field("audio_path", pa.string()),
-        ],
-    ).commit(key_rows)
+        frames, audio = [], ""
+        if cid in sources:
+            frames_dir = run / "media" / "frames" / cid
+            frames_dir.mkdir(parents=True)
+            for k in range(3):
+                (frames_dir / f"{k}.jpg").write_bytes(sources[cid].image.read_bytes())
+                frames.append(f"media/frames/{cid}/{k}.jpg")
+            audio_file = run / "media" / "audio" / f"{cid}{sources[cid].audio.suffix}"
+            audio_file.parent.mkdir(parents=True, exist_ok=True)
+            audio_file.write_bytes(sources[cid].audio.read_bytes())
+            audio = str(audio_file.relative_to(run))
+        outputs = ok_outputs(cid, youtube_id, frames, audio, "a dog on a lawn", ["a dog barks on a lawn"])
+        histories.append(
+            clip_histories(
+                cid,
+                {DownloadStage: outputs[DownloadStage], KeyframesStage: outputs[KeyframesStage]},
+                failure=failures.get(cid),
+                retried_in=retried.get(cid),
+            )
+        )
+    stage_ledger(ManifestStage, run).commit(manifest_rows)
+    commit_histories(run, histories)
     found = read_run_sources(run)
-    assert sorted(found) == ids[2:], "test split, ok keyframes only"
+    assert sorted(found) == ids[2:], "test split, ok keyframes only (the retried clip included)"
     assert found[ids[2]].image == run / "media" / "frames" / ids[2] / "1.jpg"
-    assert len(read_run_sources(run, split=None)) == len(ids) - 1
+    assert sorted(read_run_sources(run, split=None)) == [ids[0], *ids[2:]]
 
     r = CliRunner().invoke(main, ["perturb", "--run", str(run), "--out", str(tmp_path / "p"), "--seed", "1"])
     assert r.exit_code == 0, r.output

@@ -10,6 +10,13 @@ from typing import Any
 
 import pytest
 
+from stages.caption import CaptionStage
+from stages.download import DownloadStage
+from stages.keyframes import KeyframesStage
+from stages.merge import MergeStage
+from standins.contract_run import ContractRun, Pick, build_contract_run
+from standins.run_history import Failure
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -19,28 +26,34 @@ def _repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
 
 
-@pytest.fixture(scope="session")
-def base_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One contract run (6 clips per split, one failed download per split, every review verdict)."""
-    from standins.contract_run import build_contract_run
+# What the base run holds besides a retried clip in every stage (standins.contract_run.RETRY_CYCLE):
+# a clip that ends failed in each stage, one of them after running out of transient retries.
+BASE_FAILURES: dict[Pick, Failure] = {
+    ("train", 0): Failure(DownloadStage, "private"),
+    ("train", 1): Failure(CaptionStage, "corrupt_frame"),
+    ("val", 0): Failure(KeyframesStage, "corrupt_video"),
+    ("val", 1): Failure(DownloadStage, "http_429", "failed_transient"),
+    ("test", 0): Failure(DownloadStage, "removed"),
+    ("test", 3): Failure(MergeStage, "gate_missing_visual"),
+}
+BASE_VERDICTS: dict[Pick, str | None] = {("test", 1): "edited", ("test", 2): "rejected"}
 
+
+@pytest.fixture(scope="session")
+def base_contract(tmp_path_factory: pytest.TempPathFactory) -> ContractRun:
+    """One contract run: 6 clips per split, :data:`BASE_FAILURES`, retries, every review verdict."""
     old = os.getcwd()
     os.chdir(REPO)
     try:
         workdir = tmp_path_factory.mktemp("run") / "run"
-        probe = build_contract_run(workdir)  # to learn the sampled clip ids
-        ids = sorted(probe.clips)
-        by_split: dict[str, list[str]] = {}
-        for cid in ids:
-            by_split.setdefault(probe.clips[cid]["split"], []).append(cid)
-        shutil.rmtree(workdir)
-        failures = {by_split["train"][0]: "private", by_split["test"][0]: "removed"}
-        test = by_split["test"]
-        verdicts = {test[1]: "edited", test[2]: "rejected"}
-        build_contract_run(workdir, download_failures=failures, verdicts=verdicts)
+        return build_contract_run(workdir, failures=BASE_FAILURES, verdicts=BASE_VERDICTS)
     finally:
         os.chdir(old)
-    return workdir
+
+
+@pytest.fixture(scope="session")
+def base_run(base_contract: ContractRun) -> Path:
+    return base_contract.workdir
 
 
 @pytest.fixture

@@ -13,7 +13,12 @@ import pytest
 
 from pipeline.errors import AbortRun
 from pipeline.ledger import Ledger
+from pipeline.runner import stage_ledger
+from stages.caption import CaptionStage
+from stages.merge import MergeStage
 from stages.variants import VARIANTS
+from standins.contract_run import DEFAULT_FAILURES, ContractRun, build_contract_run
+from standins.run_history import Failure
 
 
 def _load(folder: Path, config: str, cache: Path):  # type: ignore[no-untyped-def]
@@ -28,7 +33,7 @@ def _clips(workdir: Path) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_load_dataset_round_trip_for_every_config(
-    run_copy: Callable[..., Path], export: Callable[..., Path], tmp_path: Path
+    base_contract: ContractRun, run_copy: Callable[..., Path], export: Callable[..., Path], tmp_path: Path
 ) -> None:
     workdir = run_copy()
     folder = export(workdir)
@@ -36,12 +41,23 @@ def test_load_dataset_round_trip_for_every_config(
     reviews = pd.read_parquet(workdir / "05-review" / "reviews.parquet").set_index("clip_id")
     visual = Ledger(workdir / "03-caption" / "ledger").latest()["visual_caption"]
     stats = json.loads((folder / "statistics.json").read_text())
-    assert stats["counts"] == {"train": 5, "validation": 6, "test": 4}  # 1 failed download, 1 rejected
+    # 6 clips per split; failed: train 2, val 2, test 2 (one in the merge); test: 1 rejected
+    assert stats["counts"] == {"train": 4, "validation": 4, "test": 3}
+    rejected = set(reviews.index[reviews["verdict"] == "rejected"])
+    # Clips retried before they succeeded are exported (one per stage at least); failed ones never.
+    retried_ok = {c for c in base_contract.retried if c not in base_contract.failed and c not in rejected}
+    stages = {base_contract.retried[c].name for c in retried_ok}
+    assert stages == {"download", "keyframes", "caption", "merge"}
     for config in VARIANTS:
         ds = _load(folder, config, tmp_path / "cache")
         assert sorted(ds) == ["test", "train", "validation"]
         for split, n in stats["counts"].items():
             assert ds[split].num_rows == n
+        exported = {cid for split in ds.values() for cid in split["clip_id"]}
+        assert retried_ok <= exported and not exported & (set(base_contract.failed) | rejected)
+        for split in ds.values():  # the middle keyframe, read from a ledger that has failed rows
+            frames = zip(split["clip_id"], split["frame_path"], split["frame_time_s"], strict=True)
+            assert all((f, t) == (f"media/frames/{cid}/1.jpg", 5.0) for cid, f, t in frames)
         for row in ds["train"]:
             clip = clips.loc[row["clip_id"]]
             assert row["audio_captions"] == list(clip["audio_captions"])
@@ -96,9 +112,10 @@ def test_card_states_counts_reviews_statistics_and_validates(
     assert [c["config_name"] for c in meta["configs"]] == list(VARIANTS)
     card = DatasetCard.load(folder / "README.md")
     text = card.text
-    assert "| train | 6 | private 1 | none | 5 |" in text
-    assert "| test | 6 | removed 1 | none | 4 |" in text
-    assert "5 reviewed: 3 accepted as is,\n  1 edited, 1 rejected (excluded)" in text
+    assert "| train | 6 | private 1 | caption:corrupt_frame 1 | 4 |" in text
+    assert "| validation | 6 | http_429 1 | keyframes:corrupt_video 1 | 4 |" in text
+    assert "| test | 6 | removed 1 | merge:gate_missing_visual 1 | 3 |" in text
+    assert "4 reviewed: 2 accepted as is,\n  1 edited, 1 rejected (excluded)" in text
     assert "merge prompt hash(es): `p0h4sh`" in text
     assert "[a-z]+('[a-z]+)?" in text and "10.27" in text
     assert "academic purposes" in text and "@inproceedings{kim2019audiocaps" in text
@@ -138,17 +155,21 @@ def test_card_field_that_fails_is_named(
 
 
 def test_missing_upstream_items_name_the_stage_and_count(
-    base_run: Path, tmp_path: Path, export: Callable[..., Path]
+    base_contract: ContractRun, tmp_path: Path, export: Callable[..., Path]
 ) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     work = tmp_path / "run"
-    shutil.copytree(base_run, work)
-    ledger = Ledger(work / "03-caption" / "ledger")
-    rows = ledger.latest()
-    val_ids = set(_clips(work).query("split == 'val'").index)
-    shutil.rmtree(ledger.folder)
-    kept = rows[~rows.index.isin(sorted(val_ids)[:2])].reset_index(drop=True)
-    ledger.commit(kept.drop(columns=["seq", "updated_at"]).to_dict("records"))
-    with pytest.raises(AbortRun, match=r"stage 03-caption: 2 of 6 val item\(s\) have no result yet"):
+    shutil.copytree(base_contract.workdir, work)
+    # Two val clips that reached stage 3 (val 0 and 1 failed before it) lose their caption rows,
+    # retried one included: as if stage 3 had not got to them yet.
+    val = base_contract.ids("val")
+    assert {val[0], val[1]} <= set(base_contract.failed) and base_contract.retried[val[3]] is CaptionStage
+    ledger = stage_ledger(CaptionStage, work)
+    history = ledger.read()
+    ledger.replace_all(history.filter(pc.invert(pc.is_in(history["clip_id"], pa.array(val[2:4])))))
+    with pytest.raises(AbortRun, match=r"stage 03-caption: 2 of 4 val item\(s\) have no result yet"):
         export(work)
     shutil.rmtree(work / "04-merge")
     with pytest.raises(AbortRun, match=r"stage 04-merge: 5 of 5 test item\(s\)") as err:
@@ -160,15 +181,14 @@ def test_missing_upstream_items_name_the_stage_and_count(
 def test_unreviewed_test_items_stop_the_export_unless_allowed(
     tmp_path: Path, export: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from standins.contract_run import build_contract_run
-
-    run = build_contract_run(tmp_path / "run", sample_per_split=3, review_default=None, verdicts={})
-    test_ids = sorted(c for c, r in run.clips.items() if r["split"] == "test")
+    run = build_contract_run(tmp_path / "run", sample_per_split=4, review_default=None, verdicts={})
+    test_ids = run.ids("test")
+    assert test_ids[0] in run.failed  # failed downloads are never reviewed: 3 clips wait for a review
     with pytest.raises(AbortRun, match=r"stage 05-review: 3 of 3 test item\(s\).*allow_unreviewed=true"):
         export(run.workdir)
     folder = export(run.workdir, "export.allow_unreviewed=true")
     table = pq.read_table(folder / "data/and/test-00000-of-00001.parquet").to_pylist()
-    assert [r["clip_id"] for r in table] == test_ids
+    assert [r["clip_id"] for r in table] == test_ids[1:]  # the retried ones (1-3) included
     assert {r["review_verdict"] for r in table} == {"unreviewed"}
     assert all(r["captions"] == r["merged_captions"] for r in table)
     stats = json.loads((folder / "statistics.json").read_text())
@@ -177,21 +197,30 @@ def test_unreviewed_test_items_stop_the_export_unless_allowed(
 
 
 def test_merged_validation_split_uses_its_merges(tmp_path: Path, export: Callable[..., Path]) -> None:
-    from standins.contract_run import build_contract_run
-
-    run = build_contract_run(tmp_path / "run", sample_per_split=2, merge_splits=("val", "test"))
+    # val 0 fails its keyframes (as by default), val 3 its merge; val 4 is merged on a second try
+    failures = DEFAULT_FAILURES | {("val", 3): Failure(MergeStage, "gate_missing_audio")}
+    run = build_contract_run(
+        tmp_path / "run", sample_per_split=5, merge_splits=("val", "test"), failures=failures
+    )
+    val = run.ids("val")
+    assert run.retried[val[4]] is MergeStage
     folder = export(run.workdir)
     for variant in ("random", "per_modality"):
         rows = pq.read_table(folder / f"data/{variant}/validation-00000-of-00001.parquet").to_pylist()
-        assert rows and all(r["caption_sources"] == ["merged"] * 5 for r in rows)
+        assert [r["clip_id"] for r in rows] == [val[1], val[2], val[4]]
+        assert all(r["caption_sources"] == ["merged"] * 5 for r in rows)
     stats = json.loads((folder / "statistics.json").read_text())
     assert stats["merged_splits"] == ["validation", "test"]
+    assert stats["availability"]["validation"]["failed_merge"] == {"gate_missing_audio": 1}
     assert set(stats["splits"]["validation"]) == {"AudioCaps", "AudioVisualCaps"}
-    val = sorted(c for c, r in run.clips.items() if r["split"] == "val")
     rebuilt = build_contract_run(
-        tmp_path / "partial", sample_per_split=2, merge_splits=("val", "test"), skip={"04-merge": {val[0]}}
+        tmp_path / "partial",
+        sample_per_split=5,
+        merge_splits=("val", "test"),
+        failures=failures,
+        skip={MergeStage: {("val", 1)}},
     )
-    with pytest.raises(AbortRun, match=r"stage 04-merge: 1 of 2 val item\(s\) have no result yet"):
+    with pytest.raises(AbortRun, match=r"stage 04-merge: 1 of 4 val item\(s\) have no result yet"):
         export(rebuilt.workdir)
 
 
@@ -202,8 +231,8 @@ def test_embedded_media_and_bounded_shards(
     from datasets import Audio, Image
 
     workdir = run_copy()
-    first_test = sorted(_clips(workdir).query("split == 'test'").index)[3]
-    (workdir / "media" / "audio" / f"{first_test}.wav").unlink()  # one clip lost its audio
+    lost = sorted(_clips(workdir).query("split == 'test'").index)[4]  # accepted, merged on a retry
+    (workdir / "media" / "audio" / f"{lost}.wav").unlink()  # one clip lost its audio
     sets = ("export.embed_media=true", "export.max_shard_bytes=4000", "export.variants=[and]")
     folder = export(workdir, *sets)
     shards = sorted((folder / "data/and").glob("train-*.parquet"))
@@ -216,15 +245,13 @@ def test_embedded_media_and_bounded_shards(
     assert train[0]["image"].size == (32, 24)  # decoded by datasets' Image feature (PIL)
     raw = train[0]["audio"]
     assert raw["bytes"][:4] == b"RIFF"
-    assert first_test not in set(ds["test"]["clip_id"])
+    assert lost not in set(ds["test"]["clip_id"])
     stats = json.loads((folder / "statistics.json").read_text())
-    assert list(stats["excluded_media_missing"]) == [first_test]
-    assert (
-        stats["excluded_media_missing"][first_test]
-        == f"media missing: audio_path=media/audio/{first_test}.wav"
-    )
-    assert stats["counts"]["test"] == 3
-    assert "| test | 6 | removed 1 | media missing 1 | 3 |" in (folder / "README.md").read_text()
+    assert list(stats["excluded_media_missing"]) == [lost]
+    assert stats["excluded_media_missing"][lost] == f"media missing: audio_path=media/audio/{lost}.wav"
+    assert stats["counts"]["test"] == 2
+    card = (folder / "README.md").read_text()
+    assert "| test | 6 | removed 1 | merge:gate_missing_visual 1, media missing 1 | 2 |" in card
 
 
 def test_export_pulls_reviews_first_and_names_the_way_out(

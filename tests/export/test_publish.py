@@ -109,7 +109,8 @@ def test_refuses_unreviewed_test_items_unless_forced(
 ) -> None:
     from standins.contract_run import build_contract_run
 
-    run = build_contract_run(tmp_path / "run", sample_per_split=2, review_default=None, verdicts={})
+    run = build_contract_run(tmp_path / "run", sample_per_split=3, review_default=None, verdicts={})
+    assert run.ids("test")[0] in run.failed  # never merged, so never waiting for a review
     export(run.workdir, "export.allow_unreviewed=true")
     with pytest.raises(AbortRun, match=r"2 test item\(s\) are unreviewed.*--force"):
         publish(run.workdir, "publish.dry_run=true")

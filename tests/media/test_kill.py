@@ -19,6 +19,7 @@ from stages.download import DownloadStage
 from stages.keyframes import KeyframesStage
 from stages.manifest import ManifestStage
 from standins.media import MediaServer, make_clip
+from standins.run_history import Failure, clip_history, commit_histories
 
 from .conftest import START_S, MakeRun, add_source
 
@@ -101,32 +102,52 @@ def test_sigkill_during_keyframes(tmp_path: Path, make_run: MakeRun) -> None:
     config = make_run(ids, keyframes={"frames": 8, "batch_size": 1, "workers": 1})
     ctx = load_context(config, None, ())
     run_stage(ManifestStage, ctx, RunOptions(progress=False))
-    # Stage 1's ledger as the download stage writes it, over copies of one cut 10-s clip.
+    # Stage 1's ledger as a real download run leaves it, over copies of one cut 10-s clip: one clip
+    # gone (404), one that ran out of attempts on 429s, one that got through on its second try.
     clip = make_clip(tmp_path / "cut", 10)
-    rows = []
-    for row in stage_ledger(ManifestStage(ctx)).latest().itertuples():
-        dest = ctx.workdir / "media" / "video" / f"{row.clip_id}.mp4"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(clip, dest)
-        rows.append(
-            {
-                "clip_id": row.clip_id,
-                "status": "ok",
-                "attempts": 1,
-                "video_path": f"media/video/{dest.name}",
-                "video_duration_s": 10.0,
-            }
+    clip_ids = list(stage_ledger(ManifestStage(ctx)).latest().index)
+    gone, throttled, retried = clip_ids[5], clip_ids[6], clip_ids[7]
+    failures = {
+        gone: Failure(DownloadStage, "http_404"),
+        throttled: Failure(DownloadStage, "http_429", "failed_transient"),
+    }
+    histories = []
+    for cid in clip_ids:
+        rel = f"media/video/{cid}.mp4"
+        if cid not in failures:
+            (ctx.workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(clip, ctx.workdir / rel)
+        outputs = {
+            "video_path": rel,
+            "video_duration_s": 10.0,
+            "audio_duration_s": 10.0,
+            "source_duration_s": 10.0,
+            "video_width": 96,
+            "video_height": 64,
+            "file_bytes": clip.stat().st_size,
+            "source_url": f"https://www.youtube.com/watch?v={cid.split('_')[0]}",
+        }
+        rows = clip_history(
+            DownloadStage,
+            cid,
+            outputs,
+            failure=failures.get(cid),
+            retried=cid == retried,
+            max_attempts=ctx.config.download.max_attempts,  # type: ignore[attr-defined]
         )
-    stage_ledger(DownloadStage(ctx)).commit(rows)
+        histories.append({DownloadStage: rows})
+    commit_histories(ctx.workdir, histories)
+    downloaded = [c for c in clip_ids if c not in failures]
 
     ledger = ctx.workdir / "02-keyframes" / "ledger"
     kill_mid_write(avcaps(config, "keyframes"), ledger, ctx.workdir / "media", commits=3)
     led = stage_ledger(KeyframesStage(ctx))
-    assert 3 <= len(led.latest()) < n
+    assert 3 <= len(led.latest()) < len(downloaded)
 
     run_stage(KeyframesStage, ctx, RunOptions(progress=False))
-    clip_ids = [r["clip_id"] for r in rows]
-    check_exactly_once(led.read_all(), clip_ids)
+    # Every downloaded clip (the retried one too) extracted exactly once; the failed ones never tried.
+    check_exactly_once(led.read_all(), downloaded)
+    assert set(led.read_all()["clip_id"]) == set(downloaded)
     assert not list(ctx.workdir.rglob(".tmp-*"))
     state = led.latest()
     import soundfile as sf

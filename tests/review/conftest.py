@@ -16,14 +16,15 @@ from standins.review_run import TEST_CREDS as CREDS
 @pytest.fixture
 def review_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", CREDS.api_key)
-    monkeypatch.setenv("AVCAPS_APP", "standins.review_run")
+    monkeypatch.delenv("AVCAPS_APP", raising=False)  # the real stages read the written ledgers
 
 
 @pytest.fixture
 def run_ctx(
     ls_server: LabelStudioServer, ls_root: Path, review_env: None, request: pytest.FixtureRequest
 ) -> Any:
-    """A factory of run folders (under the document root) with their RunContext."""
+    """A factory of run folders (under the document root) with their RunContext: stages 0-4 as
+    a real run leaves them (``standins.review_run``), upstream failures and retries included."""
     from stages.config import RunConfig
     from standins.review_run import write_contract_run
 

@@ -14,8 +14,8 @@ from review.client import LabelStudio
 from review.labeling import COMMENT, text_result, verdict_result
 from review.pull import captions_distance, pull, read_reviews, review_status, word_edit_distance
 from stages.review import ReviewStage, read_project_file
+from standins.review_run import RETRIED, UPSTREAM_FAILED, make_clips
 from standins.review_run import TEST_CREDS as CREDS
-from standins.review_run import make_clips
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,12 @@ def test_round_trip_push_annotate_pull(run_ctx: Any) -> None:
     report = push(ctx)
     assert report.counts == {"ok": 3}
     ids = task_ids(ctx)
+    # Clips failed upstream are never pushed; the ones retried upstream (merge, download) are.
     assert sorted(ids) == sorted(c["clip_id"] for c in clips[:3])
+    assert not set(ids) & set(UPSTREAM_FAILED)
+    for clip, stage in zip(clips, RETRIED, strict=False):
+        rows = stage_ledger(stage, ctx.workdir).read_all().sort_values("seq")
+        assert list(rows.loc[rows["clip_id"] == clip["clip_id"], "status"]) == ["failed_transient", "ok"]
     c = client(ctx)
     project_id = read_project_file(ctx.workdir / "05-review")["project_id"]
     for cid, tid in ids.items():
