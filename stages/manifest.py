@@ -318,17 +318,23 @@ def _parse_rows(
     return errors
 
 
-def select_clips(clips: pa.Table, cfg: ManifestConfig, limit: int | None) -> list[str]:
-    """Deterministic choice: a seeded sample per split (if asked), then the first ``limit``."""
+def select_clips(clips: pa.Table, cfg: ManifestConfig, limit: int | None) -> pa.Array:
+    """Deterministic choice: per split (in config order) the clip ids sorted, or a seeded sample of
+    them (if asked), then the first ``limit``."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    chosen: list[str] = []
+    chosen = []
     for split in cfg.splits:
-        ids = sorted(clips.filter(pc.equal(clips["split"], split))["clip_id"].to_pylist())
+        ids = clips.filter(pc.equal(clips["split"], split))["clip_id"].combine_chunks()
         if cfg.sample_per_split is not None and cfg.sample_per_split < len(ids):
-            ids = sorted(random.Random(f"{cfg.seed}:{split}").sample(ids, cfg.sample_per_split))
-        chosen.extend(ids)
-    return chosen[:limit] if limit is not None else chosen
+            sample = random.Random(f"{cfg.seed}:{split}").sample(
+                sorted(ids.to_pylist()), cfg.sample_per_split
+            )
+            ids = pa.array(sample, pa.string())
+        chosen.append(ids.take(pc.sort_indices(ids)))
+    out = pa.concat_arrays(chosen) if chosen else pa.array([], pa.string())
+    return out[:limit] if limit is not None else out
 
 
 class ManifestStage(WholeStage):
@@ -376,37 +382,23 @@ class ManifestStage(WholeStage):
                 "rerun with --force to rebuild it (later stages keep their rows, keyed by clip_id)"
             )
         chosen = select_clips(clips, self.cfg, options.limit)
-        ledger.replace_all(self._ledger_table(clips, chosen, ledger.schema))
-        split_of = dict(zip(clips["clip_id"].to_pylist(), clips["split"].to_pylist(), strict=True))
-        per_split = dict.fromkeys(self.cfg.splits, 0)
-        for cid in chosen:
-            per_split[split_of[cid]] += 1
-        del split_of
-        n_captions = sum(
-            clips["audio_captions"].combine_chunks().value_lengths().to_numpy(zero_copy_only=False)
-        )
-        if len(chosen) < clips.num_rows:
-            import pyarrow as pa
-            import pyarrow.compute as pc
-
-            kept = pc.is_in(clips["clip_id"], value_set=pa.array(chosen, pa.string()))
-            n_captions = sum(
-                clips.filter(kept)["audio_captions"]
-                .combine_chunks()
-                .value_lengths()
-                .to_numpy(zero_copy_only=False)
-            )
+        table = self._ledger_table(clips, chosen, ledger.schema)
+        del clips
+        ledger.replace_all(table)
+        counts = {str(v["values"]): int(v["counts"]) for v in table["split"].value_counts().to_pylist()}
+        per_split = {s: counts.get(s, 0) for s in self.cfg.splits}
+        n_captions = int(table["audio_captions"].combine_chunks().value_lengths().to_numpy().sum())
         return {
-            "message": f"clip table built: {len(chosen)} clips "
+            "message": f"clip table built: {table.num_rows} clips "
             + ", ".join(f"{s} {n}" for s, n in per_split.items()),
             "fingerprint": fingerprint,
             "files": sums,
-            "clips": len(chosen),
+            "clips": table.num_rows,
             "per_split": per_split,
-            "captions": int(n_captions),
+            "captions": n_captions,
         }
 
-    def _ledger_table(self, clips: pa.Table, chosen: list[str], schema: pa.Schema) -> pa.Table:
+    def _ledger_table(self, clips: pa.Table, chosen: pa.Array, schema: pa.Schema) -> pa.Table:
         """The ledger rows of the chosen clips, in their order, built column-wise."""
         import time
 
@@ -414,9 +406,7 @@ class ManifestStage(WholeStage):
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        picked = clips.take(
-            pc.index_in(pa.array(chosen, pa.string()), value_set=clips["clip_id"].combine_chunks())
-        )
+        picked = clips.take(pc.index_in(chosen, value_set=clips["clip_id"].combine_chunks()))
         n = picked.num_rows
         empty = pa.array([""] * n, pa.string())
         columns = {
