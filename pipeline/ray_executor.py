@@ -44,6 +44,7 @@ class WorkerSpec:
     config_json: str
     workdir: str
     pass_token: str
+    drop_previous: bool = False
 
     def key(self) -> str:
         return hashlib.sha1(f"{self.stage}|{self.config_json}|{self.workdir}".encode()).hexdigest()
@@ -75,15 +76,16 @@ def _part_name(spec: WorkerSpec, items: list[Item]) -> str:
 
 
 def process_records(batch: dict[str, Any], spec: WorkerSpec) -> dict[str, list[Any]]:
-    """Process one Ray batch (columns clip_id, attempt, seq, data) and commit it; return summaries."""
+    """Process one Ray batch (columns clip_id, attempt, seq, and data: the item's upstream data,
+    fingerprint and previous row as JSON) and commit it; return summaries."""
     stage = _build_stage(spec)
-    items = [
-        Item(str(cid), json.loads(data), int(att), int(seq))
-        for cid, att, seq, data in zip(
-            batch["clip_id"], batch["attempt"], batch["seq"], batch["data"], strict=True
-        )
-    ]
-    rows = process_and_commit(stage, stage_ledger(stage), items, _part_name(spec, items))
+    items = []
+    for cid, att, seq, payload in zip(
+        batch["clip_id"], batch["attempt"], batch["seq"], batch["data"], strict=True
+    ):
+        item = json.loads(payload)
+        items.append(Item(str(cid), item["data"], int(att), int(seq), item["fingerprint"], item["previous"]))
+    rows = process_and_commit(stage, stage_ledger(stage), items, _part_name(spec, items), spec.drop_previous)
     return {k: [r[k] for r in rows] for k in ("clip_id", "status", "attempts", "seq")}
 
 
@@ -143,6 +145,7 @@ class RayExecutor:
             config_json=self.stage.config.model_dump_json(),
             workdir=str(self.stage.ctx.workdir.resolve()),
             pass_token=f"{self.run_token}-{self.passes:03d}",
+            drop_previous=self.options.drop_previous,
         )
 
     def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:
@@ -151,7 +154,12 @@ class RayExecutor:
         spec = self._spec()
         size = self.stage.stage_config.batch_size
         records = [
-            {"clip_id": it.clip_id, "attempt": it.attempt, "seq": it.seq, "data": json.dumps(it.data)}
+            {
+                "clip_id": it.clip_id,
+                "attempt": it.attempt,
+                "seq": it.seq,
+                "data": json.dumps({"data": it.data, "fingerprint": it.fingerprint, "previous": it.previous}),
+            }
             for it in todo.items()
         ]
         ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // size)))
