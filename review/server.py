@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,7 @@ class LabelStudioServer:
         creds: Credentials,
         host: str = "127.0.0.1",
         port: int = 8080,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.venv = Path(venv)
         self.data_dir = Path(data_dir)
@@ -120,6 +122,8 @@ class LabelStudioServer:
         self.creds = creds
         self.host = host
         self.port = port
+        # Further server settings (e.g. TASK_API_PAGE_SIZE_MAX, as a team's server may set it).
+        self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -146,7 +150,7 @@ class LabelStudioServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd,
-                env=server_env(self.creds, self.data_dir, self.document_root),
+                env=server_env(self.creds, self.data_dir, self.document_root) | self.extra_env,
                 cwd=self.data_dir,
                 stdout=log,
                 stderr=subprocess.STDOUT,
