@@ -549,6 +549,7 @@ class ExportStage(WholeStage):
             log.info("review pull: %s", line)
 
     def run(self, options: RunOptions) -> dict[str, Any]:
+        from review.pull import agreement_figures
         from stages.card import render_card, validate_card
 
         cfg = self.cfg
@@ -592,6 +593,7 @@ class ExportStage(WholeStage):
                 "counts": counts,
                 "availability": {HF_SPLITS[s]: a for s, a in plan.availability.items()},
                 "review": plan.review,
+                "review_agreement": agreement_figures(workdir),
                 "unreviewed_test_items": sum(
                     1 for r in first.get("test", []) if r["review_verdict"] == UNREVIEWED
                 ),
