@@ -60,7 +60,11 @@ def credentials_from_env(env: dict[str, str] | None = None, api_key_env: str = A
         )
     creds = Credentials(env[USERNAME_ENV], env[PASSWORD_ENV], env[api_key_env])
     if not TOKEN_RE.fullmatch(creds.api_key):
-        raise AbortRun(f"{api_key_env} must be 40 lowercase hex characters (e.g. `openssl rand -hex 20`)")
+        raise AbortRun(
+            f"{api_key_env} must be 40 lowercase hex characters (e.g. `openssl rand -hex 20`): the local "
+            "server installs it as the admin's legacy token (a personal access token is for pushing to "
+            "a server that already runs)"
+        )
     if "@" not in creds.username:
         raise AbortRun(f"{USERNAME_ENV} must be an e-mail address (Label Studio logs users in by e-mail)")
     return creds
