@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.io import atomic_path
+from pipeline.selection import stage_ledger
 from review.labeling import VERDICTS, parse_result
 from review.policy import (
     EditPolicy,
@@ -29,6 +31,7 @@ from review.policy import (
     word_edit_distance,
     words,
 )
+from review.push import ReviewStage, connect, remembered_project, review_config
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
 
 REVIEWS_FILE = "reviews.parquet"
 ANNOTATIONS_FILE = "annotations.parquet"
-STAGE_DIR = "05-review"
+STAGE_DIR = ReviewStage.dirname()  # pulled reviews live beside the push's ledger and project.json
 __all__ = ["captions_distance", "pull", "read_reviews", "review_status", "word_edit_distance", "words"]
 
 
@@ -268,8 +271,6 @@ def _write(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.io import atomic_path
-
     rows = [{name: r.get(name) for name in schema.names} for r in rows]  # old files lack new columns
     table = pa.Table.from_pylist(rows, schema=schema)
     with atomic_path(path) as tmp:
@@ -278,8 +279,6 @@ def _write(path: Path, rows: list[dict[str, Any]], schema: pa.Schema) -> None:
 
 def pull(ctx: RunContext) -> PullReport:
     """Read the completed annotations of the run's project into ``reviews.parquet``."""
-    from stages.review import connect, remembered_project, review_config
-
     folder = Path(ctx.workdir) / STAGE_DIR
     report = PullReport(folder / REVIEWS_FILE)
     edit_policy = review_config(ctx.config).edit_policy
@@ -360,12 +359,8 @@ def agreement_figures(workdir: Path) -> dict[str, Any]:
 def review_status(ctx: RunContext) -> dict[str, Any]:
     """done / total, verdict rates, the mean word edit distance merge -> final, and the agreement
     between annotators (all from the last pull)."""
-    from pipeline.ledger import Ledger
-    from stages.review import review_config
-
     workdir = Path(ctx.workdir)
-    ledger = Ledger(workdir / STAGE_DIR / "ledger")
-    pushed = ledger.latest()
+    pushed = stage_ledger(ReviewStage, workdir).latest()
     total = int((pushed["status"] == "ok").sum()) if not pushed.empty else 0
     df = read_reviews(workdir)
     done = len(df)

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from review_helpers import avcaps, write_config
 
-from pipeline.runner import run_stage, stage_ledger
+from pipeline.runner import run_stage
+from pipeline.selection import stage_ledger
 from pipeline.stage import RunContext, RunOptions
 from review.client import LabelStudio
 from review.labeling import text_result, verdict_result
@@ -25,7 +26,7 @@ from review.policy import (
     fleiss_kappa,
 )
 from review.pull import pull, read_annotations, read_reviews, review_status
-from stages.review import ReviewStage, read_project_file
+from review.push import ReviewStage, read_project_file
 from standins.review_run import REPO, make_clips
 from standins.review_run import TEST_CREDS as CREDS
 
@@ -227,7 +228,7 @@ def test_three_annotators_per_task_majority_agreement_and_the_card(run_ctx: Any)
 
     # The dataset card carries the same figures (the export pulls first).
     ctx.config.export.allow_unreviewed = True  # type: ignore[attr-defined]
-    from stages.export import ExportStage
+    from stages.export.stage import ExportStage
 
     run_stage(ExportStage, ctx, RunOptions(progress=False))
     card = (ctx.workdir / "export" / "README.md").read_text()

@@ -16,7 +16,7 @@ from pipeline.stage import RunOptions
 from review.client import LabelStudio
 from review.guide import EXAMPLES, GUIDE_PATH, guide_html
 from review.labeling import VERDICTS
-from stages.review import ReviewStage, read_project_file
+from review.push import ReviewStage, read_project_file
 from standins.review_run import REPO, TEST_CREDS, make_clips
 
 pytestmark = pytest.mark.slow

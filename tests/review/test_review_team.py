@@ -14,11 +14,11 @@ import pytest
 import requests
 from review_helpers import TEAM_PAGE_SIZE_MAX, TeamServer, avcaps, popen_avcaps, write_config
 
-from pipeline.runner import stage_ledger
+from pipeline.selection import stage_ledger
 from review.auth import AuthError
 from review.client import LabelStudio
 from review.labeling import text_result, verdict_result
-from stages.review import ReviewStage, read_project_file
+from review.push import ReviewStage, read_project_file
 from standins.review_run import TEST_CREDS as CREDS
 from standins.review_run import make_clips
 

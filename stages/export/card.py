@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from pipeline.errors import AbortRun
+from review.policy import describe
 
 if TYPE_CHECKING:
-    from stages.export import ExportConfig
+    from stages.export.config import ExportConfig
 
 # The Hub's size categories (a closed list on the Hub side).
 SIZE_CATEGORIES = (
@@ -144,8 +145,6 @@ def render_card(stats: dict[str, Any], cfg: ExportConfig) -> str:
     # Several annotators per clip: how much they agreed (review/policy.py says how it is measured).
     agreement = ""
     if reviewed and stats.get("review_agreement"):
-        from review.policy import describe
-
         agreement = f"- {describe(stats['review_agreement'])}.\n"
     return f"""---
 {meta}---
