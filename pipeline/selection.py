@@ -147,6 +147,36 @@ def eligible_frame(
     )
 
 
+def expected_table(cls: type[Stage], ctx: RunContext) -> pa.Table:
+    """``clip_id`` and ``expected``: the fingerprint a row of item stage ``cls`` would get if made
+    now, for every clip it applies to (stale upstream rows included, as if redone)."""
+    import pyarrow as pa
+
+    stage = cls(ctx)
+    eligible = eligible_table(stage, ctx, current_only=False)  # type: ignore[arg-type]
+    return pa.table({"clip_id": eligible["clip_id"], "expected": expected_fingerprints(stage, eligible)})
+
+
+def stale_ids(cls: type[Stage], ctx: RunContext) -> set[str]:
+    """Clips whose current row of item stage ``cls`` is ok but stale: made from other settings or
+    other upstream rows than a run would use today (:mod:`pipeline.fingerprint`)."""
+    import pyarrow.compute as pc
+
+    ledger = stage_ledger(cls, ctx.workdir)
+    if not ledger.exists():
+        return set()
+    try:
+        expected = expected_table(cls, ctx)
+    except AbortRun:  # an upstream stage has not run: nothing to compare with
+        return set()
+    state = ledger.latest_table(["status", "fingerprint"])
+    idx = pc.index_in(state["clip_id"], value_set=expected["clip_id"].combine_chunks())
+    want = expected["expected"].combine_chunks().take(idx)
+    ok = pc.equal(state["status"], "ok")
+    stale = pc.and_(ok, pc.not_equal(state["fingerprint"], want)).fill_null(False)
+    return set(state["clip_id"].filter(stale).to_pylist())
+
+
 # -- what is pending ------------------------------------------------------------------------------
 def select_pending(
     eligible_ids: pa.Array | list[str],
