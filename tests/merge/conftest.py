@@ -111,8 +111,8 @@ def merge_run(tmp_path: Path) -> Callable[..., MergeRun]:
         from pipeline.ledger import Ledger
         from pipeline.runner import run_stage
         from pipeline.stage import RunOptions
-        from stages.caption import CaptionStage
-        from stages.download import DownloadStage
+        from stages.caption.stage import CaptionStage
+        from stages.download.stage import DownloadStage
         from stages.keyframes import KeyframesStage
         from stages.manifest import ManifestStage
         from standins.run_history import Failure, clip_histories, commit_histories, ok_outputs

@@ -14,9 +14,9 @@ from pipeline.config import load_config
 from pipeline.ledger import Ledger
 from pipeline.stage import RunContext
 from stages.config import RunConfig
-from stages.merge import MergeStage
-from stages.merge_backends import ChatRequest, OpenAIBackend
-from stages.merge_gate import REASONS
+from stages.merge.backends import ChatRequest, OpenAIBackend
+from stages.merge.gate import REASONS
+from stages.merge.stage import MergeStage
 
 pytestmark = pytest.mark.slow
 OPENAI = {"backend": "openai", "model": "tiny-random-chat", "max_new_tokens": 32, "max_chars": 120}

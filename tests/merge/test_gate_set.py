@@ -12,7 +12,7 @@ trailer never matched and the audio overlap counting words kept for the picture,
 ``held_out`` (50 rows, written after that and never tuned on; its first run found "I'm unable"
 missing from the refusal patterns, fixed since: a reason-only change, the answer was rejected).
 
-Measured at commit with the default thresholds (``python -m stages.merge_gate_eval
+Measured at commit with the default thresholds (``python -m stages.merge.gate_eval
 tests/merge/gate_set.jsonl``): agreement 0.979 over all 238 rows (5 answers decided otherwise than
 by the reviewer), 0.960 on held_out; precision 0.981, recall 0.972. The test asserts 0.95 overall
 (at most 11 answers decided wrongly: a change that costs 7 more rows fails) and 0.90 on held_out
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.merge import MergeConfig, gate_settings
-from stages.merge_gate import REASONS
-from stages.merge_gate_eval import Scores, load_set, score, table
+from stages.merge.config import MergeConfig, gate_settings
+from stages.merge.gate import REASONS
+from stages.merge.gate_eval import Scores, load_set, score, table
 
 REPO = Path(__file__).resolve().parents[2]
 GATE_SET = Path(__file__).with_name("gate_set.jsonl")

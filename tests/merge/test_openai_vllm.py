@@ -13,7 +13,7 @@ from pipeline.config import load_config
 from pipeline.errors import AbortRun
 from pipeline.stage import RunContext
 from stages.config import RunConfig
-from stages.merge import MergeStage
+from stages.merge.stage import MergeStage
 from standins.llm import make_merge_item
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.errors import AbortRun
 from pipeline.stage import RunContext
 from stages.config import RunConfig
-from stages.merge import DEFAULT_PROMPT, MergeStage, Prompt
+from stages.merge.stage import DEFAULT_PROMPT, MergeStage, Prompt
 from standins.llm import VISUAL
 from standins.llm import make_merge_item as make_item
 
@@ -231,7 +231,7 @@ def openai_overrides(port: int) -> list[str]:
 
 def after_preflight(stage: MergeStage, items: list[Any]) -> list[Any]:
     """``process`` as after a preflight that passed: the server went down since."""
-    from stages.merge_backends import make_backend
+    from stages.merge.backends import make_backend
 
     stage.backend = make_backend(stage.cfg)
     try:

@@ -10,7 +10,7 @@ rejects that a reviewer rejects too, *recall* the share of the answers a reviewe
 rejects. *Agreement* is the share of answers on which it takes the reviewer's decision
 (accept/reject), *reason agreement* the share where it also names the reviewer's reason.
 
-    python -m stages.merge_gate_eval tests/merge/gate_set.jsonl [--set merge.max_invented=0.3]
+    python -m stages.merge.gate_eval tests/merge/gate_set.jsonl [--set merge.max_invented=0.3]
 
 prints those figures per split (the README's table) and every answer the gate gets wrong, so the
 thresholds can be tuned on a set of one's own.
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.merge_gate import GateSettings, Verdict, check_answer
+from stages.merge.gate import GateSettings, Verdict, check_answer
 
 
 def load_set(path: Path) -> list[dict[str, Any]]:
@@ -118,7 +118,7 @@ def table(scores: dict[str, Scores]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from pipeline.config import apply_overrides
-    from stages.merge import MergeConfig, gate_settings
+    from stages.merge.config import MergeConfig, gate_settings
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

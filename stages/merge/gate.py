@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from typing import Any
 
+from pipeline.text import squash_spaces
+
 GATE_VERSION = 2
 # Every reason the gate gives, in the order it checks them ("ok" when none applies).
 REASONS = (
@@ -266,8 +268,9 @@ def colours(words: list[str]) -> list[str]:
 
 
 def clean(caption: str) -> str:
-    """Control characters to spaces, runs of whitespace to one space, ends trimmed."""
-    return " ".join(_CONTROL.sub(" ", caption).split())
+    """Control characters to spaces, runs of whitespace to one space, ends trimmed. (Captioning
+    drops control characters instead: a model's stray byte is noise there, a separator here.)"""
+    return squash_spaces(_CONTROL.sub(" ", caption))
 
 
 def strip_chatter(text: str) -> tuple[str, list[str], bool]:
