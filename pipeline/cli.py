@@ -180,6 +180,14 @@ def _interrupt(signum: int, frame: Any) -> None:
     default=None,
     help="Ray workers (tasks or actors) for this stage; default: CPUs or GPUs available.",
 )
+@click.option(
+    "--dry-run",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Try N items the run would take and print what the stage would do, writing nothing "
+    "(stages that offer it).",
+)
 def run(
     stage: str,
     config_path: Path,
@@ -193,11 +201,12 @@ def run(
     executor: str,
     ray_address: str | None,
     concurrency: int | None,
+    dry_run: int | None,
     **aliases: Any,
 ) -> None:
     """Run STAGE (a number 0-7 or a name such as `download`)."""
     from pipeline.registry import find_stage
-    from pipeline.runner import run_stage
+    from pipeline.runner import dry_run_stage, run_stage
     from pipeline.sharding import parse_shard
     from pipeline.stage import RunOptions
 
@@ -217,6 +226,10 @@ def run(
         ray_address=ray_address,
         concurrency=concurrency,
     )
+    if dry_run is not None:
+        for text in dry_run_stage(cls, ctx, options, dry_run):
+            click.echo(text, nl=False)
+        return
     report = run_stage(cls, ctx, options)
     click.echo(report.line())
 
