@@ -16,9 +16,12 @@ STAGES: list[str] = [
 ]
 CONFIG_MODEL = "stages.config:RunConfig"
 COMMANDS: dict[str, str] = {
+    "doctor": "stages.doctor:doctor",
     "eval": "evalkit.cli:eval_cmd",
     "fetch-spice": "evalkit.cli:fetch_spice",
     "perturb": "evalkit.cli:perturb",
     "robustness": "evalkit.cli:robustness",
     "review": "review.cli:review",
 }
+# How to get a missing optional module (`avcaps` prints it after the module's name).
+MISSING_MODULE_HINT = "`make setup` installs every extra (or pip install -e '.[EXTRA]', see pyproject.toml)"
