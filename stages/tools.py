@@ -148,4 +148,8 @@ def ytdlp_use_ffmpeg(path: str) -> None:
     """
     from yt_dlp.postprocessor.ffmpeg import FFmpegPostProcessor
 
-    FFmpegPostProcessor._ffmpeg_location.set(path)
+    # Private to yt-dlp (what its CLI sets); should a release drop it, `ffmpeg_location` and an
+    # ffmpeg on PATH still work, and tests/bare fails for the packaged one.
+    location = getattr(FFmpegPostProcessor, "_ffmpeg_location", None)
+    if location is not None:
+        location.set(path)
