@@ -23,7 +23,9 @@ from pydantic import Field
 
 from pipeline.config import StrictModel
 from pipeline.errors import AbortRun
+from pipeline.selection import stage_ledger
 from pipeline.stage import RunOptions, WholeStage
+from pipeline.text import squash_spaces
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -54,14 +56,6 @@ def clip_id_for(youtube_id: str, start_s: int, clip_seconds: int = 10) -> str:
 
 def is_valid_youtube_id(text: str) -> bool:
     return YOUTUBE_ID.fullmatch(text) is not None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_checksums(path: Path) -> dict[str, str]:
@@ -207,7 +201,7 @@ def _fast_clips(files: list[tuple[str, Path, bytes]], clip_seconds: int) -> pa.T
             if ascii_only:
                 caption = pc.replace_substring_regex(pc.utf8_trim_whitespace(caption), r"\s+", " ")
             else:  # Python's notion of whitespace (NBSP...) is the reference
-                caption = pa.array([" ".join(c.split()) for c in caption.to_pylist()], pa.string())
+                caption = pa.array([squash_spaces(c) for c in caption.to_pylist()], pa.string())
             good = [
                 pc.all(pc.match_substring_regex(yt, r"^[A-Za-z0-9_-]{11}$")),
                 pc.all(pc.greater_equal(start, 0)),
@@ -286,7 +280,7 @@ def _parse_rows(
         where = f"{path}:{reader.line_num}"
         yt = (row["youtube_id"] or "").strip()
         start_txt = (row["start_time"] or "").strip()
-        caption = " ".join((row["caption"] or "").split())
+        caption = squash_spaces(row["caption"])
         aid_txt = (row["audiocap_id"] or "").strip()
         problems = []
         if not is_valid_youtube_id(yt):
@@ -369,8 +363,6 @@ class ManifestStage(WholeStage):
         ]
 
     def run(self, options: RunOptions) -> dict[str, Any]:
-        from pipeline.runner import stage_ledger
-
         clips, sums = parse_manifest(self.cfg)
         fingerprint = hashlib.sha256(
             json.dumps(

@@ -152,7 +152,7 @@ def show_evaluation(workdir: Path) -> Path:
     returns the plot's path."""
     import json
 
-    from pipeline.runner import stage_ledger
+    from pipeline.selection import stage_ledger
     from stages.manifest import ManifestStage
 
     root = workdir.resolve()

@@ -172,8 +172,8 @@ def test_spice_runs_on_packaged_java_with_its_flags(tmp_path: Path, bare_env: di
 @pytest.mark.slow
 def test_demo_runs_without_system_ffmpeg_or_java(tmp_path: Path, bare_env: dict[str, str]) -> None:
     """`make demo`'s command on the bare PATH: every stage, then perturb / eval / robustness."""
-    from pipeline.runner import stage_ledger
-    from stages.download import DownloadStage
+    from pipeline.selection import stage_ledger
+    from stages.download.stage import DownloadStage
 
     if not (REPO / ".venv-labelstudio" / "bin" / "label-studio").exists():
         pytest.fail("Label Studio is not installed in .venv-labelstudio: run `make review-venv` first")
