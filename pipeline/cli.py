@@ -113,8 +113,8 @@ def load_context(config_path: Path | None, workdir: Path | None, overrides: tupl
 
 
 class AvcapsGroup(click.Group):
-    """Turns :class:`AbortRun` into a one-line error and exit code 2, and loads the
-    application's command groups lazily (``avcaps review``, ``avcaps eval`` ...)."""
+    """Turns :class:`AbortRun` (and a missing optional module) into a one-line error and exit code
+    2, and loads the application's command groups lazily (``avcaps review``, ``avcaps eval`` ...)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         from pipeline.registry import app
@@ -136,6 +136,18 @@ class AvcapsGroup(click.Group):
         except AbortRun as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except ModuleNotFoundError as exc:
+            # An optional dependency (an extra) that is not installed: one line, not a traceback
+            # (-v logs it); the application says how to install it (its MISSING_MODULE_HINT).
+            logging.getLogger("avcaps").debug("missing module", exc_info=True)
+            from pipeline.registry import app
+
+            hint = getattr(app(), "MISSING_MODULE_HINT", "")
+            click.echo(
+                f"error: Python module {exc.name!r} is not installed" + (f"; {hint}" if hint else ""),
+                err=True,
+            )
+            sys.exit(AbortRun.exit_code)
 
 
 @click.group(cls=AvcapsGroup)
