@@ -167,10 +167,10 @@ class DownloadStage(ItemStage):
         ]
 
     def setup(self) -> None:
-        import shutil
+        from stages.tools import ffmpeg
 
-        if shutil.which("ffmpeg") is None:
-            raise AbortRun("ffmpeg is not on PATH: yt-dlp needs it to cut clip sections")
+        # The system's ffmpeg, else imageio-ffmpeg's; a missing one stops the run with one line.
+        self._ffmpeg = ffmpeg("by yt-dlp to cut clip sections")
         if self.cfg.cookies_file is not None and not self.cfg.cookies_file.is_file():
             raise AbortRun(f"download.cookies_file not found: {self.cfg.cookies_file}")
         if "{id}" not in self.cfg.url_template:
@@ -204,6 +204,7 @@ class DownloadStage(ItemStage):
             "merge_output_format": "mp4",
             "download_ranges": download_range_func(None, [(start, end)]),
             "force_keyframes_at_cuts": True,
+            "ffmpeg_location": self._ffmpeg,
             "external_downloader_args": {
                 "ffmpeg_i": ["-rw_timeout", str(int(cfg.read_timeout_s * 1e6))],
                 "ffmpeg_o": [
@@ -234,6 +235,8 @@ class DownloadStage(ItemStage):
         """Fetch, validate and place one clip; return its output columns or raise an ItemError."""
         import yt_dlp
 
+        from stages.tools import ytdlp_use_ffmpeg
+
         cfg = self.cfg
         clip_id = item.clip_id
         start, end = float(item["start_s"]), float(item["end_s"])
@@ -255,6 +258,7 @@ class DownloadStage(ItemStage):
         logger = _QuietLogger()
         self._polite.wait()
         opts = self._ydl_options(str(tmp_dir / f"{stem}.%(ext)s"), start, end, logger)
+        ytdlp_use_ffmpeg(self._ffmpeg)  # for the section download too, not only post-processing
         cookies = None
         try:
             if cfg.cookies_file is not None:
