@@ -326,6 +326,8 @@ def pull(ctx: RunContext) -> PullReport:
             continue
         if rec["clip_id"] in shown and shown[rec["clip_id"]] != rec["merged_captions"]:
             continue  # a review of the clip's earlier merge: outdated, never its current review
+        if rec.get("ls_annotation_id") is not None and int(rec["ls_annotation_id"]) in outdated:
+            continue  # made before the task was updated (its merge or media changed)
         rows.append(rec)
         report.kept += 1
     rows.sort(key=lambda r: r["clip_id"])

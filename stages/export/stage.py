@@ -38,7 +38,7 @@ from pipeline.io import atomic_path, atomic_write_text, file_digest
 from pipeline.selection import expected_table, stage_ledger, stale_ids, to_python
 from pipeline.stage import RunContext, RunOptions, Stage, WholeStage
 from pipeline.text import squash_spaces
-from review.pull import REVIEWS_FILE, agreement_figures, pull
+from review.pull import REVIEWS_FILE, agreement_figures, outdated_annotations, pull
 from review.push import PROJECT_FILE, ReviewStage
 from stages.caption.stage import CaptionStage
 from stages.download.stage import DownloadStage
@@ -130,6 +130,7 @@ class RunTables:
     reviews: pd.DataFrame | None
     stale: dict[type[Stage], set[str]] = field(default_factory=dict)  # ok rows made from other inputs
     outdated_reviews: int = 0
+    outdated_annotations: frozenset[int] = frozenset()
 
     @classmethod
     def read(cls, workdir: Path, ctx: RunContext | None = None) -> RunTables:
@@ -145,6 +146,7 @@ class RunTables:
         stages = {s: _latest(s, workdir) for s in (DOWNLOAD, KEYFRAMES, CAPTION, MERGE, REVIEW)}
         stale = {s: stale_ids(s, ctx) for s in stages} if ctx is not None else {}
         tables = cls(clips, stages, read_reviews(workdir / REVIEW.dirname() / REVIEWS_FILE), stale)
+        tables.outdated_annotations = outdated_annotations(workdir)
         if tables.reviews is not None:
             # A review of an earlier merge of its clip (the merge was redone since) is no review of
             # the current merge: it is left out, and counted.
@@ -295,6 +297,8 @@ def current_reviews(tables: RunTables) -> dict[str, str]:
         return {}
     out = {}
     for cid, row in zip(reviews.index, reviews.to_dict("records"), strict=True):
+        if to_python(row.get("ls_annotation_id")) in tables.outdated_annotations:
+            continue  # made before its task was updated with a redone merge
         if merges is not None and cid in merges.index and "merged_captions" in row:
             reviewed = [str(c) for c in (to_python(row["merged_captions"]) or [])]
             if reviewed and reviewed != [
