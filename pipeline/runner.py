@@ -275,6 +275,8 @@ class RunReport:
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     message: str = ""
+    exit_code: int = 0  # non-zero when the run stopped early (AbortRun)
+    started: float | None = None  # time.monotonic() when the items started
 
     def line(self) -> str:
         if self.message:
@@ -301,12 +303,24 @@ def result_rows(batch: list[Item], results: list[Result]) -> list[dict[str, Any]
     ]
 
 
+def partial_rows(batch: list[Item], exc: AbortRun) -> list[dict[str, Any]]:
+    """Ledger rows for the results an aborting ``process`` finished first (items of ``batch``
+    only); the items without one keep their current row, so an item never tried loses no attempt."""
+    ids = {item.clip_id for item in batch}
+    return result_rows(batch, [r for r in exc.results if isinstance(r, Result) and r.clip_id in ids])
+
+
 def process_and_commit(
     stage: ItemStage, ledger: Ledger, batch: list[Item], part_name: str | None = None
 ) -> list[dict[str, Any]]:
     """Process one batch and commit its rows (the rename is the commit: a crash loses this batch
     at most). Returns one small summary per item for the driver."""
-    rows = result_rows(batch, run_batch(stage, batch))
+    try:
+        rows = result_rows(batch, run_batch(stage, batch))
+    except AbortRun as exc:
+        if rows := partial_rows(batch, exc):
+            ledger.commit(rows, name=part_name)
+        raise
     ledger.commit(rows, name=part_name)
     return _summaries(rows)
 
@@ -351,7 +365,11 @@ class LocalExecutor:
     def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:
         cfg = self.stage.stage_config
         for batch in todo.batches(cfg.batch_size):
-            rows = result_rows(batch, run_batch(self.stage, batch))
+            try:
+                rows = result_rows(batch, run_batch(self.stage, batch))
+            except AbortRun as exc:
+                self.buffer.extend(partial_rows(batch, exc))  # committed by __exit__'s flush
+                raise
             self.buffer.extend(rows)
             due = time.monotonic() - self.last_commit >= cfg.commit_interval_s
             if due or len(self.buffer) >= self.MAX_BUFFERED_ROWS:
@@ -370,11 +388,12 @@ def make_executor(stage: ItemStage, options: RunOptions) -> Any:
     raise AbortRun(f"unknown executor {options.executor!r}; valid: local, ray")
 
 
-def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
+def run_item_stage(stage: ItemStage, options: RunOptions, report: RunReport | None = None) -> RunReport:
+    """Run the pending items of ``stage``; ``report`` (filled as the run goes) is returned."""
     from tqdm import tqdm
 
     cfg = stage.stage_config
-    report = RunReport(stage.dirname())
+    report = report or RunReport(stage.dirname())
     ledger = stage_ledger(stage)
     upstream = _selected(stage, upstream_ok(type(stage), stage.ctx))
     state = ledger.latest_table(["status", "attempts"])
@@ -394,7 +413,7 @@ def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
     todo = WorkList.of(upstream, pending)
     del upstream, state
     stage.folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
+    t0 = report.started = time.monotonic()
     commits = 0
     with make_executor(stage, options) as executor:
         while len(todo):
@@ -450,6 +469,7 @@ def write_stats(stage: Stage, report: RunReport, extra: dict[str, Any] | None = 
         "seconds": round(report.seconds, 3),
         "items_per_s": round(report.processed / report.seconds, 3) if report.seconds else None,
         "message": report.message,
+        "exit_code": report.exit_code,
     }
     if extra:
         stats["summary"] = extra
@@ -540,7 +560,20 @@ def run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions) -> RunRepo
                 write_stats(stage, report, summary)
             else:
                 assert isinstance(stage, ItemStage)
-                report = run_item_stage(stage, options)
+                report = RunReport(cls.dirname())
+                try:
+                    run_item_stage(stage, options, report)
+                except AbortRun as exc:
+                    # A stage that stopped after working says why in its stats (`avcaps status`).
+                    # Never for a stage without a ledger: its stats would read as "ran, nothing
+                    # eligible" to the next stage.
+                    if stage_ledger(stage).exists():
+                        report.message = f"stopped: {exc}"
+                        report.exit_code = exc.exit_code
+                        if report.started is not None:
+                            report.seconds = time.monotonic() - report.started
+                        write_stats(stage, report, stage.extra_stats(stage_ledger(stage).latest()))
+                    raise
                 write_stats(stage, report, stage.extra_stats(stage_ledger(stage).latest()))
         log.info("%s", report.line())
     return report
