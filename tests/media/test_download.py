@@ -11,7 +11,7 @@ import pytest
 from pipeline.cli import load_context
 from pipeline.runner import run_stage, stage_ledger
 from pipeline.stage import RunOptions
-from stages.download import DownloadStage
+from stages.download import DownloadStage, video_path
 from stages.keyframes import KeyframesStage
 from stages.manifest import ManifestStage
 from standins.media import MediaServer, second_for_level
@@ -83,10 +83,12 @@ def test_fault_modes_end_to_end(media_root: Path, server: MediaServer, make_run:
     short = ok.loc["shortclip07_3000_13000"]
     assert short["video_duration_s"] == pytest.approx(4.0, abs=0.15)  # the source ends at 7 s
     assert ok.loc["okh264clip1_3000_13000"]["video_duration_s"] == pytest.approx(10.0, abs=0.15)
-    # Nothing but finished clips in the media folder: no temp file, no file of a failed clip.
-    assert sorted(p.name for p in (ctx.workdir / "media" / "video").iterdir()) == sorted(
-        Path(p).name for p in ok["video_path"]
-    )
+    # Nothing but finished clips in the media folder: no temp file, no file of a failed clip,
+    # each where the ledger says, in its hashed folder (media/video/<2 hex>/<clip_id>.<ext>).
+    files = [p for p in (ctx.workdir / "media" / "video").rglob("*") if p.is_file()]
+    assert sorted(p.relative_to(ctx.workdir).as_posix() for p in files) == sorted(ok["video_path"])
+    for cid, rel in ok["video_path"].items():
+        assert rel == video_path(Path("media"), cid, Path(rel).suffix).as_posix()
 
     # The availability report, in stats.json and in `avcaps status --json`.
     stats = json.loads((ctx.workdir / "01-download" / "stats.json").read_text())
@@ -178,7 +180,7 @@ def test_tampered_ids_never_reach_a_url_or_path(server: MediaServer, make_run: M
         assert (state.loc[bad, "status"], state.loc[bad, "reason"]) == ("failed_permanent", "invalid_id")
         assert repr(bad) in state.loc[bad, "message"]
     assert state.loc[f"okh264clip1_{START_S * 1000}_{(START_S + 10) * 1000}", "status"] == "ok"
-    assert sorted(p.name for p in (ctx.workdir / "media" / "video").iterdir()) == [
+    assert sorted(p.name for p in (ctx.workdir / "media" / "video").rglob("*") if p.is_file()) == [
         f"okh264clip1_{START_S * 1000}_{(START_S + 10) * 1000}.mp4"
     ]
     assert not (ctx.workdir.parent / "evil_3000_13000.mp4").exists()

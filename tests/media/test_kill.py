@@ -90,7 +90,7 @@ def test_sigkill_during_download(media_root: Path, server: MediaServer, make_run
         assert server.hits[f"{yt}.mp4"] == hits_before[f"{yt}.mp4"], cid
     # No partial file kept: only the finished clips, each a full 10-s clip.
     assert not list(ctx.workdir.rglob(".tmp-*"))
-    videos = sorted(p.name for p in (ctx.workdir / "media" / "video").iterdir())
+    videos = sorted(p.name for p in (ctx.workdir / "media" / "video").rglob("*") if p.is_file())
     assert videos == sorted(f"{c}.mp4" for c in clip_ids)
     assert (led.latest()["video_duration_s"] > 9.8).all()
 
