@@ -145,8 +145,9 @@ def test_a_bot_check_wave_trips_the_breaker_which_probes_and_resumes(
     assert (state.loc[[clip_id(yt) for yt in ids], "status"] == "ok").all(), state[["status", "reason"]]
     refused = Counter(name for _, name, what in server.requests if what == "bot_check")
     # The server counted far fewer refusals than there are clips: the breaker stopped starting
-    # downloads after 3 failures (plus the one in flight and one failed probe); without it every
-    # clip would be refused twice (2 attempts) within the wave.
+    # downloads after 3 failures (plus the one in flight and one failed probe). Without it the run
+    # keeps starting downloads into the wave (measured with the breaker disabled: 14 refusals,
+    # 2 clips out of attempts, on the loaded 2-core build machine).
     assert 3 <= sum(refused.values()) <= 6 < len(ids), refused
     # No clip lost an attempt it never used: each failed row is one refusal the server gave.
     failed = Counter(history[history["status"] == "failed_transient"]["clip_id"])
