@@ -492,10 +492,13 @@ class DownloadStage(ItemStage):
             futures: list[Future[Result | None]] = [pool.submit(one, item) for item in batch]
             try:
                 out = [f.result() for f in futures]
-            except BaseException:
-                # Ctrl-C / SIGTERM: clips waiting for a start (possibly a long cool-down) give up
-                # at once; downloads in flight end by themselves (each is bounded).
-                self._gate.cancel()
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # Ctrl-C / SIGTERM: clips waiting for a start (possibly a long cool-down) give
+                    # up at once; downloads in flight end by themselves (each is bounded). An
+                    # ordinary exception leaves the gate open: the runner redoes the batch item
+                    # by item.
+                    self._gate.cancel()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
             pool.shutdown(wait=True)

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import RunThrottled
-from pipeline.io import temp_name
+from pipeline.io import clean_temp_files, temp_name
 
 log = logging.getLogger("avcaps")
 
@@ -134,6 +134,7 @@ class StartGate:
         from filelock import FileLock
 
         self.folder.mkdir(parents=True, exist_ok=True)
+        clean_temp_files(self.folder, recursive=False)  # a state write a crash interrupted
         self.path = self.folder / f"{self.host}.json"
         # thread_local=False: one lock object shared by this stage's threads (each acquire is
         # also serialized in-process by _mutex); other processes are kept out by flock.
@@ -281,6 +282,8 @@ def breaker_summary(folder: Path) -> dict[str, Any]:
         return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else None
 
     for path in sorted(folder.glob("*.json")):
+        if path.name.startswith("."):  # a temp file
+            continue
         st = read_state(path)
         if st["gave_up_at"] is not None:
             state = "gave_up"

@@ -184,3 +184,33 @@ def test_tampered_ids_never_reach_a_url_or_path(server: MediaServer, make_run: M
         f"okh264clip1_{START_S * 1000}_{(START_S + 10) * 1000}.mp4"
     ]
     assert not (ctx.workdir.parent / "evil_3000_13000.mp4").exists()
+
+
+def test_a_bug_in_one_clip_fails_that_clip_alone(
+    media_root: Path, server: MediaServer, make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception in one clip of a batch downloaded in threads (a bug of ours,
+    injected into our own placement code) fails that clip with its traceback; the runner redoes
+    the batch item by item, and the start gate stays open for the others."""
+    ids = [add_source(media_root, f"bugbatch{i:03d}", "okh264clip1") for i in range(4)]
+    bad = f"{ids[1]}_{START_S * 1000}_{(START_S + 10) * 1000}"
+    place = DownloadStage._validate_and_place
+
+    def buggy(self: DownloadStage, path: Path, dest: Path, *args: object) -> dict:
+        if dest.stem == bad:
+            raise RuntimeError("a bug in placing the clip")
+        return place(self, path, dest, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DownloadStage, "_validate_and_place", buggy)
+    config = make_run(
+        ids, download={"url_template": server.url_template(), "concurrency": 2, "batch_size": 4}
+    )
+    ctx = load_context(config, None, ())
+    run_stage(ManifestStage, ctx, RunOptions(progress=False))
+    run_stage(DownloadStage, ctx, RunOptions(progress=False))
+    state = stage_ledger(DownloadStage(ctx)).latest()
+    assert (state.loc[bad, "status"], state.loc[bad, "reason"]) == (
+        "failed_permanent",
+        "unexpected:RuntimeError",
+    )
+    assert (state.drop(index=bad)["status"] == "ok").all(), state[["status", "reason"]]

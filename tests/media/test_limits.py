@@ -51,16 +51,16 @@ def test_a_trickling_source_fails_slow_transfer_within_the_bound(
     )
     ctx = load_context(config, None, ())
     run_stage(ManifestStage, ctx, RunOptions(progress=False))
-    t0 = time.monotonic()
     run_stage(DownloadStage, ctx, RunOptions(progress=False))
-    took = time.monotonic() - t0
+    ended = time.time()
     row = stage_ledger(DownloadStage(ctx)).latest().loc[clip_id(yt)]
     assert (row["status"], row["reason"]) == ("failed_transient", "slow_transfer"), row["message"]
     assert "clip_timeout_s" in row["message"]
-    # The source holds ~100 KB: at 1 KB/s the transfer alone would take minutes. The run ends
-    # within the bound plus yt-dlp's start and the cleanup (generous: the machine is shared).
-    assert took < 5 + 25, took
-    assert server.hits[f"{yt}.mp4"] >= 1
+    # At 1 KB/s the transfer alone would take two minutes (measured with the bound disabled:
+    # 128 s). From its first request the clip ends within the bound plus the kill and the cleanup
+    # (generous: the machine is shared).
+    took = ended - server.first_requests()[f"{yt}.mp4"]
+    assert took < 5 + 20, took
     # Nothing of it is left: no ffmpeg still reading, no temp file.
     assert not [p for p in psutil.Process().children(recursive=True) if "ffmpeg" in p.name()]
     assert not list((ctx.workdir / "media").rglob(".tmp-*"))
@@ -114,7 +114,7 @@ def test_two_processes_on_one_run_folder_keep_one_pace(
     # process takes up to a second more): hence the slack.
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(starts)]
     assert min(gaps) > gap - 1.0, timeline
-    assert starts[-1][0] - starts[0][0] > (len(starts) - 1) * gap - 1.0, timeline
+    assert starts[-1][0] - starts[0][0] > (len(starts) - 1) * gap - 1.5, timeline
 
 
 def test_a_bot_check_wave_trips_the_breaker_which_probes_and_resumes(
