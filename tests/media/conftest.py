@@ -84,6 +84,8 @@ def make_run(tmp_path: Path) -> MakeRun:
                 "backoff_max_s": 0.2,
                 "read_timeout_s": 2,
                 "socket_timeout_s": 2,
+                # A test that trips the rate-limit breaker waits seconds, not 10 minutes.
+                "breaker_cooldown_s": 1,
                 **(download or {}),
             },
             "keyframes": keyframes or {},
