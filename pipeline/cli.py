@@ -7,6 +7,11 @@ Exit status: 0 when the stage ran, even if some items failed (their failures are
 another process is already running the same stage (and an overlapping shard) of the run folder;
 4 when the stage's source kept refusing requests through the stage's cool-downs (RunThrottled:
 what finished is committed; rerun later).
+
+What is the application's, the application declares (:mod:`pipeline.registry`): the default
+``--config`` (``DEFAULT_CONFIG``) and ``avcaps run`` options that set one config key
+(``RUN_ALIASES``, e.g. ``--sample``). They are read when a command is parsed, not at import, so a
+test can plug in another application (``AVCAPS_APP``) after importing this module.
 """
 
 from __future__ import annotations
@@ -22,7 +27,51 @@ import click
 
 from pipeline.errors import AbortRun
 
-DEFAULT_CONFIG = "manifests/audiocaps.yaml"
+
+class AppDefault(click.Option):
+    """An option whose default the application declares (an attribute of its package)."""
+
+    def __init__(self, *args: Any, app_attr: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.app_attr = app_attr
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        from pipeline.registry import app
+
+        return getattr(app(), self.app_attr, None)
+
+
+def alias_options() -> list[click.Option]:
+    """``avcaps run`` options declared by the application as shorthands for one integer config
+    key: ``RUN_ALIASES = {name: {"key": "section.key", "min": 1, "help": "..."}}``."""
+    from pipeline.registry import app
+
+    return [
+        click.Option(
+            [f"--{name}"],
+            type=click.IntRange(min=spec.get("min")),
+            default=None,
+            help=f"{spec['help']} (sets {spec['key']}).",
+        )
+        for name, spec in getattr(app(), "RUN_ALIASES", {}).items()
+    ]
+
+
+class RunCommand(click.Command):
+    """``avcaps run``: the application's alias options go after ``--limit``."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        at = next(i for i, p in enumerate(params) if p.name == "limit") + 1
+        return [*params[:at], *alias_options(), *params[at:]]
+
+
+def alias_overrides(values: dict[str, Any]) -> list[str]:
+    """``--set`` overrides for the alias options given (``values``: option name -> value)."""
+    from pipeline.registry import app
+
+    aliases = getattr(app(), "RUN_ALIASES", {})
+    return [f"{aliases[name]['key']}={v}" for name, v in values.items() if name in aliases and v is not None]
 
 
 def config_options(fn: Any) -> Any:
@@ -42,19 +91,22 @@ def config_options(fn: Any) -> Any:
     fn = click.option(
         "--config",
         "config_path",
+        cls=AppDefault,
+        app_attr="DEFAULT_CONFIG",
         type=click.Path(path_type=Path),
-        default=DEFAULT_CONFIG,
         show_default=True,
         help="YAML run manifest.",
     )(fn)
     return fn
 
 
-def load_context(config_path: Path, workdir: Path | None, overrides: tuple[str, ...]) -> Any:
+def load_context(config_path: Path | None, workdir: Path | None, overrides: tuple[str, ...]) -> Any:
     from pipeline.config import load_config
     from pipeline.registry import config_model
     from pipeline.stage import RunContext
 
+    if config_path is None:
+        raise AbortRun("no --config given, and the application declares no DEFAULT_CONFIG")
     extra = list(overrides)
     if workdir is not None:
         extra.append(f"workdir={workdir}")
@@ -103,17 +155,11 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@main.command()
+@main.command(cls=RunCommand)
 @click.argument("stage")
 @config_options
 @click.option("--shard", default=None, metavar="I/N", help="Only items whose clip_id hashes to shard I of N.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Process at most N pending items.")
-@click.option(
-    "--sample",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Stage 0: a seeded sample of N clips per split (sets manifest.sample_per_split).",
-)
 @click.option("--retry-failed", is_flag=True, help="Re-queue every failed item, permanent ones too.")
 @click.option("--force", is_flag=True, help="Redo every item, finished ones too.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -143,13 +189,13 @@ def run(
     overrides: tuple[str, ...],
     shard: str | None,
     limit: int | None,
-    sample: int | None,
     retry_failed: bool,
     force: bool,
     no_progress: bool,
     executor: str,
     ray_address: str | None,
     concurrency: int | None,
+    **aliases: Any,
 ) -> None:
     """Run STAGE (a number 0-7 or a name such as `download`)."""
     from pipeline.registry import find_stage
@@ -157,8 +203,7 @@ def run(
     from pipeline.sharding import parse_shard
     from pipeline.stage import RunOptions
 
-    if sample is not None:
-        overrides = (*overrides, f"manifest.sample_per_split={sample}")
+    overrides = (*overrides, *alias_overrides(aliases))
     # A scheduler's SIGTERM (Slurm at the time limit, `kill`) ends the run like Ctrl-C: the batch in
     # flight is lost, committed batches stay, and the run log says it was interrupted.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -23,10 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import AbortRun
+from pipeline.executors import process_and_commit
+from pipeline.selection import stage_ledger
 from pipeline.stage import Item, ItemStage, RunContext, RunOptions
 
 if TYPE_CHECKING:
-    from pipeline.runner import WorkList
+    from pipeline.selection import WorkList
 
 log = logging.getLogger("avcaps")
 _STAGE_CACHE: dict[str, ItemStage] = {}
@@ -83,9 +86,6 @@ def process_records(batch: dict[str, Any], spec: WorkerSpec) -> dict[str, list[A
     original type, so the exit status would be lost. The batch's finished results are committed
     and the abort travels back as one summary row (``abort``: class and message) that the driver
     raises again."""
-    from pipeline.errors import AbortRun
-    from pipeline.runner import process_and_commit, stage_ledger
-
     items = [
         Item(str(cid), json.loads(data), int(att), int(seq))
         for cid, att, seq, data in zip(
@@ -106,7 +106,6 @@ def process_records(batch: dict[str, Any], spec: WorkerSpec) -> dict[str, list[A
 
 def _raise_abort(payload: str) -> None:
     """Raise again, in the driver, the AbortRun a worker stopped with."""
-    from pipeline.errors import AbortRun
     from pipeline.registry import load_object
 
     info = json.loads(payload)

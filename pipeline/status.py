@@ -12,13 +12,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun
-from pipeline.registry import stage_classes
+from pipeline.registry import app, stage_classes
+from pipeline.selection import eligible_frame, stage_ledger
 from pipeline.stage import STATUSES, ItemStage, RunContext, Stage
 
 if TYPE_CHECKING:
     import pandas as pd
 
-GROUP_COLUMN = "split"  # counts are also given per value of this clip-table column, when present
+
+def group_column() -> str | None:
+    """The clip-table column whose values counts are also given per (the application's
+    ``GROUP_COLUMN``; none when it declares none). The JSON key stays ``by_split``: an interface."""
+    return getattr(app(), "GROUP_COLUMN", None)
 
 
 def _counts(status: pd.Series, reason: pd.Series) -> dict[str, Any]:
@@ -44,23 +49,22 @@ def latest_log(workdir: Path, dirname: str) -> str | None:
 
 
 def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
-    from pipeline.runner import eligible_frame, stage_ledger
-
+    group = group_column()
     stage = cls(ctx)
     entry: dict[str, Any] = {"stage": cls.dirname(), **dict.fromkeys(STATUSES, 0), "reasons": {}}
     stats_file = stage.folder / "stats.json"
     ledger = stage_ledger(stage)
     if isinstance(stage, ItemStage):
         try:
-            eligible = eligible_frame(stage, ctx, [GROUP_COLUMN])
+            eligible = eligible_frame(stage, ctx, [group] if group else [])
         except AbortRun:  # upstream has not run: nothing is eligible yet
             entry["waiting_for_upstream"] = True
             return entry
         state = ledger.latest(["status", "reason"])
         status, reason = _current(eligible, state)
         entry.update(_counts(status, reason))
-        if GROUP_COLUMN in eligible.columns:
-            groups = eligible[GROUP_COLUMN].astype(object)
+        if group and group in eligible.columns:
+            groups = eligible[group].astype(object)
             entry["by_split"] = {
                 str(g): _counts(status[groups == g], reason[groups == g])
                 for g in sorted(groups.dropna().unique())
@@ -68,10 +72,10 @@ def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
     else:
         if ledger.exists():
             names = {f.name for f in cls.output_schema()}
-            state = ledger.latest(["status", "reason", *([GROUP_COLUMN] if GROUP_COLUMN in names else [])])
+            state = ledger.latest(["status", "reason", *([group] if group in names else [])])
             entry.update(_counts(state["status"].astype(object), state["reason"].astype(object)))
-            if GROUP_COLUMN in state.columns:
-                per_split = state[GROUP_COLUMN].astype(object).value_counts().sort_index()
+            if group and group in state.columns:
+                per_split = state[group].astype(object).value_counts().sort_index()
                 entry["by_split"] = {str(k): int(v) for k, v in per_split.items()}
         entry["done"] = stats_file.exists()
     if stats_file.exists():

@@ -1,5 +1,10 @@
-"""Human review of the test merges in Label Studio (stage 5).
+"""Stage 5, review: people check the test merges in Label Studio; their verdicts become references.
+Reads stage 4's ``merged_captions`` (+ keyframe, audio, captions); writes ``05-review/``: the push's
+ledger (task ids), ``project.json``, ``reviews.parquet`` (pulled) and the local server's data.
 
+All of stage 5 lives here and imports nothing from ``stages``:
+
+- :mod:`review.push`: the push stage (``avcaps run review``) and the run's link to its project.
 - :mod:`review.labeling`: the labeling config, the annotator instructions and the task payloads.
 - :mod:`review.client`: a small client of Label Studio's REST API (plain HTTP with ``requests``).
 - :mod:`review.pull`: completed annotations -> ``DIR/05-review/reviews.parquet`` and its figures.

@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 import click
 
 from pipeline.cli import config_options, load_context
+from review.push import ReviewStage
 
 
 @click.group()
@@ -65,8 +66,8 @@ def server(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
     import sys
     import time
 
+    from review.push import document_root, review_config
     from review.server import LabelStudioServer, credentials_from_env
-    from stages.review import document_root, review_config
 
     ctx = load_context(config_path, workdir, overrides)
     cfg = review_config(ctx.config)
@@ -74,7 +75,7 @@ def server(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
     host = url.hostname or "127.0.0.1"
     creds = credentials_from_env(api_key_env=cfg.api_key_env)
     root = document_root(ctx.config, ctx.workdir)
-    data_dir = Path(ctx.workdir) / "05-review" / "label-studio"
+    data_dir = ctx.stage_dir(ReviewStage) / "label-studio"
     srv = LabelStudioServer(cfg.server_venv, data_dir, root, creds, host=host, port=port or url.port or 8080)
     click.echo(
         f"starting Label Studio (data {data_dir}, media root {root}); the first start migrates (~1 min)"

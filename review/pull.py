@@ -17,7 +17,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.io import atomic_path
+from pipeline.selection import stage_ledger
 from review.labeling import VERDICTS, parse_result
+from review.push import ReviewStage, connect, remembered_project
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
     from pipeline.stage import RunContext
 
 REVIEWS_FILE = "reviews.parquet"
-STAGE_DIR = "05-review"
+STAGE_DIR = ReviewStage.dirname()  # pulled reviews live beside the push's ledger and project.json
 
 
 def reviews_schema() -> pa.Schema:
@@ -196,9 +199,6 @@ def pull(ctx: RunContext) -> PullReport:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.io import atomic_path
-    from stages.review import connect, remembered_project
-
     folder = Path(ctx.workdir) / STAGE_DIR
     report = PullReport(folder / REVIEWS_FILE)
     client = connect(ctx.config)
@@ -241,11 +241,8 @@ def pull(ctx: RunContext) -> PullReport:
 
 def review_status(ctx: RunContext) -> dict[str, Any]:
     """done / total, verdict rates and the mean word edit distance merge -> final (from the last pull)."""
-    from pipeline.ledger import Ledger
-
     workdir = Path(ctx.workdir)
-    ledger = Ledger(workdir / STAGE_DIR / "ledger")
-    pushed = ledger.latest()
+    pushed = stage_ledger(ReviewStage, workdir).latest()
     total = int((pushed["status"] == "ok").sum()) if not pushed.empty else 0
     df = read_reviews(workdir)
     done = len(df)

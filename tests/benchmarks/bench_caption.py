@@ -97,7 +97,8 @@ def run_stage_path(
     args: Any,
 ) -> dict[str, Any]:
     from pipeline.stage import Item, RunContext
-    from stages.caption import Captioner, CaptionStage
+    from stages.caption.captioner import Captioner
+    from stages.caption.stage import CaptionStage
     from stages.config import RunConfig
 
     settings = {

@@ -25,18 +25,18 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pipeline.runner import stage_ledger
+from pipeline.selection import stage_ledger
 from pipeline.stage import Stage
 from review.client import LabelStudio
 from review.labeling import text_result, verdict_result
+from review.push import ReviewStage
 from review.server import LabelStudioServer
-from stages.caption import CaptionStage
-from stages.download import DownloadStage
-from stages.export import HF_SPLITS
+from stages.caption.stage import CaptionStage
+from stages.download.stage import DownloadStage
+from stages.export.stage import HF_SPLITS
 from stages.keyframes import KeyframesStage
 from stages.manifest import ManifestStage
-from stages.merge import MergeStage
-from stages.review import ReviewStage
+from stages.merge.stage import MergeStage
 from standins.media import YTDLP_PLUGINS, MediaServer, make_clip
 from standins.review_run import TEST_CREDS as CREDS
 

@@ -17,9 +17,11 @@ import pytest
 
 from pipeline.cli import load_context
 from pipeline.errors import PermanentError, TransientError
-from pipeline.runner import run_stage, stage_ledger
+from pipeline.runner import run_stage
+from pipeline.selection import stage_ledger
 from pipeline.stage import RunOptions
-from stages.download import DownloadStage, classify
+from stages.download.failures import classify
+from stages.download.stage import DownloadStage
 from stages.manifest import ManifestStage
 from standins.media import MediaServer
 

@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 from pipeline.cli import load_context
-from pipeline.runner import run_stage, stage_ledger
+from pipeline.runner import run_stage
+from pipeline.selection import stage_ledger
 from pipeline.stage import RunOptions
-from stages.download import DownloadStage, existing_videos, video_path
+from stages.download.stage import DownloadStage, existing_videos, video_path
 from stages.keyframes import KeyframesStage
 from stages.manifest import ManifestStage
 from standins.media import MediaServer, make_clip

@@ -17,12 +17,13 @@ import psutil
 import pytest
 
 from pipeline.cli import load_context
-from pipeline.runner import run_stage, stage_ledger
+from pipeline.runner import run_stage
+from pipeline.selection import stage_ledger
 from pipeline.sharding import shard_of
 from pipeline.stage import RunOptions
 from pipeline.status import format_table, run_status
-from stages.download import DownloadStage
-from stages.download_limits import GateSettings, StartGate
+from stages.download.limits import GateSettings, StartGate
+from stages.download.stage import DownloadStage
 from stages.manifest import ManifestStage
 from standins.media import MediaServer
 

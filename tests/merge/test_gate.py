@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from stages.merge_gate import GateSettings, check_answer, content_words, overlap, parse_answer
+from stages.merge.gate import GateSettings, check_answer, content_words, overlap, parse_answer
 
 AUDIO = "A dog barks repeatedly while a man speaks"
 VISUAL = "a man standing in a backyard with a brown dog"
@@ -74,7 +74,7 @@ def test_parse_answer_modes() -> None:
 
 
 def test_harmony_final_channel() -> None:
-    from stages.merge_backends import harmony_final
+    from stages.merge.backends import harmony_final
 
     text = (
         "<|channel|>analysis<|message|>Keep the dog and the yard.<|end|><|start|>assistant"

@@ -11,8 +11,8 @@ import pytest
 from pipeline.config import load_config
 from pipeline.stage import RunContext
 from stages.config import RunConfig
-from stages.merge import MergeStage
-from stages.merge_gate import parse_answer
+from stages.merge.gate import parse_answer
+from stages.merge.stage import MergeStage
 from standins.llm import make_merge_item
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.stage import RunContext
 from stages.config import RunConfig
-from stages.merge import DEFAULT_PROMPT, MergeStage, Prompt
+from stages.merge.stage import DEFAULT_PROMPT, MergeStage, Prompt
 from standins.llm import VISUAL
 from standins.llm import make_merge_item as make_item
 

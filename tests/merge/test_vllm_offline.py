@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import json, sys
 
-from stages.merge import DEFAULT_PROMPT, MergeConfig, Prompt
-from stages.merge_backends import ChatRequest, make_backend
+from stages.merge.stage import DEFAULT_PROMPT, Prompt
+from stages.merge.config import MergeConfig
+from stages.merge.backends import ChatRequest, make_backend
 
 
 def main():

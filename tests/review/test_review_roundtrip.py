@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import AbortRun
-from pipeline.runner import run_stage, stage_ledger
+from pipeline.runner import run_stage
+from pipeline.selection import stage_ledger
 from pipeline.stage import RunContext, RunOptions
 from review.client import LabelStudio
 from review.labeling import COMMENT, text_result, verdict_result
 from review.pull import captions_distance, pull, read_reviews, review_status, word_edit_distance
-from stages.review import ReviewStage, read_project_file
+from review.push import ReviewStage, read_project_file
 from standins.review_run import RETRIED, UPSTREAM_FAILED, make_clips
 from standins.review_run import TEST_CREDS as CREDS
 

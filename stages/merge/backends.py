@@ -18,12 +18,10 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from pipeline.errors import AbortRun, ItemError, PermanentError, TransientError
-
-if TYPE_CHECKING:
-    from stages.merge import MergeConfig
+from stages.merge.config import MergeConfig
 
 log = logging.getLogger("avcaps")
 

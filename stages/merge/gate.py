@@ -25,6 +25,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline.text import squash_spaces
+
 _STOP = """a an the and or but of in on at to for with by from as into onto over under near while
     then than that this these those there here is are was were be being been it its it's his her
     their they them he she we you i my our your some any each other another one two very too also
@@ -102,8 +104,9 @@ def overlap(source: str, answer: str) -> float:
 
 
 def clean(caption: str) -> str:
-    """Control characters to spaces, runs of whitespace to one space, ends trimmed."""
-    return " ".join(_CONTROL.sub(" ", caption).split())
+    """Control characters to spaces, runs of whitespace to one space, ends trimmed. (Captioning
+    drops control characters instead: a model's stray byte is noise there, a separator here.)"""
+    return squash_spaces(_CONTROL.sub(" ", caption))
 
 
 def parse_answer(raw: str) -> tuple[str | None, str]:

@@ -8,7 +8,7 @@ and capped in height. Nothing can hang: yt-dlp has a socket timeout, ffmpeg a re
 (``clip_timeout_s``: a trickling source fails ``slow_transfer``).
 
 Every download start goes through one start gate per host and run folder
-(:mod:`stages.download_limits`): an even pace (``max_per_hour``, ``delay_s``, ``jitter_s``) shared
+(:mod:`stages.download.limits`): an even pace (``max_per_hour``, ``delay_s``, ``jitter_s``) shared
 by every process and Ray worker, and a circuit breaker that stops starting downloads while the
 source refuses this address (bot checks, HTTP 429), probes with one clip after a cool-down, and
 stops the run (exit 4) when the cool-downs do not help.
@@ -21,17 +21,17 @@ finding or placing a clip never lists a folder; the ledger's ``video_path`` says
 (old run folders keep their flat ``media/video/<clip_id>.<ext>`` rows and files).
 
 yt-dlp can report success on an empty, stream-less or truncated file, so every file is decoded
-with PyAV before it counts (both streams present, duration within tolerance of 10 s or of the
-source's end). Failures are classified by :func:`classify` into permanent reasons (``private``,
-``removed``, ``copyright``, ``http_404``...) that are never retried, and transient ones
-(``http_429``, ``bot_check``, ``timeout``...) that the runner retries with backoff.
+with PyAV before it counts (:mod:`stages.download.media`: both streams present, duration within
+tolerance of 10 s or of the source's end). Failures are classified
+(:mod:`stages.download.failures`) into permanent reasons (``private``, ``removed``,
+``copyright``, ``http_404``...) that are never retried, and transient ones (``http_429``,
+``bot_check``, ``timeout``...) that the runner retries with backoff.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -42,14 +42,17 @@ from pydantic import Field
 from pipeline.config import StageConfig
 from pipeline.errors import AbortRun, ItemError, PermanentError, RunThrottled, TransientError
 from pipeline.io import atomic_path, temp_name
+from pipeline.selection import eligible_frame
 from pipeline.stage import Item, ItemStage, Resources, Result
-from stages.download_limits import (
+from stages.download.failures import classify
+from stages.download.limits import (
     ClipDeadline,
     GateCancelled,
     GateSettings,
     StartGate,
     breaker_summary,
 )
+from stages.download.media import decode_media, probe_source
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -116,175 +119,6 @@ class DownloadConfig(StageConfig):
     reuse_existing: bool = Field(
         True, description="Keep a valid file already in place (left by a run killed before its commit)."
     )
-
-
-# -- failure classification ---------------------------------------------------------------------
-
-EXTRACTOR_NEEDLES = (
-    "requested format is not available",
-    "signature extraction failed",
-    "nsig extraction failed",
-    "some formats may be missing",
-)
-UPGRADE_HINT = (
-    "yt-dlp could not read the player: upgrade it (pip install -U 'yt-dlp[default]') and check that "
-    "`yt-dlp -v` lists a JS runtime"
-)
-
-# (reason, transient?, lower-case substrings). Order matters: rate-limit texts first, because
-# YouTube's "Video unavailable. This content isn't available, try again later." contains
-# "video unavailable"; apostrophes are normalized (real messages use a curly one).
-TEXT_RULES: list[tuple[str, bool, tuple[str, ...]]] = [
-    ("bot_check", True, ("not a bot", "confirm you're not", "unusual traffic")),
-    ("rate_limited", True, ("try again later", "rate-limit", "rate limit")),
-    ("account_terminated", False, ("account associated with this video has been terminated",)),
-    ("copyright", False, ("copyright",)),
-    ("private", False, ("private video", "this video is private", "video is private")),
-    ("age_restricted", False, ("confirm your age", "age-restricted", "inappropriate for some users")),
-    ("members_only", False, ("members-only", "members only", "join this channel")),
-    ("geo_blocked", False, ("not available in your country", "not available from your location")),
-    ("removed", False, ("removed by the uploader", "has been removed", "violating youtube")),
-    ("live_or_premiere", True, ("live event will begin", "premieres in", "premiere will begin")),
-    # yt-dlp could not read YouTube's player (an outdated yt-dlp, no JS runtime): the video may be
-    # fine. Before "unavailable", whose "not available" would catch the first one.
-    ("extractor_error", True, EXTRACTOR_NEEDLES),
-    ("unavailable", False, ("video unavailable", "video is unavailable", "not available")),
-    ("unsupported", False, ("unsupported url",)),
-    ("timeout", True, ("timed out", "timeout")),
-    ("connection", True, ("connection refused", "connection reset", "remote end closed", "unreachable")),
-]
-
-
-def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what it wraps: yt-dlp's ``exc_info[1]``, ``.cause``, ``__cause__``/``__context__``."""
-    seen: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or any(e is s for s in seen):
-            continue
-        seen.append(e)
-        info = getattr(e, "exc_info", None)
-        if isinstance(info, tuple) and len(info) > 1 and isinstance(info[1], BaseException):
-            todo.append(info[1])
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, BaseException):
-            todo.append(cause)
-        todo += [e.__cause__, e.__context__]
-    return seen
-
-
-def _http_status(exc: BaseException) -> int | None:
-    from yt_dlp.networking.exceptions import HTTPError
-
-    for e in _causes(exc):
-        if isinstance(e, HTTPError):
-            return int(e.status)
-        status = getattr(e, "code", None)
-        if type(e).__name__ == "HTTPError" and isinstance(status, int):  # urllib's
-            return status
-    return None
-
-
-def classify(exc: BaseException) -> ItemError:
-    """Map a yt-dlp (or network) exception to a permanent or transient item error."""
-    from yt_dlp.networking.exceptions import TransportError
-    from yt_dlp.utils import GeoRestrictedError, UnsupportedError
-
-    causes = _causes(exc)
-    text = " | ".join(str(e) for e in causes).replace("’", "'").replace("‘", "'")
-    low = text.lower()
-    message = str(exc).removeprefix("ERROR: ")[:500]
-
-    # Rate limiting and bot checks first: their texts can contain "Video unavailable".
-    for reason, _transient, needles in TEXT_RULES[:2]:
-        if any(n in low for n in needles):
-            return TransientError(reason, message)
-    status = _http_status(exc)
-    if status is not None:
-        if status == 429 or status == 408 or status >= 500 or status == 403:
-            # 403 from YouTube's media hosts is usually an expired URL or throttling.
-            return TransientError(f"http_{status}", message)
-        return PermanentError(f"http_{status}", message)
-    if any(isinstance(e, GeoRestrictedError) for e in causes):
-        return PermanentError("geo_blocked", message)
-    if any(isinstance(e, UnsupportedError) for e in causes):
-        return PermanentError("unsupported", message)
-    for reason, transient, needles in TEXT_RULES[2:]:
-        if any(n in low for n in needles):
-            if reason == "extractor_error":
-                message = f"{UPGRADE_HINT}: {message}"
-            return (TransientError if transient else PermanentError)(reason, message)
-    if any(isinstance(e, (TransportError, TimeoutError, ConnectionError)) for e in causes):
-        return TransientError("connection", message)
-    return TransientError("download_error", message)
-
-
-# -- validation -----------------------------------------------------------------------------------
-
-
-def decode_media(path: Path) -> dict[str, Any]:
-    """Decode every frame and audio sample of ``path`` (PyAV); return what was found.
-
-    A truncated or corrupt file raises or comes out short here, whatever its header claims.
-    """
-    import av
-
-    found: dict[str, Any] = {"video_end_s": 0.0, "audio_end_s": 0.0, "has_audio": False}
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise PermanentError("no_video", f"{path.name}: no video stream")
-        vs = container.streams.video[0]
-        found.update(width=vs.codec_context.width, height=vs.codec_context.height)
-        streams = [vs]
-        if container.streams.audio:
-            found["has_audio"] = True
-            streams.append(container.streams.audio[0])
-        n_video = 0
-        for frame in container.decode(*streams):
-            if frame.pts is None:
-                continue
-            start = float(frame.pts * frame.time_base)
-            if isinstance(frame, av.AudioFrame):
-                found["audio_end_s"] = max(found["audio_end_s"], start + frame.samples / frame.sample_rate)
-            else:
-                n_video += 1
-                rate = float(vs.average_rate or 25)
-                found["video_end_s"] = max(found["video_end_s"], start + 1.0 / rate)
-        first = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
-        found["video_end_s"] -= first
-        found["frames"] = n_video
-    if n_video == 0:
-        raise PermanentError("corrupt_download", f"{path.name}: no decodable video frame")
-    return found
-
-
-def probe_source(url: str, timeout_s: float) -> float | None:
-    """The duration of a direct media URL (seconds), or raise the classified probe failure.
-
-    Used when yt-dlp's info has no duration (direct files), and to tell why ffmpeg failed (yt-dlp
-    runs it quietly and only says "ffmpeg exited with code 1").
-    """
-    import av
-
-    t0 = time.monotonic()
-    try:
-        with av.open(url, timeout=(timeout_s, timeout_s)) as c:
-            return float(c.duration / 1e6) if c.duration else None
-    except av.error.FFmpegError as exc:
-        if time.monotonic() - t0 >= 0.9 * timeout_s:
-            # A read that timed out: demuxers report it as whatever they were parsing
-            # ("Invalid data found" for mp4), so the clock tells a stall from bad bytes.
-            raise TransientError("timeout", f"source probe timed out after {timeout_s:g} s: {exc}") from exc
-        if isinstance(exc, av.error.HTTPNotFoundError):
-            raise PermanentError("http_404", f"source probe: {exc}") from exc
-        if isinstance(exc, (av.error.HTTPForbiddenError, av.error.HTTPServerError)):
-            raise TransientError("http_error", f"source probe: {exc}") from exc
-        if isinstance(exc, av.error.HTTPClientError):
-            raise PermanentError("http_4xx", f"source probe: {exc}") from exc
-        if isinstance(exc, av.error.InvalidDataError):
-            raise PermanentError("corrupt_source", f"source probe: {exc}") from exc
-        raise TransientError("source_probe", f"source probe: {exc}") from exc
 
 
 def _private_copy(path: Path) -> Path:
@@ -779,8 +613,6 @@ def compare_with_public(split: str, ok: int, permanent: dict[str, int], transien
 
 
 def availability_report(stage: ItemStage, state: pd.DataFrame) -> dict[str, Any]:
-    from pipeline.runner import eligible_frame
-
     try:
         eligible = eligible_frame(stage, stage.ctx, ["split"])
     except AbortRun:

@@ -1,4 +1,4 @@
-"""Stage 5 (push): the test merges become Label Studio tasks for human review.
+"""Stage 5 (push, ``avcaps run review``): the test merges become Label Studio tasks for human review.
 
 The project is created once per run folder (its id is remembered in ``DIR/05-review/project.json``);
 the run's media folder is attached as local-files storage, so Label Studio serves the keyframes and
@@ -6,7 +6,10 @@ audio from there only. Nothing in Label Studio is idempotent, so tasks are keyed
 their data: ``setup`` lists the project's tasks once and a clip already there is never imported
 again (a kill between an import and its ledger commit is healed by that). Each batch of the runner
 is one import call, with the merge as a prediction (the project's ``model_version``) so it shows up
-prefilled. ``avcaps review pull`` (``review/pull.py``) reads the annotations back.
+prefilled. ``avcaps review pull`` (:mod:`review.pull`) reads the annotations back.
+
+Also the run's connection to Label Studio that pull and the CLI share: :func:`connect`,
+:func:`remembered_project`, :func:`document_root`, ``review:`` settings (:class:`ReviewConfig`).
 """
 
 from __future__ import annotations

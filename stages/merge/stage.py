@@ -3,9 +3,10 @@
 As in the paper, the test split is merged (``merge.splits``); each of its 5 AudioCaps captions is
 merged with the BLIP-2 caption on its own (``mode: per_caption``, 5 references) or all 5 at once
 (``mode: all_in_one``, one reference). The prompt is one versioned file
-(``stages/prompts/merge_v1.yaml``, few-shot examples included) whose sha256 goes on every row.
+(``stages/merge/prompts/merge_v1.yaml``, few-shot examples included) whose sha256 goes on every
+row; the settings are :mod:`stages.merge.config`, the LLM backends :mod:`stages.merge.backends`.
 
-Every answer passes the quality gate (:mod:`stages.merge_gate`); a failing one is asked again with
+Every answer passes the quality gate (:mod:`stages.merge.gate`); a failing one is asked again with
 a new seed up to ``max_quality_retries`` times, then the clip is ``failed_permanent`` with reason
 ``gate_<check>``. An unreachable or overloaded server fails the clip transiently (``llm_*``), so
 the runner retries it later. The raw answers and every check are kept on the row for audit.
@@ -18,66 +19,20 @@ import json
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import Field
-
-from pipeline.config import StageConfig
 from pipeline.errors import AbortRun, ItemError, PermanentError, TransientError
 from pipeline.stage import Item, ItemStage, Resources, Result
-from stages.merge_gate import GateSettings, Verdict, check_answer
+from stages.merge.backends import Answer, Backend, ChatRequest, make_backend
+from stages.merge.config import MergeConfig
+from stages.merge.gate import GateSettings, Verdict, check_answer
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-    from stages.merge_backends import Answer, Backend
-
 DEFAULT_PROMPT = Path(__file__).parent / "prompts" / "merge_v1.yaml"
 RAW_KEEP = 2000  # characters of each failed try kept in merge_checks
-
-
-class MergeConfig(StageConfig):
-    batch_size: int = Field(
-        64, gt=0, description="Clips per process() call: 320 requests per_caption, to fill concurrency."
-    )
-    splits: list[str] = Field(["test"], description="Splits to merge (the paper merges only test).")
-    mode: Literal["per_caption", "all_in_one"] = Field(
-        "per_caption", description="One merge per audio caption (5 refs on test/val) or one merge of all."
-    )
-    backend: Literal["openai", "vllm", "transformers"] = Field(
-        "openai", description="openai: an OpenAI-compatible server (make llm-server); others in-process."
-    )
-    model: str = Field("openai/gpt-oss-20b", description="Served model name, or a local path in-process.")
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible endpoint.")
-    api_key_env: str | None = Field(
-        "AVCAPS_LLM_API_KEY", description="Environment variable holding the API key, if the server wants one."
-    )
-    concurrency: int = Field(256, gt=0, description="Requests in flight (= llm-server --max-num-seqs).")
-    connect_timeout_s: float = Field(5.0, gt=0)
-    request_timeout_s: float = Field(120.0, gt=0)
-    retries: int = Field(3, ge=0, description="Retries of one request on 429/5xx/connection errors.")
-    retry_backoff_s: float = Field(1.0, ge=0, description="First retry delay of a request; doubles.")
-    reasoning_effort: Literal["low", "medium", "high"] | None = Field(
-        "low", description="gpt-oss reasoning effort; null to not send it (models without it)."
-    )
-    structured_output: bool = Field(True, description='Ask for JSON {"caption": string} by schema.')
-    max_new_tokens: int = Field(512, gt=0, description="Reasoning + answer tokens per request.")
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = Field(0, description="Seed of the first try; try k uses seed + k.")
-    device: str | None = Field(None, description="transformers backend: cuda / cpu (default: cuda if any).")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend only.")
-    vllm_engine_args: dict[str, Any] = Field(
-        {}, description="vllm backend: extra vllm.LLM(...) arguments, e.g. {max_num_seqs: 256}."
-    )
-    prompt_file: Path | None = Field(None, description="Prompt YAML; default stages/prompts/merge_v1.yaml.")
-    max_words: int = Field(40, gt=0, description="Word budget of a merged caption.")
-    max_chars: int = Field(400, gt=0, description="maxLength of the caption in the output JSON schema.")
-    min_words: int = Field(3, ge=0)
-    min_audio_overlap: float = Field(0.3, ge=0, le=1, description="Share of audio content words kept.")
-    min_visual_overlap: float = Field(0.3, ge=0, le=1, description="Share of visual content words kept.")
-    max_quality_retries: int = Field(2, ge=0, description="New-seed retries of an answer failing the gate.")
 
 
 @dataclass(frozen=True)
@@ -182,8 +137,6 @@ class MergeStage(ItemStage):
         return table["split"].isin(self.cfg.splits)
 
     def setup(self) -> None:
-        from stages.merge_backends import make_backend
-
         _ = self.prompt  # a broken prompt file aborts before any model loads
         self.backend = make_backend(self.cfg)
 
@@ -220,8 +173,6 @@ class MergeStage(ItemStage):
         return best
 
     def process(self, batch: list[Item]) -> list[Result]:
-        from stages.merge_backends import ChatRequest
-
         assert self.backend is not None, "setup() was not called"
         results: dict[int, Result] = {}
         jobs: list[_Job] = []

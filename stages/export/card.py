@@ -17,7 +17,7 @@ import yaml
 from pipeline.errors import AbortRun
 
 if TYPE_CHECKING:
-    from stages.export import ExportConfig
+    from stages.export.config import ExportConfig
 
 # The Hub's size categories (a closed list on the Hub side).
 SIZE_CATEGORIES = (

@@ -1,0 +1,302 @@
+"""BLIP-2 loaded once: uint8 frames in, cleaned captions out (used by the stage and the benchmark).
+
+``generate`` runs on chunks of ``gen_batch_size`` images, halved on CUDA out-of-memory (and kept
+halved, counted in ``oom_events``); pixels travel as uint8 and are normalized on the device.
+
+Text cleaning (:func:`clean_caption`): special tokens dropped, control and format characters
+removed (not turned into spaces, unlike the merge gate's cleaner), whitespace collapsed, and a
+caption cut by ``max_new_tokens`` loses its trailing (probably partial) word.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import AbortRun
+from stages.caption.config import CaptionConfig
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+log = logging.getLogger("avcaps")
+
+# Bump when the text cleaning changes: it is part of the settings hash.
+CLEANING_VERSION = 1
+
+
+def clean_caption(text: str, cut: bool) -> str:
+    """Strip, drop control characters, collapse whitespace; drop the partial word of a cut caption."""
+    kept = []
+    for ch in text:
+        if ch.isspace():
+            kept.append(" ")
+        elif ch != "\ufffd" and not unicodedata.category(ch).startswith("C"):
+            kept.append(ch)  # U+FFFD: bytes that decode to no character (split multi-byte tokens)
+    words = "".join(kept).split()
+    if cut and len(words) > 1 and not re.search(r"[.!?,;:)\]\"']$", words[-1]):
+        words = words[:-1]
+    return " ".join(words)
+
+
+@dataclass
+class Decoding:
+    """One decoding setting; ``retry`` is the variant used once for empty captions."""
+
+    num_beams: int
+    max_new_tokens: int
+    repetition_penalty: float
+    min_new_tokens: int = 0
+
+    def kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {
+            "do_sample": False,
+            "num_beams": self.num_beams,
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.min_new_tokens:
+            kw["min_new_tokens"] = self.min_new_tokens
+        return kw
+
+    def retry(self) -> Decoding:
+        return Decoding(
+            self.num_beams,
+            self.max_new_tokens,
+            max(1.3, self.repetition_penalty),
+            max(self.min_new_tokens, min(3, self.max_new_tokens)),
+        )
+
+
+class FrameError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Captioner:
+    """BLIP-2 loaded once: uint8 frames in, cleaned captions out. Used by the stage and the bench."""
+
+    def __init__(self, cfg: CaptionConfig, model: Any = None, processor: Any = None) -> None:
+        """Load ``cfg.model``; or take an already built ``model`` and ``processor`` (the benchmark's
+        random-weight full-size model, built on the GPU instead of saved and reloaded)."""
+        import torch
+
+        self.cfg = cfg
+        self.device = self._device(cfg.device)
+        self.dtype = self._dtype(cfg.dtype, self.device)
+        if model is None:
+            model, self.revision = self._load(cfg)
+        else:
+            self.processor, self.revision = processor, "in-memory"
+        if not cfg.device_map:
+            model = model.to(self.device)
+        self.model = model.eval()
+        self._prepare_text()
+        ip = self.processor.image_processor
+        size = ip.size
+        self.size = (int(size["width"]), int(size["height"]))
+        self.resample = int(getattr(ip, "resample", 3))
+        self.rescale = float(ip.rescale_factor) if ip.do_rescale else 1.0
+        self.mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        self.std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        self.normalize = bool(ip.do_normalize)
+        self.gen_batch = cfg.gen_batch_size
+        self.oom_events: list[dict[str, int]] = []
+        self.decoding = Decoding(
+            cfg.num_beams, cfg.max_new_tokens, cfg.repetition_penalty, cfg.min_new_tokens
+        )
+
+    def _load(self, cfg: CaptionConfig) -> tuple[Any, str | None]:
+        from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+        local = Path(cfg.model).is_dir()
+        if not local and (cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") > 1):
+            raise AbortRun(f"caption.model folder not found: {cfg.model}")
+        hub: dict[str, Any] = (
+            {} if local else {"revision": cfg.revision, "local_files_only": cfg.local_files_only}
+        )
+        try:
+            self.processor = Blip2Processor.from_pretrained(cfg.model, **hub)
+            load: dict[str, Any] = {"dtype": self.dtype}
+            if cfg.device_map:
+                load["device_map"] = cfg.device_map
+            model = Blip2ForConditionalGeneration.from_pretrained(cfg.model, **hub, **load)
+        except (OSError, ValueError) as exc:  # not on the Hub / no network / not a BLIP-2 folder
+            raise AbortRun(f"caption.model {cfg.model!r} could not be loaded: {exc}") from exc
+        return model, (self._local_fingerprint(Path(cfg.model)) if local else cfg.revision)
+
+    @staticmethod
+    def _device(name: str) -> torch.device:
+        import torch
+
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise AbortRun(f"caption.device={name} but no CUDA device is available")
+        return dev
+
+    @staticmethod
+    def _dtype(name: str, device: torch.device) -> torch.dtype:
+        import torch
+
+        if name == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, name)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _local_fingerprint(folder: Path) -> str:
+        """``local:<hash>`` of a local model folder's config and file sizes (cheap, no weight read)."""
+        h = hashlib.sha256()
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and not p.name.startswith("."):
+                h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+                if p.suffix == ".json":
+                    h.update(p.read_bytes())
+        return "local:" + h.hexdigest()[:16]
+
+    def _prepare_text(self) -> None:
+        """The prompt's token ids, once: image placeholders + BOS + prompt, as the processor makes them.
+
+        ``num_query_tokens`` must be set on the processor, else a prompt silently drops the image
+        (checkpoints saved before it existed lack it: take it from the model config).
+        """
+        import torch
+        from PIL import Image
+
+        proc = self.processor
+        if getattr(proc, "num_query_tokens", None) is None:
+            proc.num_query_tokens = self.model.config.num_query_tokens
+        if self.model.config.image_token_index is None:
+            # A checkpoint saved before BLIP-2 had an <image> token (early revisions of
+            # blip2-opt-2.7b): Blip2Processor has added the token to the tokenizer; the query
+            # embeddings overwrite its embedding row, so any row will do, but it must exist.
+            token_id = proc.tokenizer.convert_tokens_to_ids(
+                getattr(proc.image_token, "content", proc.image_token)
+            )
+            if token_id >= self.model.get_input_embeddings().num_embeddings:
+                self.model.resize_token_embeddings(token_id + 1, pad_to_multiple_of=64)
+            self.model.config.image_token_index = token_id
+        proc.tokenizer.padding_side = "left"
+        enc = proc(images=Image.new("RGB", (8, 8)), text=self.cfg.prompt or "", return_tensors="pt")
+        ids = enc["input_ids"]
+        n_img = int((ids == self.model.config.image_token_index).sum())
+        if n_img != self.model.config.num_query_tokens:
+            raise AbortRun(
+                f"the processor put {n_img} image tokens in the prompt, the model expects "
+                f"{self.model.config.num_query_tokens}"
+            )
+        self.input_ids = ids.to(self.device)
+        self.attention_mask = enc["attention_mask"].to(self.device)
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.model.config.text_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.eos_ids.discard(None)
+        self.eos_tensor = torch.tensor(sorted(self.eos_ids), dtype=torch.long)
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    # -- images --------------------------------------------------------------------------------
+    def load_frame(self, path: Path) -> np.ndarray:
+        """Decode and resize one JPEG to the model's input size (uint8 HxWx3), as the processor does."""
+        import numpy as np
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                im.load()
+                rgb = im.convert("RGB")
+        except FileNotFoundError as exc:
+            raise FrameError("missing_frame", f"{path}: file not found") from exc
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise FrameError("corrupt_frame", f"{path}: {exc}") from exc
+        if rgb.size != self.size:
+            rgb = rgb.resize(self.size, resample=self.resample)
+        return np.asarray(rgb, dtype=np.uint8)
+
+    def pixel_values(self, frames: list[np.ndarray]) -> torch.Tensor:
+        """uint8 frames -> normalized pixel tensor on the device (4x less to copy than float)."""
+        import numpy as np
+        import torch
+
+        batch = torch.from_numpy(np.stack(frames))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float() * self.rescale
+        if self.normalize:
+            x = (x - self.mean) / self.std
+        return x.to(self.dtype)
+
+    # -- generation ----------------------------------------------------------------------------
+    def _generate(self, frames: list[np.ndarray], decoding: Decoding) -> list[tuple[str, bool]]:
+        """One generate() call: (decoded text, cut at max_new_tokens) per frame."""
+        import torch
+
+        n = len(frames)
+        if self.cfg.simulate_oom_above is not None and n > self.cfg.simulate_oom_above:
+            raise torch.OutOfMemoryError(f"simulated: {n} images > caption.simulate_oom_above")
+        if self.cfg.static_cache and n < self.gen_batch:
+            frames = frames + [frames[-1]] * (self.gen_batch - n)  # one shape for compiled graphs
+        pixels = self.pixel_values(frames)
+        kw = decoding.kwargs()
+        if self.cfg.static_cache:
+            kw["cache_implementation"] = "static"
+            kw["disable_compile"] = not self.cfg.compile
+        m = len(frames)
+        with torch.inference_mode():
+            out = self.model.generate(
+                pixel_values=pixels,
+                input_ids=self.input_ids.expand(m, -1),
+                attention_mask=self.attention_mask.expand(m, -1),
+                **kw,
+            )
+        # OPT is decoder-only: its output starts with the prompt (image tokens, BOS, prompt text).
+        new = out[:n, self.input_ids.shape[1] :].cpu()
+        texts = self.processor.batch_decode(new, skip_special_tokens=True)
+        cut = (~torch.isin(new, self.eos_tensor).any(dim=1)).tolist()  # no EOS: stopped by max_new_tokens
+        return list(zip(texts, cut, strict=True))
+
+    def generate(self, frames: list[np.ndarray], decoding: Decoding | None = None) -> list[str]:
+        """Cleaned captions for ``frames``, in chunks of the current batch size, halving on OOM."""
+        import torch
+
+        decoding = decoding or self.decoding
+        out: list[str] = []
+        i = 0
+        while i < len(frames):
+            chunk = frames[i : i + self.gen_batch]
+            try:
+                raw = self._generate(chunk, decoding)
+            except torch.OutOfMemoryError:
+                if self.gen_batch == 1:
+                    raise
+                before = self.gen_batch
+                self.gen_batch = max(1, self.gen_batch // 2)
+                self.oom_events.append({"from": before, "to": self.gen_batch})
+                log.warning(
+                    "caption: CUDA out of memory at %d images per call; now %d", before, self.gen_batch
+                )
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            out.extend(clean_caption(text, cut) for text, cut in raw)
+            i += len(chunk)
+        return out
+
+    def caption(self, frames: list[np.ndarray]) -> list[str]:
+        """Captions with the configured decoding; empty ones retried once with :meth:`Decoding.retry`."""
+        caps = self.generate(frames)
+        empty = [k for k, c in enumerate(caps) if not c]
+        if empty:
+            again = self.generate([frames[k] for k in empty], self.decoding.retry())
+            for k, c in zip(empty, again, strict=True):
+                caps[k] = c
+        return caps
