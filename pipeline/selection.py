@@ -99,16 +99,19 @@ def selected(stage: ItemStage, table: pa.Table) -> pa.Table:
     return table.filter(np.asarray(mask, dtype=bool))
 
 
+def eligible_table(stage: ItemStage, ctx: RunContext, columns: list[str] | tuple[str, ...] = ()) -> pa.Table:
+    """The clips ``stage`` applies to (ok upstream, kept by ``select``): ``clip_id`` and the
+    upstream ``columns`` asked for (e.g. ``split``), as Arrow."""
+    cols = list(dict.fromkeys([*stage.selection_columns, *columns]))
+    table = selected(stage, upstream_ok(type(stage), ctx, cols))
+    return table.select(["clip_id", *[c for c in columns if c in table.column_names]])
+
+
 def eligible_frame(
     stage: ItemStage, ctx: RunContext, columns: list[str] | tuple[str, ...] = ()
 ) -> pd.DataFrame:
-    """The clips ``stage`` applies to (ok upstream, kept by ``select``), indexed by ``clip_id``,
-    with the upstream ``columns`` asked for (e.g. ``split``)."""
-    cols = list(dict.fromkeys([*stage.selection_columns, *columns]))
-    table = selected(stage, upstream_ok(type(stage), ctx, cols))
-    return to_pandas(table.select(["clip_id", *[c for c in columns if c in table.column_names]])).set_index(
-        "clip_id", drop=False
-    )
+    """:func:`eligible_table` as pandas, indexed by ``clip_id``."""
+    return to_pandas(eligible_table(stage, ctx, columns)).set_index("clip_id", drop=False)
 
 
 # -- what is pending ------------------------------------------------------------------------------

@@ -33,10 +33,12 @@ def pull(config_path: Path, workdir: Path | None, overrides: tuple[str, ...]) ->
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 def status(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
-    """done / total, accept / edited / rejected rates, mean word edit distance merge -> final.
+    """done / total, accept / edited / rejected rates, mean word edit distance merge -> final,
+    agreement between annotators (Cohen's or Fleiss' kappa) and the edit distance between them.
 
     Figures come from the last `avcaps review pull`.
     """
+    from review.policy import describe
     from review.pull import review_status
 
     ctx = load_context(config_path, workdir, overrides)
@@ -51,6 +53,12 @@ def status(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
     dist = st["mean_word_edit_distance"]
     click.echo(f"mean word edit distance merge -> final: {'n/a' if dist is None else f'{dist:.2f}'}")
     click.echo(f"disagreements: {st['disagreements']}")
+    n = st["annotators_per_task"]
+    if n > 1:
+        click.echo(f"clips with all {n} answers: {st['complete']} of {st['done']} reviewed")
+    if st["set_aside"]:
+        click.echo(f"answers set aside (unusable, see `avcaps review pull`): {st['set_aside']}")
+    click.echo(describe(st["agreement"]))
 
 
 @review.command()

@@ -38,7 +38,7 @@ from pipeline.io import atomic_write_text, file_digest
 from pipeline.selection import stage_ledger, to_python
 from pipeline.stage import RunOptions, Stage, WholeStage
 from pipeline.text import squash_spaces
-from review.pull import REVIEWS_FILE, pull
+from review.pull import REVIEWS_FILE, agreement_figures, pull
 from review.push import PROJECT_FILE, ReviewStage
 from stages.caption.stage import CaptionStage
 from stages.download.stage import DownloadStage
@@ -545,6 +545,7 @@ class ExportStage(WholeStage):
                 "counts": counts,
                 "availability": {HF_SPLITS[s]: a for s, a in plan.availability.items()},
                 "review": plan.review,
+                "review_agreement": agreement_figures(workdir),
                 "unreviewed_test_items": sum(
                     1 for r in first.get("test", []) if r["review_verdict"] == UNREVIEWED
                 ),
