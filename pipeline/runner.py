@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,29 @@ def run_item_stage(stage: ItemStage, options: RunOptions, report: RunReport | No
     if len(ledger.small_parts()) >= COMPACT_AT_END_PARTS:
         ledger.compact()
     return report
+
+
+def dry_run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions, n: int) -> Iterator[str]:
+    """``avcaps run STAGE --dry-run N``: the stage's own :meth:`~ItemStage.dry_run` on the first
+    ``n`` items a run would take (``--force``/``--retry-failed``/``--shard`` choose as they do for
+    a run). Writes nothing: no ledger row, no stats, no run log, no lock taken."""
+    stage = cls(ctx)
+    if not isinstance(stage, ItemStage) or cls.dry_run is ItemStage.dry_run:
+        raise AbortRun(f"stage {cls.dirname()} offers no dry run")
+    upstream = selected(stage, upstream_ok(cls, ctx))
+    state = stage_ledger(stage).latest_table(["status", "attempts"])
+    limited = RunOptions(**{**options.__dict__, "limit": n})
+    max_attempts = stage.stage_config.max_attempts
+    pending = select_pending(upstream["clip_id"].combine_chunks(), state, limited, max_attempts)
+    if not len(pending):
+        yield f"{cls.dirname()}: nothing to try ({upstream.num_rows} eligible items are all done or failed)\n"
+        return
+    stage.setup()
+    try:
+        for batch in WorkList.of(upstream, pending).batches(n):
+            yield from stage.dry_run(batch)
+    finally:
+        stage.teardown()
 
 
 def write_stats(stage: Stage, report: RunReport, extra: dict[str, Any] | None = None) -> None:

@@ -1,6 +1,8 @@
 """The AudioVisualCaps stages: a package per stage with several modules (``download/``,
 ``caption/``, ``merge/``, ``export/``), a module where one is enough (``manifest``, ``keyframes``,
-``publish``); stage 5 is the ``review`` package. Heavy dependencies are imported lazily.
+``publish``); stage 5 is the ``review`` package. Beside them, ``tools`` (the external programs:
+ffmpeg, java) and ``doctor`` (``avcaps doctor``) serve the stages, the stand-ins and the evaluation
+kit. Heavy dependencies are imported lazily.
 
 This package is the application's composition root: the engine finds the stages, the config
 schema, the extra CLI command groups and its other application settings through the names below,
@@ -30,9 +32,12 @@ RUN_ALIASES: dict[str, dict[str, object]] = {
     },
 }
 COMMANDS: dict[str, str] = {
+    "doctor": "stages.doctor:doctor",
     "eval": "evalkit.cli:eval_cmd",
     "fetch-spice": "evalkit.cli:fetch_spice",
     "perturb": "evalkit.cli:perturb",
     "robustness": "evalkit.cli:robustness",
     "review": "review.cli:review",
 }
+# How to get a missing optional module (`avcaps` prints it after the module's name).
+MISSING_MODULE_HINT = "`make setup` installs every extra (or pip install -e '.[EXTRA]', see pyproject.toml)"

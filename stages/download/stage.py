@@ -271,10 +271,10 @@ class DownloadStage(ItemStage):
         ]
 
     def setup(self) -> None:
-        import shutil
+        from stages.tools import ffmpeg
 
-        if shutil.which("ffmpeg") is None:
-            raise AbortRun("ffmpeg is not on PATH: yt-dlp needs it to cut clip sections")
+        # The system's ffmpeg, else imageio-ffmpeg's; a missing one stops the run with one line.
+        self._ffmpeg = ffmpeg("by yt-dlp to cut clip sections")
         if self.cfg.cookies_file is not None and not self.cfg.cookies_file.is_file():
             raise AbortRun(f"download.cookies_file not found: {self.cfg.cookies_file}")
         if "{id}" not in self.cfg.url_template:
@@ -363,6 +363,7 @@ class DownloadStage(ItemStage):
             "merge_output_format": "mp4",
             "download_ranges": download_range_func(None, [(start, end)]),
             "force_keyframes_at_cuts": True,
+            "ffmpeg_location": self._ffmpeg,
             "external_downloader_args": {
                 "ffmpeg_i": ["-rw_timeout", str(int(cfg.read_timeout_s * 1e6))],
                 "ffmpeg_o": [
@@ -414,12 +415,15 @@ class DownloadStage(ItemStage):
     ) -> dict[str, Any]:
         import yt_dlp
 
+        from stages.tools import ytdlp_use_ffmpeg
+
         cfg = self.cfg
         # yt-dlp writes into the run's flat temp folder (cheap to list and to clean after a
         # crash); the validated file is then renamed into the media folder.
         stem = temp_name(clip_id)
         tmp_dir = self.ctx.tmp_dir
         opts = self._ydl_options(str(tmp_dir / f"{stem}.%(ext)s"), start, end, logger)
+        ytdlp_use_ffmpeg(self._ffmpeg)  # for the section download too, not only post-processing
         cookies = None
         try:
             if cfg.cookies_file is not None:

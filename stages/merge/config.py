@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.config import StageConfig
+from stages.merge.gate import GateSettings
 
 
 class MergeConfig(StageConfig):
@@ -36,6 +37,12 @@ class MergeConfig(StageConfig):
     )
     structured_output: bool = Field(True, description='Ask for JSON {"caption": string} by schema.')
     max_new_tokens: int = Field(512, gt=0, description="Reasoning + answer tokens per request.")
+    retry_max_new_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Budget of the one retry of an answer cut off at max_new_tokens (finish_reason "
+        "length), then gate_truncated; default 4 x max_new_tokens.",
+    )
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = Field(0, description="Seed of the first try; try k uses seed + k.")
@@ -45,11 +52,26 @@ class MergeConfig(StageConfig):
         {}, description="vllm backend: extra vllm.LLM(...) arguments, e.g. {max_num_seqs: 256}."
     )
     prompt_file: Path | None = Field(
-        None, description="Prompt YAML; default stages/merge/prompts/merge_v1.yaml."
+        None, description="Prompt YAML; default stages/merge/prompts/merge_v2.yaml."
     )
     max_words: int = Field(40, gt=0, description="Word budget of a merged caption.")
     max_chars: int = Field(400, gt=0, description="maxLength of the caption in the output JSON schema.")
     min_words: int = Field(3, ge=0)
-    min_audio_overlap: float = Field(0.3, ge=0, le=1, description="Share of audio content words kept.")
-    min_visual_overlap: float = Field(0.3, ge=0, le=1, description="Share of visual content words kept.")
+    min_audio_overlap: float = Field(0.4, ge=0, le=1, description="Share of audio content words kept.")
+    min_visual_overlap: float = Field(0.4, ge=0, le=1, description="Share of visual content words kept.")
+    max_invented: float = Field(
+        0.25, ge=0, le=1, description="Largest share of the merge's content words found in neither caption."
+    )
     max_quality_retries: int = Field(2, ge=0, description="New-seed retries of an answer failing the gate.")
+
+    @property
+    def retry_budget(self) -> int:
+        """max_tokens of the retry of a cut-off answer."""
+        return self.retry_max_new_tokens or 4 * self.max_new_tokens
+
+
+def gate_settings(cfg: MergeConfig) -> GateSettings:
+    """The gate's thresholds from the ``merge`` config section."""
+    return GateSettings(
+        cfg.max_words, cfg.min_words, cfg.min_audio_overlap, cfg.min_visual_overlap, cfg.max_invented
+    )

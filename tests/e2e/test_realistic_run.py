@@ -309,6 +309,8 @@ def test_realistic_run(
                 "max_new_tokens": 24,
                 # The visual caption is the random BLIP-2's: no LLM answer could keep its words.
                 "min_visual_overlap": 0.0,
+                # "dog dog ..." keeps 1 of the 3 content words of "Dogs bark in the distance".
+                "min_audio_overlap": 0.3,
                 "max_quality_retries": 1,
             },
             review={"url": ls_server.url, "document_root": str(ls_root)},

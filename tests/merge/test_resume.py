@@ -102,6 +102,7 @@ merge:
   # A random-weight model writes word salad: only the structural checks can pass.
   min_audio_overlap: 0
   min_visual_overlap: 0
+  max_invented: 1.0
   min_words: 1
 """
     )
