@@ -2,7 +2,9 @@
 
 :func:`run_batch` calls a stage's ``process`` and isolates the item that raises;
 :func:`result_rows` turns results into ledger rows (attempt and ``seq`` come from the items);
-:func:`process_and_commit` is one batch end to end, as a Ray worker runs it. :class:`LocalExecutor`
+:func:`process_and_commit` is one batch end to end, as a Ray worker runs it. A stage that stops
+the run from ``process`` (``AbortRun``) may carry the results it finished first; both executors
+commit those (:func:`partial_rows`) before the abort goes on. :class:`LocalExecutor`
 runs the batches in this process with group commits; ``pipeline.ray_executor`` runs them on a Ray
 cluster. The runner picks one; executors know nothing of the runner.
 """
@@ -117,6 +119,14 @@ def result_rows(
     return rows
 
 
+def partial_rows(batch: list[Item], exc: AbortRun, drop_previous: bool = False) -> list[dict[str, Any]]:
+    """Ledger rows for the results an aborting ``process`` finished first (items of ``batch``
+    only); the items without one keep their current row, so an item never tried loses no attempt."""
+    ids = {item.clip_id for item in batch}
+    results = [r for r in exc.results if isinstance(r, Result) and r.clip_id in ids]
+    return result_rows(batch, results, drop_previous)
+
+
 def process_and_commit(
     stage: ItemStage,
     ledger: Ledger,
@@ -126,7 +136,12 @@ def process_and_commit(
 ) -> list[dict[str, Any]]:
     """Process one batch and commit its rows (the rename is the commit: a crash loses this batch
     at most). Returns one small summary per item for the driver."""
-    rows = result_rows(batch, run_batch(stage, batch), drop_previous)
+    try:
+        rows = result_rows(batch, run_batch(stage, batch), drop_previous)
+    except AbortRun as exc:
+        if rows := partial_rows(batch, exc, drop_previous):
+            ledger.commit(rows, name=part_name)
+        raise
     ledger.commit(rows, name=part_name)
     return _summaries(rows)
 
@@ -180,7 +195,12 @@ class LocalExecutor:
     def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:
         cfg = self.stage.stage_config
         for batch in todo.batches(cfg.batch_size):
-            rows = result_rows(batch, run_batch(self.stage, batch), self.drop_previous)
+            try:
+                rows = result_rows(batch, run_batch(self.stage, batch), self.drop_previous)
+            except AbortRun as exc:
+                # committed by __exit__'s flush
+                self.buffer.extend(partial_rows(batch, exc, self.drop_previous))
+                raise
             self.buffer.extend(rows)
             due = time.monotonic() - self.last_commit >= cfg.commit_interval_s
             if due or len(self.buffer) >= self.MAX_BUFFERED_ROWS:
