@@ -32,6 +32,7 @@ from pipeline.errors import PermanentError, TransientError
 from pipeline.stage import Item, ItemStage, Resources, Result
 from stages.caption.captioner import CLEANING_VERSION, Captioner, FrameError
 from stages.caption.config import CaptionConfig
+from stages.scores import caption_score_fields
 
 if TYPE_CHECKING:
     import numpy as np
@@ -106,6 +107,7 @@ class CaptionStage(ItemStage):
             pa.field("caption_settings_hash", pa.string()),
             pa.field("caption_versions", pa.string()),
             pa.field("caption_gen_batch", pa.int32()),
+            *caption_score_fields(),
         ]
 
     def setup(self) -> None:

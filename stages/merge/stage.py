@@ -33,6 +33,7 @@ from pipeline.stage import Item, ItemStage, Resources, Result
 from stages.merge.backends import Backend, ChatRequest, make_backend
 from stages.merge.config import MergeConfig, gate_settings
 from stages.merge.gate import GATE_VERSION, GateSettings, Verdict, check_answer
+from stages.scores import merge_score_fields
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -169,6 +170,7 @@ class MergeStage(ItemStage):
             pa.field("merge_backend", pa.string()),
             pa.field("merge_model", pa.string()),
             pa.field("merge_checks", pa.string()),
+            *merge_score_fields(),
         ]
 
     selection_columns = ("split",)
