@@ -237,3 +237,27 @@ def word_level_tokenizer(vocab_size: int, bos: int, eos: int, pad: int, unk: int
         single="<bos> $A <eos>", special_tokens=[("<bos>", bos), ("<eos>", eos)]
     )
     return _fast(tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def write_stage2_media(
+    workdir: Path | str, frame_rel: str, audio_rel: str, seed: int, seconds: float = 10.0, rate: int = 16000
+) -> None:
+    """A keyframe JPEG and a mono 16-bit FLAC as stage 2 writes them (``frame_rel`` and
+    ``audio_rel`` relative to the run folder), distinct per ``seed``: a picture of random blocks,
+    and a tone at a seed-dependent pitch in noise, for stand-in run folders whose stage 2 is not
+    run for real but whose files the scorers read."""
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    workdir = Path(workdir)
+    rng = np.random.default_rng(seed)
+    frame = workdir / frame_rel
+    frame.parent.mkdir(parents=True, exist_ok=True)
+    small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    Image.fromarray(small).resize((128, 96), Image.NEAREST).save(frame, quality=90)
+    t = np.arange(round(seconds * rate)) / rate
+    tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * (seed % 50)) * t) + 0.05 * rng.standard_normal(t.size)
+    audio = workdir / audio_rel
+    audio.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(audio, tone.astype(np.float32), rate, subtype="PCM_16", format="FLAC")
