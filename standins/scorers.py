@@ -240,7 +240,13 @@ def word_level_tokenizer(vocab_size: int, bos: int, eos: int, pad: int, unk: int
 
 
 def write_stage2_media(
-    workdir: Path | str, frame_rel: str, audio_rel: str, seed: int, seconds: float = 10.0, rate: int = 16000
+    workdir: Path | str,
+    frame_rel: str,
+    audio_rel: str,
+    seed: int,
+    seconds: float = 10.0,
+    rate: int = 16000,
+    size: tuple[int, int] = (128, 96),
 ) -> None:
     """A keyframe JPEG and a mono 16-bit FLAC as stage 2 writes them (``frame_rel`` and
     ``audio_rel`` relative to the run folder), distinct per ``seed``: a picture of random blocks,
@@ -255,7 +261,7 @@ def write_stage2_media(
     frame = workdir / frame_rel
     frame.parent.mkdir(parents=True, exist_ok=True)
     small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    Image.fromarray(small).resize((128, 96), Image.NEAREST).save(frame, quality=90)
+    Image.fromarray(small).resize(size, Image.NEAREST).save(frame, quality=90)
     t = np.arange(round(seconds * rate)) / rate
     tone = 0.3 * np.sin(2 * np.pi * (220 + 40 * (seed % 50)) * t) + 0.05 * rng.standard_normal(t.size)
     audio = workdir / audio_rel
