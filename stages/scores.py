@@ -8,7 +8,10 @@ over the rows they read, so a percentile always refers to a stated population.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+# The run-percentile helper sits in the engine, below stage 5 (review/) and stage 6 that rank too.
+from pipeline.ranks import cell_percentiles, percentile_ranks
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -23,6 +26,20 @@ SOURCE_AUDIO_CLAP = "source_audio_clap_score"
 SOURCE_AUDIO_CLIP = "source_audio_clip_score"
 SOURCE_VISUAL_CLAP = "source_visual_clap_score"
 SOURCE_VISUAL_CLIP = "source_visual_clip_score"
+
+__all__ = [
+    "MERGE_CLAP",
+    "MERGE_CLIP",
+    "SOURCE_AUDIO_CLAP",
+    "SOURCE_AUDIO_CLIP",
+    "SOURCE_VISUAL_CLAP",
+    "SOURCE_VISUAL_CLIP",
+    "VISUAL_CLIP",
+    "caption_score_fields",
+    "cell_percentiles",
+    "merge_score_fields",
+    "percentile_ranks",
+]
 
 
 def caption_score_fields() -> list[pa.Field]:
@@ -51,20 +68,3 @@ def merge_score_fields() -> list[pa.Field]:
         pa.field("merge_score_tries", pa.int32()),
         pa.field("score_models", pa.string()),  # JSON: {"clip": id@revision, "clap": id@revision}
     ]
-
-
-def percentile_ranks(values: Any) -> Any:
-    """Percentile (0-100) of each value among ``values``: the share of values at or below it.
-
-    NaN stays NaN and is not counted. Ties share the highest rank, so the best score of a run
-    is always 100 and a constant column is 100 everywhere.
-    """
-    import numpy as np
-
-    v = np.asarray(values, dtype="float64")
-    out = np.full(v.shape, np.nan)
-    ok = ~np.isnan(v)
-    finite = np.sort(v[ok])
-    if finite.size:
-        out[ok] = 100.0 * np.searchsorted(finite, v[ok], side="right") / finite.size
-    return out
