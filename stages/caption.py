@@ -7,10 +7,16 @@ revision, dtype, a hash of every setting that changes the text, library versions
 
 How it keeps the accelerator busy: JPEG decoding and resizing run in a thread pool that works
 ahead while the model generates; identical frames (a still-image video gives N equal keyframes)
-are captioned once; pixels travel as uint8 and are normalized on the device; ``generate`` runs on
+are captioned once; pixels travel as uint8 and are normalized on the device; the model runs on
 chunks of ``gen_batch_size`` images, halved on CUDA out-of-memory (and kept halved, counted in
 ``stats.json``). The prompt is the same for every image, so a batch needs no text padding, and
 the caption of an image does not depend on its neighbours (``tests/caption`` checks it).
+
+Decoding (``caption.decoder``): ``generate`` (default) calls transformers' ``generate``; ``fast``
+uses :mod:`stages.caption_fast` (fixed-shape cache, the step compiled as a CUDA graph on CUDA,
+the next chunk's vision half overlapped), which gives the same tokens (checked on CPU in
+``tests/caption/test_caption_fast.py``); its GPU speed has not been measured yet, so it is not
+the default.
 
 Text cleaning: special tokens dropped, control characters removed, whitespace collapsed, and a
 caption cut by ``max_new_tokens`` loses its trailing (probably partial) word. An empty caption is
@@ -43,6 +49,8 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
     import torch
+
+    from stages.caption_fast import FastDecoder
 
 log = logging.getLogger("avcaps")
 
@@ -77,8 +85,23 @@ class CaptionConfig(StageConfig):
         "middle", description="Which frame's caption becomes visual_caption (or a frame index)."
     )
     dedup_frames: bool = Field(True, description="Caption identical frames (equal pixels) once.")
-    static_cache: bool = Field(False, description="Static KV cache (fixed shapes; pads the last chunk).")
-    compile: bool = Field(False, description="torch.compile the decode step (with static_cache, CUDA).")
+    decoder: Literal["generate", "fast"] = Field(
+        "generate",
+        description=(
+            "generate: transformers' generate(). fast: the fixed-shape decode loop of "
+            "stages/caption_fast.py (same tokens, checked on CPU; its GPU speed is not measured yet)."
+        ),
+    )
+    static_cache: bool = Field(
+        False, description="decoder=generate: static KV cache (fixed shapes; pads the last chunk)."
+    )
+    compile: bool | None = Field(
+        None,
+        description=(
+            "torch.compile the decode step. decoder=fast: as a CUDA graph (mode reduce-overhead); "
+            "default on with CUDA, off on CPU. decoder=generate: needs static_cache; default off."
+        ),
+    )
     simulate_oom_above: int | None = Field(
         None,
         gt=0,
@@ -86,9 +109,13 @@ class CaptionConfig(StageConfig):
     )
 
     @model_validator(mode="after")
-    def _compile_needs_static_cache(self) -> CaptionConfig:
-        if self.compile and not self.static_cache:
+    def _decoder_options(self) -> CaptionConfig:
+        if self.decoder == "generate" and self.compile and not self.static_cache:
             raise ValueError("compile: true needs static_cache: true (a dynamic cache is not compiled)")
+        if self.decoder == "fast" and self.static_cache:
+            raise ValueError("static_cache is for decoder: generate (decoder: fast always uses one)")
+        if self.decoder == "fast" and self.device_map:
+            raise ValueError("decoder: fast runs the model on one device; it cannot use device_map")
         return self
 
 
@@ -213,6 +240,10 @@ class Captioner:
         self.decoding = Decoding(
             cfg.num_beams, cfg.max_new_tokens, cfg.repetition_penalty, cfg.min_new_tokens
         )
+        self.fast: FastDecoder | None = None
+        self.chunks_per_call = 1
+        if cfg.decoder == "fast":
+            self._start_fast()
 
     def _load(self, cfg: CaptionConfig) -> tuple[Any, str | None]:
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
@@ -296,7 +327,9 @@ class Captioner:
             )
         self.input_ids = ids.to(self.device)
         self.attention_mask = enc["attention_mask"].to(self.device)
-        eos = self.model.generation_config.eos_token_id
+        # generate() stops on the language model's generation config (BLIP-2's own
+        # generation_config.json does not reach it), so the EOS that marks an uncut caption is its.
+        eos = self.model.language_model.generation_config.eos_token_id
         if eos is None:
             eos = self.model.config.text_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -337,13 +370,36 @@ class Captioner:
         return x.to(self.dtype)
 
     # -- generation ----------------------------------------------------------------------------
-    def _generate(self, frames: list[np.ndarray], decoding: Decoding) -> list[tuple[str, bool]]:
-        """One generate() call: (decoded text, cut at max_new_tokens) per frame."""
+    def _start_fast(self) -> None:
+        """The fast decoder (``caption.decoder: fast``), after the prompt is known."""
+        from stages.caption_fast import FastDecoder, UnsupportedDecoding, settings_for
+
+        gc = self.model.language_model.generation_config
+        try:  # both settings the stage uses, so a refusal comes now and not mid-run
+            for decoding in (self.decoding, self.decoding.retry()):
+                settings_for(gc, decoding.kwargs())
+        except UnsupportedDecoding as exc:
+            raise AbortRun(f"caption.decoder=fast cannot reproduce generate() here: {exc}") from exc
+        compile_on = self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
+        # reduce-overhead: inductor kernels replayed as one CUDA graph per step (on CUDA);
+        # dynamic=False: one specialised graph per batch shape, never a symbolic-shape one.
+        options = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False} if compile_on else None
+        self.fast = FastDecoder(self.model, self.input_ids, options)
+        # Give generate() several chunks per call, so the image half of chunk k+1 can run while
+        # chunk k decodes (CaptionStage.process groups this many chunks before it calls).
+        self.chunks_per_call = 4
+
+    def _simulated_oom(self, n: int) -> None:
+        import torch
+
+        if self.cfg.simulate_oom_above is not None and n > self.cfg.simulate_oom_above:
+            raise torch.OutOfMemoryError(f"simulated: {n} images > caption.simulate_oom_above")
+
+    def _generate_ids(self, frames: list[np.ndarray], decoding: Decoding) -> torch.Tensor:
+        """One generate() call: the new token ids ``[n, T]`` (on the CPU)."""
         import torch
 
         n = len(frames)
-        if self.cfg.simulate_oom_above is not None and n > self.cfg.simulate_oom_above:
-            raise torch.OutOfMemoryError(f"simulated: {n} images > caption.simulate_oom_above")
         if self.cfg.static_cache and n < self.gen_batch:
             frames = frames + [frames[-1]] * (self.gen_batch - n)  # one shape for compiled graphs
         pixels = self.pixel_values(frames)
@@ -360,23 +416,66 @@ class Captioner:
                 **kw,
             )
         # OPT is decoder-only: its output starts with the prompt (image tokens, BOS, prompt text).
-        new = out[:n, self.input_ids.shape[1] :].cpu()
+        return out[:n, self.input_ids.shape[1] :].cpu()
+
+    def _fast_ids(self, features: torch.Tensor, n: int, decoding: Decoding) -> torch.Tensor:
+        """The fast decoder on one chunk: rows padded to ``gen_batch`` with copies of the last
+        image (one shape for the captured step), the padding dropped from the result."""
+        import torch
+
+        from stages.caption_fast import settings_for
+
+        assert self.fast is not None
+        settings = settings_for(self.model.language_model.generation_config, decoding.kwargs())
+        if n < self.gen_batch:
+            pad = features[-1:].expand(self.gen_batch - n, *features.shape[1:])
+            features = torch.cat([features, pad])
+        return self.fast.decode(features, settings)[:n].cpu()
+
+    def _texts(self, new: torch.Tensor) -> list[tuple[str, bool]]:
+        """(decoded text, cut at max_new_tokens) per row of new token ids."""
+        import torch
+
         texts = self.processor.batch_decode(new, skip_special_tokens=True)
         cut = (~torch.isin(new, self.eos_tensor).any(dim=1)).tolist()  # no EOS: stopped by max_new_tokens
         return list(zip(texts, cut, strict=True))
 
-    def generate(self, frames: list[np.ndarray], decoding: Decoding | None = None) -> list[str]:
-        """Cleaned captions for ``frames``, in chunks of the current batch size, halving on OOM."""
+    def _generate(self, frames: list[np.ndarray], decoding: Decoding) -> list[tuple[str, bool]]:
+        """One generate() call: (decoded text, cut at max_new_tokens) per frame."""
+        self._simulated_oom(len(frames))
+        return self._texts(self._generate_ids(frames, decoding))
+
+    def _chunk_ids(self, frames: list[np.ndarray], decoding: Decoding) -> list[torch.Tensor]:
+        """New token ids of ``frames``, one tensor per chunk of the current batch size, halving
+        the batch on CUDA out-of-memory. With the fast decoder the image half of the next chunk
+        is started before this chunk decodes (on CUDA it runs alongside, on a side stream)."""
         import torch
 
-        decoding = decoding or self.decoding
-        out: list[str] = []
+        out: list[torch.Tensor] = []
+        ahead: tuple[tuple[int, int], Any] | None = None  # ((start, size), Pending) of the next chunk
         i = 0
         while i < len(frames):
-            chunk = frames[i : i + self.gen_batch]
+            size = self.gen_batch
+            chunk = frames[i : i + size]
             try:
-                raw = self._generate(chunk, decoding)
+                self._simulated_oom(len(chunk))
+                if self.fast is None:
+                    ids = self._generate_ids(chunk, decoding)
+                else:
+                    if ahead is not None and ahead[0] == (i, size):
+                        features = ahead[1].result()
+                    else:
+                        features = self.fast.features(self.pixel_values(chunk))
+                    ahead = None
+                    nxt = frames[i + size : i + 2 * size]
+                    if nxt:
+                        pending = self.fast.features_ahead(lambda nxt=nxt: self.pixel_values(nxt))
+                        ahead = ((i + size, size), pending)
+                    ids = self._fast_ids(features, len(chunk), decoding)
             except torch.OutOfMemoryError:
+                ahead = None
+                if self.fast is not None:
+                    self.fast.release()
                 if self.gen_batch == 1:
                     raise
                 before = self.gen_batch
@@ -388,8 +487,25 @@ class Captioner:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
-            out.extend(clean_caption(text, cut) for text, cut in raw)
+            out.append(ids)
             i += len(chunk)
+        return out
+
+    def token_ids(self, frames: list[np.ndarray], decoding: Decoding | None = None) -> list[list[int]]:
+        """The new token ids of each frame up to and with its first EOS (all of them when it has
+        none): what both decoders must agree on, whatever padding follows."""
+        rows: list[list[int]] = []
+        for ids in self._chunk_ids(frames, decoding or self.decoding):
+            for row in ids.tolist():
+                end = next((k for k, t in enumerate(row) if t in self.eos_ids), None)
+                rows.append(row if end is None else row[: end + 1])
+        return rows
+
+    def generate(self, frames: list[np.ndarray], decoding: Decoding | None = None) -> list[str]:
+        """Cleaned captions for ``frames``, in chunks of the current batch size, halving on OOM."""
+        out: list[str] = []
+        for ids in self._chunk_ids(frames, decoding or self.decoding):
+            out.extend(clean_caption(text, cut) for text, cut in self._texts(ids))
         return out
 
     def caption(self, frames: list[np.ndarray]) -> list[str]:
@@ -517,7 +633,7 @@ class CaptionStage(ItemStage):
                     continue
                 self.unique_frames += 1
                 pending[key] = frame
-                if len(pending) >= self.captioner.gen_batch:
+                if len(pending) >= self.captioner.gen_batch * self.captioner.chunks_per_call:
                     flush()
             if pending:
                 flush()
