@@ -475,7 +475,7 @@ class Captioner:
             except torch.OutOfMemoryError:
                 ahead = None
                 if self.fast is not None:
-                    self.fast.release()
+                    self.fast.release(compiled=True)
                 if self.gen_batch == 1:
                     raise
                 before = self.gen_batch

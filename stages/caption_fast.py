@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -167,10 +166,8 @@ class FastDecoder:
         self._buffers: dict[str, torch.Tensor] = {}
         self._steps: dict[bool, Any] = {}
         self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # Per decoded chunk: tokens chosen (the first from the prefill; shows the early exit),
-        # and seconds in the loop after the prefill (the benchmark's time per decode step).
+        # Tokens chosen per decoded chunk (the first from the prefill): shows the early exit.
         self.decode_steps: list[int] = []
-        self.decode_seconds: list[float] = []
 
     # -- the image half ---------------------------------------------------------------------
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -210,11 +207,17 @@ class FastDecoder:
         return Pending(feats, event)
 
     # -- the text half ----------------------------------------------------------------------
-    def release(self) -> None:
-        """Drop the cache and step buffers (after CUDA out-of-memory, before a smaller batch)."""
+    def release(self, compiled: bool = False) -> None:
+        """Drop the cache and step buffers (a new batch shape); ``compiled``: the compiled steps
+        and their CUDA graph memory too (after CUDA out-of-memory, before a smaller batch)."""
         self._cache = None
         self._cache_key = None
         self._buffers.clear()
+        if compiled and self._steps and self.compile_options:
+            import torch
+
+            self._steps.clear()
+            torch.compiler.reset()  # frees the recorded graphs' memory pool; recompiles next call
 
     def _static_cache(self, rows: int, length: int) -> Any:
         from transformers import StaticCache
@@ -328,18 +331,6 @@ class FastDecoder:
             procs.append(MinNewTokensLengthLogitsProcessor(self.prompt_ids.shape[1], s.min_new_tokens, eos))
         return procs
 
-    def _clock(self) -> float:
-        import torch
-
-        if self.device.type == "cuda":
-            # This stream only: a device-wide sync would also wait for the side stream's work.
-            torch.cuda.current_stream(self.device).synchronize()
-        return time.perf_counter()
-
-    def _log(self, steps: int, start: float) -> None:
-        self.decode_steps.append(steps)
-        self.decode_seconds.append(self._clock() - start)
-
     def decode(self, features: torch.Tensor, s: FastSettings) -> torch.Tensor:
         """New token ids ``[n, max_new_tokens]`` for ``features`` ``[n, queries, hidden]``: the
         tokens ``generate`` gives, then ``pad_id`` after the end of each sequence."""
@@ -365,7 +356,6 @@ class FastDecoder:
         positions = self._buffer("positions", (n, 1), torch.long)
         unfinished = torch.ones(n, dtype=torch.bool, device=self.device)
         steps = 0
-        start = self._clock()
         for cur in range(p, length):
             if cur > p:
                 tokens.copy_(seqs[:, cur - 1 : cur])
@@ -379,7 +369,7 @@ class FastDecoder:
             unfinished &= ~torch.isin(nxt, eos)
             if not bool(unfinished.any()):  # every sequence ended: stop early
                 break
-        self._log(steps, start)
+        self.decode_steps.append(steps)
         return seqs[:, p:]
 
     def _beam(self, features: torch.Tensor, s: FastSettings) -> torch.Tensor:
@@ -416,7 +406,6 @@ class FastDecoder:
         beam_idx = self._buffer("beam_idx", (n * k,), torch.long)
         cur = p
         steps = 0
-        start = self._clock()
         while True:
             if cur > p:
                 tokens.copy_(running_sequences[:, :, cur - 1].reshape(n * k, 1))
@@ -482,7 +471,7 @@ class FastDecoder:
                 going = going & ~torch.all(is_sent_finished)
             if not bool(going):  # every image's search has ended: stop early
                 break
-        self._log(steps, start)
+        self.decode_steps.append(steps)
         return sequences[:, 0, p:]
 
 
