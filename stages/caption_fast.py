@@ -41,8 +41,8 @@ class UnsupportedDecoding(ValueError):
 
 # Generation-config fields that make ``generate`` add a logits processor or change the search,
 # with the value that leaves it out. The fast path applies only repetition_penalty and
-# min_new_tokens (the settings the stage has), so any other one set in a checkpoint's
-# generation_config.json would make its captions differ: refuse instead.
+# min_new_tokens (the settings the stage has), so any other one set in the language model's
+# generation config (what BLIP-2's generate() reads) would make its captions differ: refuse.
 _INERT: dict[str, Any] = {
     "do_sample": False,
     "num_return_sequences": 1,

@@ -196,6 +196,25 @@ def test_decoder_config_errors() -> None:
     assert load_config(RunConfig, "manifests/demo.yaml", []).caption.decoder == "generate"
 
 
+@pytest.mark.parametrize(("early_stopping", "length_penalty"), [(True, 1.0), ("never", 2.0), (False, 0.5)])
+def test_fast_decoder_with_other_beam_settings(
+    ending_blip2: Path, early_stopping: bool | str, length_penalty: float
+) -> None:
+    """The stage leaves these at generate()'s defaults, but a language model's generation config
+    may set them; the port follows transformers' stopping heuristics for each."""
+    frames = make_frames(9, seed=7)
+    runs = {}
+    for decoder in ("generate", "fast"):
+        model, proc = loaded(ending_blip2)
+        model.language_model.generation_config.early_stopping = early_stopping
+        model.language_model.generation_config.length_penalty = length_penalty
+        cfg = CaptionConfig(
+            model=str(ending_blip2), decoder=decoder, num_beams=3, max_new_tokens=MAX_NEW, gen_batch_size=4
+        )
+        runs[decoder] = Captioner(cfg, model, proc).token_ids(frames)
+    assert runs["fast"] == runs["generate"]
+
+
 # -- checkpoints saved before BLIP-2 had an <image> token ---------------------------------------
 
 
