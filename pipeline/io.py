@@ -1,4 +1,4 @@
-"""Atomic file writes: a file is either absent or complete, never partial.
+"""Files: atomic writes (a file is either absent or complete, never partial), and file digests.
 
 Everything is written to a temporary name and renamed into place; the rename is the commit, and
 the folder is fsynced after it so the commit survives a power cut. Temporary names start with
@@ -12,6 +12,7 @@ small folder instead of walking the whole media tree.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 import time
@@ -112,3 +113,10 @@ def clean_temp_files(folder: Path | str, older_than_s: float = 3600.0, recursive
         except FileNotFoundError:
             continue
     return n
+
+
+def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (read in chunks: exports and media can be large). The one
+    file hash of the code base: checksum files, uploads and installed jars all use it."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, algorithm).hexdigest()

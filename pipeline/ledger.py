@@ -48,6 +48,7 @@ BASE_COLUMNS = ("clip_id", "status", "reason", "message", "attempts", "seq", "up
 # rewrites each row a bounded number of times and a ledger of millions of rows has ~100 parts.
 SMALL_PART_BYTES = 1 << 20
 COMPACT_AT_PARTS = 64
+UNIQUE_KEY = b"avcaps.unique_clip_ids"
 _READ_RETRIES = 20
 
 
@@ -172,19 +173,24 @@ class Ledger:
                 cols.append(pa.nulls(table.num_rows, f.type))
         return pa.Table.from_arrays(cols, schema=schema)
 
-    def _read_parts(self, parts: list[Path], columns: list[str] | None) -> pa.Table:
+    def _read_parts(self, parts: list[Path], columns: list[str] | None) -> tuple[pa.Table, bool]:
+        """The rows of ``parts`` conformed to the schema, and whether they are known to hold one
+        row per item (a single part whose writer recorded that its clip ids are unique)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        def one(path: Path) -> pa.Table:
+        def one(path: Path) -> tuple[pa.Table, bool]:
             pf = pq.ParquetFile(path)
             names = pf.schema_arrow.names
-            return pf.read(columns=[c for c in columns if c in names] if columns is not None else None)
+            meta = pf.schema_arrow.metadata or {}
+            table = pf.read(columns=[c for c in columns if c in names] if columns is not None else None)
+            return table, meta.get(UNIQUE_KEY) == b"1"
 
-        tables: list[pa.Table] = []
+        read: list[tuple[pa.Table, bool]] = []
         if parts:
             with ThreadPoolExecutor(min(8, len(parts))) as pool:
-                tables = list(pool.map(one, parts))
+                read = list(pool.map(one, parts))
+        tables = [t for t, _ in read]
         schema = self.schema
         if not self.outputs:
             # No declared outputs (a reader outside the runner): the files add their columns.
@@ -196,8 +202,9 @@ class Ledger:
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns if c in schema.names])
         if not tables:
-            return schema.empty_table()
-        return pa.concat_tables([self._conform(t, schema) for t in tables])
+            return schema.empty_table(), True
+        unique = len(read) == 1 and read[0][1]
+        return pa.concat_tables([self._conform(t, schema) for t in tables]), unique
 
     def read(self, columns: list[str] | None = None, latest: bool = False) -> pa.Table:
         """Every committed row (or, with ``latest``, the current row of every item) as Arrow.
@@ -209,13 +216,15 @@ class Ledger:
             cols = list(dict.fromkeys(["clip_id", "seq", *columns]))
         for attempt in range(_READ_RETRIES):
             try:
-                table = self._read_parts(self.parts(), cols)
+                table, unique = self._read_parts(self.parts(), cols)
                 break
             except FileNotFoundError:
                 # A compaction removed a part between our listing and our read: list again.
                 time.sleep(0.01 * (attempt + 1))
         else:
             raise RuntimeError(f"{self.folder}: parts kept vanishing while reading the ledger")
+        if unique:  # one row per item already (e.g. the clip table): nothing to pick
+            return table
         if latest:
             return table.take(latest_indices(table))
         return _dedup(table)
@@ -246,8 +255,13 @@ class Ledger:
         return pa.Table.from_pylist(full, schema=self.schema)
 
     def _write(self, folder: Path, table: pa.Table, name: str | None = None) -> Path:
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
+        # Recording that a part holds one row per item spares readers of a one-part ledger (the
+        # clip table of millions of clips) the work of picking each item's current row.
+        if table.num_rows and pc.count_distinct(table["clip_id"]).as_py() == table.num_rows:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), UNIQUE_KEY: b"1"})
         dest = folder / f"part-{name or f'{time.time_ns():020d}-{uuid.uuid4().hex[:12]}'}.parquet"
         with atomic_path(dest) as tmp:
             pq.write_table(table, tmp, compression="zstd")
@@ -306,7 +320,7 @@ class Ledger:
             parts = self.small_parts()
             if len(parts) < min_parts:
                 return 0
-            table = self._read_parts(parts, None)
+            table, _ = self._read_parts(parts, None)
             keep = latest_indices(table)
             ok = np.flatnonzero(pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False))
             if len(ok):

@@ -23,10 +23,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.executors import process_and_commit
+from pipeline.selection import stage_ledger
 from pipeline.stage import Item, ItemStage, RunContext, RunOptions
 
 if TYPE_CHECKING:
-    from pipeline.runner import WorkList
+    from pipeline.selection import WorkList
 
 log = logging.getLogger("avcaps")
 _STAGE_CACHE: dict[str, ItemStage] = {}
@@ -74,8 +76,6 @@ def _part_name(spec: WorkerSpec, items: list[Item]) -> str:
 
 def process_records(batch: dict[str, Any], spec: WorkerSpec) -> dict[str, list[Any]]:
     """Process one Ray batch (columns clip_id, attempt, seq, data) and commit it; return summaries."""
-    from pipeline.runner import process_and_commit, stage_ledger
-
     stage = _build_stage(spec)
     items = [
         Item(str(cid), json.loads(data), int(att), int(seq))

@@ -1,13 +1,15 @@
-"""The runner: selects pending items, calls the stage batch by batch, commits results.
+"""The runner: one ``avcaps run`` of a stage, from selecting its pending items to its stats.
 
 Per item, per run: every eligible item in the shard ends with exactly one current ledger row.
 Completion is recorded per item, so a killed run resumes with the items that have no terminal row;
 failures that may pass (``failed_transient``) are retried with exponential backoff up to the
 stage's ``max_attempts``; ``--retry-failed`` re-queues every failed item, ``--force`` everything.
 
-Selection is vectorized over Arrow/pandas columns and the items' data is materialized one batch at
-a time, so a run of millions of clips reaches its first batch in seconds. One process at a time
-works on a stage and shard (:mod:`pipeline.locks`); each run logs to ``DIR/runs/<stamp>-<stage>.log``.
+What is pending comes from :mod:`pipeline.selection`; the batches run in an executor
+(:mod:`pipeline.executors`, :mod:`pipeline.ray_executor`); ``stats.json`` is written with
+:mod:`pipeline.status`. The runner depends on them, never the other way round. One process at a
+time works on a stage and shard (:mod:`pipeline.locks`); each run logs to
+``DIR/runs/<stamp>-<stage>.log``.
 """
 
 from __future__ import annotations
@@ -16,255 +18,23 @@ import json
 import logging
 import os
 import time
-import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pipeline.errors import AbortRun, ItemError
+from pipeline.errors import AbortRun
+from pipeline.executors import LocalExecutor, summarize_exception
 from pipeline.io import atomic_write_text, clean_temp_files
-from pipeline.ledger import Ledger, to_pandas
-from pipeline.registry import ancestors
-from pipeline.sharding import in_shard
-from pipeline.stage import Item, ItemStage, Result, RunContext, RunOptions, Stage, WholeStage
-
-if TYPE_CHECKING:
-    import pandas as pd
-    import pyarrow as pa
+from pipeline.selection import WorkList, select_pending, selected, stage_ledger, upstream_ok
+from pipeline.stage import ItemStage, RunContext, RunOptions, Stage, WholeStage
+from pipeline.status import stage_status
 
 log = logging.getLogger("avcaps")
 # Compaction is considered every this many commits of a run (it only merges small parts).
 COMPACT_EVERY_COMMITS = 64
 # At the end of a run, small parts are merged when at least this many are left.
 COMPACT_AT_END_PARTS = 16
-
-
-def stage_ledger(stage: Stage | type[Stage], workdir: Path | None = None) -> Ledger:
-    """The ledger of a stage (an instance, or a class and the run folder), with its schema."""
-    folder = (workdir / stage.dirname()) if workdir is not None else stage.folder  # type: ignore[union-attr]
-    return Ledger(Path(folder) / "ledger", stage.output_schema())
-
-
-def to_python(value: Any) -> Any:
-    """Pandas cells back to plain Python (lists arrive as numpy arrays, nulls as NaN/None/NA)."""
-    import numpy as np
-    import pandas as pd
-
-    if isinstance(value, np.ndarray):
-        return [to_python(v) for v in value.tolist()]
-    if isinstance(value, list):
-        return [to_python(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or (not isinstance(value, (str, bytes, dict)) and pd.isna(value)):
-        return None
-    return value
-
-
-# -- what is upstream -----------------------------------------------------------------------------
-def upstream_ok(cls: type[Stage], ctx: RunContext, columns: list[str] | None = None) -> pa.Table:
-    """``clip_id`` plus ``columns`` (None: every output column) of the clips that are ok in every
-    ancestor of ``cls``, joined by ``clip_id``, in clip-table order."""
-    import pyarrow.compute as pc
-
-    table: pa.Table | None = None
-    for anc_cls in ancestors(cls):
-        ledger = stage_ledger(anc_cls, ctx.workdir)
-        # A stage that ran with nothing to do (no eligible clip) commits no row but writes its
-        # stats: it has run, and passes on no clip.
-        if not ledger.exists() and not (ctx.workdir / anc_cls.dirname() / "stats.json").exists():
-            raise AbortRun(
-                f"stage {anc_cls.dirname()} has not run yet in {ctx.workdir}: "
-                f"run `avcaps run {anc_cls.number}` first"
-            )
-        outs = [f.name for f in anc_cls.output_schema()]
-        want = outs if columns is None else [c for c in columns if c in outs]
-        state = ledger.latest_table(["status", *want])
-        state = state.filter(pc.equal(state["status"], "ok"))
-        if table is None:
-            table = state.select(["clip_id", *want])
-            continue
-        clash = set(want) & set(table.column_names)
-        if clash:
-            raise AbortRun(f"stage {anc_cls.dirname()} outputs clash with upstream columns: {sorted(clash)}")
-        idx = pc.index_in(table["clip_id"], value_set=state["clip_id"].combine_chunks())
-        keep = pc.is_valid(idx)
-        table, idx = table.filter(keep), idx.filter(keep)
-        for name in want:
-            table = table.append_column(state.schema.field(name), state[name].take(idx))
-    if table is None:
-        raise AbortRun(f"stage {cls.dirname()} has no upstream stage to take items from")
-    return table
-
-
-def _selected(stage: ItemStage, table: pa.Table) -> pa.Table:
-    """The rows of ``table`` (upstream clips) that ``stage.select`` keeps."""
-    import numpy as np
-
-    if not stage.selection_columns or table.num_rows == 0:
-        return table
-    frame = to_pandas(table.select(["clip_id", *stage.selection_columns])).set_index("clip_id", drop=False)
-    mask = stage.select(frame)
-    if mask is None:
-        return table
-    return table.filter(np.asarray(mask, dtype=bool))
-
-
-def eligible_frame(
-    stage: ItemStage, ctx: RunContext, columns: list[str] | tuple[str, ...] = ()
-) -> pd.DataFrame:
-    """The clips ``stage`` applies to (ok upstream, kept by ``select``), indexed by ``clip_id``,
-    with the upstream ``columns`` asked for (e.g. ``split``)."""
-    cols = list(dict.fromkeys([*stage.selection_columns, *columns]))
-    table = _selected(stage, upstream_ok(type(stage), ctx, cols))
-    return to_pandas(table.select(["clip_id", *[c for c in columns if c in table.column_names]])).set_index(
-        "clip_id", drop=False
-    )
-
-
-# -- what is pending ------------------------------------------------------------------------------
-def select_pending(
-    eligible_ids: pa.Array | list[str], state: pa.Table, options: RunOptions, max_attempts: int
-) -> pd.DataFrame:
-    """The items to work on, in ``eligible_ids`` order: ``clip_id``, ``attempt``, ``seq`` (the seq
-    of the row each one supersedes). ``state`` is the stage's current rows (clip_id, status,
-    attempts, seq)."""
-    import numpy as np
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    ids = pa.array(eligible_ids, type=pa.string()) if isinstance(eligible_ids, list) else eligible_ids
-    if options.shard is not None:
-        keep = [in_shard(c, options.shard) for c in ids.to_pylist()]
-        ids = ids.filter(pa.array(keep, type=pa.bool_()))
-    idx = pc.index_in(ids, value_set=state["clip_id"].combine_chunks())
-    has_row = pc.is_valid(idx).to_numpy(zero_copy_only=False)
-    status = state["status"].take(idx).fill_null("").to_numpy(zero_copy_only=False)
-    tries = state["attempts"].take(idx).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    seq = state["seq"].take(idx).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    if options.force:
-        pending = np.ones(len(ids), dtype=bool)
-        attempt = np.ones(len(ids), dtype=np.int64)
-    elif options.retry_failed:
-        pending = ~has_row | (status != "ok")
-        attempt = np.ones(len(ids), dtype=np.int64)
-    else:
-        retryable = (status != "ok") & (status != "failed_permanent") & (tries < max_attempts)
-        pending = ~has_row | retryable
-        attempt = np.where(has_row, tries + 1, 1)
-    out = pd.DataFrame(
-        {
-            "clip_id": ids.filter(pa.array(pending)).to_pylist(),
-            "attempt": attempt[pending],
-            "seq": seq[pending],
-        }
-    )
-    if options.limit is not None:
-        out = out.head(options.limit)
-    return out
-
-
-class WorkList:
-    """The items of one pass, their data kept as an Arrow table and turned into :class:`Item`
-    objects one batch at a time (millions of items never sit in memory as Python objects)."""
-
-    def __init__(self, data: pa.Table, attempts: list[int], seqs: list[int]) -> None:
-        self.data = data  # clip_id + upstream columns, one row per item
-        self.attempts = attempts
-        self.seqs = seqs
-
-    @classmethod
-    def of(cls, upstream: pa.Table, pending: pd.DataFrame) -> WorkList:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        ids = pa.array(pending["clip_id"].tolist(), type=pa.string())
-        idx = pc.index_in(ids, value_set=upstream["clip_id"].combine_chunks())
-        return cls(upstream.take(idx), pending["attempt"].tolist(), pending["seq"].tolist())
-
-    def __len__(self) -> int:
-        return self.data.num_rows
-
-    def batches(self, size: int) -> Iterator[list[Item]]:
-        for start in range(0, len(self), size):
-            rows = self.data.slice(start, size).to_pylist()
-            yield [
-                Item(
-                    row.pop("clip_id"),
-                    row,
-                    int(self.attempts[start + k]),
-                    int(self.seqs[start + k]),
-                )
-                for k, row in enumerate(rows)
-            ]
-
-    def items(self) -> Iterator[Item]:
-        for batch in self.batches(4096):
-            yield from batch
-
-    def retry(self, rows: list[dict[str, Any]]) -> WorkList:
-        """The next attempt of the items in ``rows`` (summaries: clip_id, attempts, seq)."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        ids = pa.array([r["clip_id"] for r in rows], type=pa.string())
-        idx = pc.index_in(ids, value_set=self.data["clip_id"].combine_chunks())
-        return WorkList(
-            self.data.take(idx), [int(r["attempts"]) + 1 for r in rows], [int(r["seq"]) for r in rows]
-        )
-
-
-# -- running a batch ------------------------------------------------------------------------------
-def _summarize_exception(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)[-3:]
-    where = " <- ".join(f"{f.name}@{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in frames[::-1])
-    return f"{type(exc).__name__}: {exc} [{where}]"[:2000]
-
-
-def _fail(item: Item, exc: BaseException) -> Result:
-    if isinstance(exc, ItemError):
-        return Result.failed(item.clip_id, exc)
-    return Result(
-        item.clip_id,
-        "failed_permanent",
-        {},
-        f"unexpected:{type(exc).__name__}",
-        _summarize_exception(exc),
-    )
-
-
-def run_batch(stage: ItemStage, batch: list[Item]) -> list[Result]:
-    """Call ``process``; if the whole batch raises, isolate the culprit item by item."""
-    try:
-        results = stage.process(batch)
-    except AbortRun:
-        raise
-    except Exception as exc:  # one bad item must not fail its neighbours
-        if len(batch) == 1:
-            return [_fail(batch[0], exc)]
-        log.warning(
-            "%s: batch of %d raised %s; retrying item by item",
-            stage.dirname(),
-            len(batch),
-            type(exc).__name__,
-        )
-        return [r for item in batch for r in run_batch(stage, [item])]
-    by_id = {r.clip_id: r for r in results}
-    out = []
-    for item in batch:
-        res = by_id.get(item.clip_id)
-        if res is None:
-            res = Result(
-                item.clip_id,
-                "failed_permanent",
-                {},
-                "no_result",
-                "the stage returned no result for this item",
-            )
-        out.append(res)
-    return out
 
 
 @dataclass
@@ -284,86 +54,12 @@ class RunReport:
         return f"{self.stage}: {self.processed} item attempts in {self.seconds:.1f}s ({rate:.2f}/s): {parts}"
 
 
-def result_rows(batch: list[Item], results: list[Result]) -> list[dict[str, Any]]:
-    """Ledger rows for the results of a batch (attempt numbers and order come from the items)."""
-    by_id = {item.clip_id: item for item in batch}
-    return [
-        {
-            "clip_id": res.clip_id,
-            "status": res.status,
-            "reason": res.reason,
-            "message": res.message,
-            "attempts": by_id[res.clip_id].attempt,
-            "seq": by_id[res.clip_id].seq + 1,
-            **res.outputs,
-        }
-        for res in results
-    ]
-
-
-def process_and_commit(
-    stage: ItemStage, ledger: Ledger, batch: list[Item], part_name: str | None = None
-) -> list[dict[str, Any]]:
-    """Process one batch and commit its rows (the rename is the commit: a crash loses this batch
-    at most). Returns one small summary per item for the driver."""
-    rows = result_rows(batch, run_batch(stage, batch))
-    ledger.commit(rows, name=part_name)
-    return _summaries(rows)
-
-
-def _summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: r[k] for k in ("clip_id", "status", "attempts", "seq")} for r in rows]
-
-
-class LocalExecutor:
-    """Runs the batches in this process, one after another.
-
-    Group commit: rows of batches that finish within ``commit_interval_s`` of the last commit wait
-    in memory and go to the ledger together, so a fast stage writes a part (and pays its fsyncs)
-    about once a second instead of once per batch. Whatever is buffered is committed at the end of
-    every pass and when the run stops for any reason but a hard kill (an abort, Ctrl-C, SIGTERM).
-    """
-
-    MAX_BUFFERED_ROWS = 50_000
-
-    def __init__(self, stage: ItemStage, options: RunOptions) -> None:
-        self.stage = stage
-        self.ledger = stage_ledger(stage)
-        self.buffer: list[dict[str, Any]] = []
-        self.last_commit = time.monotonic()
-
-    def __enter__(self) -> LocalExecutor:
-        self.stage.setup()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.flush()
-        finally:
-            self.stage.teardown()
-
-    def flush(self) -> None:
-        if self.buffer:
-            self.ledger.commit(self.buffer)
-            self.buffer = []
-        self.last_commit = time.monotonic()
-
-    def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:
-        cfg = self.stage.stage_config
-        for batch in todo.batches(cfg.batch_size):
-            rows = result_rows(batch, run_batch(self.stage, batch))
-            self.buffer.extend(rows)
-            due = time.monotonic() - self.last_commit >= cfg.commit_interval_s
-            if due or len(self.buffer) >= self.MAX_BUFFERED_ROWS:
-                self.flush()
-            yield _summaries(rows)
-        self.flush()
-
-
 def make_executor(stage: ItemStage, options: RunOptions) -> Any:
     if options.executor == "local":
         return LocalExecutor(stage, options)
     if options.executor == "ray":
+        # Imported here so that a local run never loads the Ray executor's module (not a cycle:
+        # the Ray executor depends on executors and selection, never on the runner).
         from pipeline.ray_executor import RayExecutor
 
         return RayExecutor(stage, options)
@@ -376,7 +72,7 @@ def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
     cfg = stage.stage_config
     report = RunReport(stage.dirname())
     ledger = stage_ledger(stage)
-    upstream = _selected(stage, upstream_ok(type(stage), stage.ctx))
+    upstream = selected(stage, upstream_ok(type(stage), stage.ctx))
     state = ledger.latest_table(["status", "attempts"])
     pending = select_pending(upstream["clip_id"].combine_chunks(), state, options, cfg.max_attempts)
     report.selected = len(pending)
@@ -438,9 +134,30 @@ def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
     return report
 
 
-def write_stats(stage: Stage, report: RunReport, extra: dict[str, Any] | None = None) -> None:
-    from pipeline.status import stage_status
+def dry_run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions, n: int) -> Iterator[str]:
+    """``avcaps run STAGE --dry-run N``: the stage's own :meth:`~ItemStage.dry_run` on the first
+    ``n`` items a run would take (``--force``/``--retry-failed``/``--shard`` choose as they do for
+    a run). Writes nothing: no ledger row, no stats, no run log, no lock taken."""
+    stage = cls(ctx)
+    if not isinstance(stage, ItemStage) or cls.dry_run is ItemStage.dry_run:
+        raise AbortRun(f"stage {cls.dirname()} offers no dry run")
+    upstream = selected(stage, upstream_ok(cls, ctx))
+    state = stage_ledger(stage).latest_table(["status", "attempts"])
+    limited = RunOptions(**{**options.__dict__, "limit": n})
+    max_attempts = stage.stage_config.max_attempts
+    pending = select_pending(upstream["clip_id"].combine_chunks(), state, limited, max_attempts)
+    if not len(pending):
+        yield f"{cls.dirname()}: nothing to try ({upstream.num_rows} eligible items are all done or failed)\n"
+        return
+    stage.setup()
+    try:
+        for batch in WorkList.of(upstream, pending).batches(n):
+            yield from stage.dry_run(batch)
+    finally:
+        stage.teardown()
 
+
+def write_stats(stage: Stage, report: RunReport, extra: dict[str, Any] | None = None) -> None:
     stats = stage_status(type(stage), stage.ctx)
     stats["last_run"] = {
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -498,7 +215,7 @@ class _RunLog:
             elif isinstance(exc, KeyboardInterrupt):
                 logger.error("interrupted")
             else:
-                logger.error("crashed: %s", _summarize_exception(exc))
+                logger.error("crashed: %s", summarize_exception(exc))
         logger.removeHandler(self.handler)
         self.handler.close()
         if self._level is not None:

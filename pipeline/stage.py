@@ -9,6 +9,7 @@ dataset, never shards and never writes the ledger: the runner does.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -162,6 +163,12 @@ class ItemStage(Stage):
     @abstractmethod
     def process(self, batch: list[Item]) -> list[Result]:
         """Map a batch of items to one result per item (any order)."""
+
+    def dry_run(self, batch: list[Item]) -> Iterator[str]:
+        """Optional (``avcaps run STAGE --dry-run N``): try ``batch`` after :meth:`setup` without
+        committing anything, and yield text for the user, e.g. what the stage would send to a
+        service and what it would decide. A stage offers a dry run by overriding this."""
+        raise NotImplementedError
 
 
 class WholeStage(Stage):

@@ -12,26 +12,57 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun
-from pipeline.registry import stage_classes
+from pipeline.registry import app, stage_classes
+from pipeline.selection import eligible_table, stage_ledger
 from pipeline.stage import STATUSES, ItemStage, RunContext, Stage
 
 if TYPE_CHECKING:
-    import pandas as pd
-
-GROUP_COLUMN = "split"  # counts are also given per value of this clip-table column, when present
+    import pyarrow as pa
 
 
-def _counts(status: pd.Series, reason: pd.Series) -> dict[str, Any]:
-    counts = {str(k): int(v) for k, v in status.value_counts().items()}
-    failed = reason[status.isin(["failed_permanent", "failed_transient"]) & reason.notna() & (reason != "")]
-    reasons = {str(k): int(v) for k, v in failed.value_counts().sort_index().items()}
+def group_column() -> str | None:
+    """The clip-table column whose values counts are also given per (the application's
+    ``GROUP_COLUMN``; none when it declares none). The JSON key stays ``by_split``: an interface."""
+    return getattr(app(), "GROUP_COLUMN", None)
+
+
+def _counts(status: pa.Array, reason: pa.Array) -> dict[str, Any]:
+    """Counts by status and, among failed items, by reason (Arrow, so millions of clips are cheap)."""
+    import pyarrow.compute as pc
+
+    counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(status).to_pylist()}
+    failed = pc.and_(
+        pc.is_in(status, value_set=pa_strings(["failed_permanent", "failed_transient"])),
+        pc.and_(pc.is_valid(reason), pc.not_equal(reason.fill_null(""), "")),
+    )
+    why = pc.value_counts(reason.filter(failed)).to_pylist()
+    reasons = {str(v["values"]): int(v["counts"]) for v in sorted(why, key=lambda v: str(v["values"]))}
     return {**{k: counts.get(k, 0) for k in STATUSES}, "reasons": reasons}
 
 
-def _current(frame: pd.DataFrame, state: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """Status (``pending`` where no row) and reason of each clip of ``frame``."""
-    current = state.reindex(frame.index)
-    return current["status"].astype(object).fillna("pending"), current["reason"].astype(object)
+def pa_strings(values: list[str]) -> pa.Array:
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
+
+
+def _current(eligible: pa.Table, state: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """Status (``pending`` where no row) and reason of each eligible clip."""
+    import pyarrow.compute as pc
+
+    idx = pc.index_in(eligible["clip_id"], value_set=state["clip_id"].combine_chunks())
+    status = state["status"].combine_chunks().take(idx).fill_null("pending")
+    return status, state["reason"].combine_chunks().take(idx)
+
+
+def _by_group(groups: pa.Array, status: pa.Array, reason: pa.Array) -> dict[str, Any]:
+    import pyarrow.compute as pc
+
+    out = {}
+    for g in sorted(str(v) for v in pc.unique(groups.drop_null()).to_pylist()):
+        mask = pc.equal(groups, g)
+        out[g] = _counts(status.filter(mask), reason.filter(mask))
+    return out
 
 
 def latest_log(workdir: Path, dirname: str) -> str | None:
@@ -44,35 +75,34 @@ def latest_log(workdir: Path, dirname: str) -> str | None:
 
 
 def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
-    from pipeline.runner import eligible_frame, stage_ledger
+    import pyarrow.compute as pc
 
+    group = group_column()
     stage = cls(ctx)
     entry: dict[str, Any] = {"stage": cls.dirname(), **dict.fromkeys(STATUSES, 0), "reasons": {}}
     stats_file = stage.folder / "stats.json"
     ledger = stage_ledger(stage)
     if isinstance(stage, ItemStage):
         try:
-            eligible = eligible_frame(stage, ctx, [GROUP_COLUMN])
+            eligible = eligible_table(stage, ctx, [group] if group else [])
         except AbortRun:  # upstream has not run: nothing is eligible yet
             entry["waiting_for_upstream"] = True
             return entry
-        state = ledger.latest(["status", "reason"])
-        status, reason = _current(eligible, state)
+        status, reason = _current(eligible, ledger.latest_table(["status", "reason"]))
         entry.update(_counts(status, reason))
-        if GROUP_COLUMN in eligible.columns:
-            groups = eligible[GROUP_COLUMN].astype(object)
-            entry["by_split"] = {
-                str(g): _counts(status[groups == g], reason[groups == g])
-                for g in sorted(groups.dropna().unique())
-            }
+        if group and group in eligible.column_names:
+            entry["by_split"] = _by_group(eligible[group].combine_chunks(), status, reason)
     else:
         if ledger.exists():
             names = {f.name for f in cls.output_schema()}
-            state = ledger.latest(["status", "reason", *([GROUP_COLUMN] if GROUP_COLUMN in names else [])])
-            entry.update(_counts(state["status"].astype(object), state["reason"].astype(object)))
-            if GROUP_COLUMN in state.columns:
-                per_split = state[GROUP_COLUMN].astype(object).value_counts().sort_index()
-                entry["by_split"] = {str(k): int(v) for k, v in per_split.items()}
+            state = ledger.latest_table(["status", "reason", *([group] if group in names else [])])
+            entry.update(_counts(state["status"].combine_chunks(), state["reason"].combine_chunks()))
+            if group and group in state.column_names:
+                per_split = pc.value_counts(state[group].combine_chunks()).to_pylist()
+                entry["by_split"] = {
+                    str(v["values"]): int(v["counts"])
+                    for v in sorted(per_split, key=lambda v: str(v["values"]))
+                }
         entry["done"] = stats_file.exists()
     if stats_file.exists():
         stats = json.loads(stats_file.read_text())

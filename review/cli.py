@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 import click
 
 from pipeline.cli import config_options, load_context
+from review.push import ReviewStage
 
 
 @click.group()
@@ -32,10 +33,12 @@ def pull(config_path: Path, workdir: Path | None, overrides: tuple[str, ...]) ->
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
 def status(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], as_json: bool) -> None:
-    """done / total, accept / edited / rejected rates, mean word edit distance merge -> final.
+    """done / total, accept / edited / rejected rates, mean word edit distance merge -> final,
+    agreement between annotators (Cohen's or Fleiss' kappa) and the edit distance between them.
 
     Figures come from the last `avcaps review pull`.
     """
+    from review.policy import describe
     from review.pull import review_status
 
     ctx = load_context(config_path, workdir, overrides)
@@ -50,6 +53,12 @@ def status(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
     dist = st["mean_word_edit_distance"]
     click.echo(f"mean word edit distance merge -> final: {'n/a' if dist is None else f'{dist:.2f}'}")
     click.echo(f"disagreements: {st['disagreements']}")
+    n = st["annotators_per_task"]
+    if n > 1:
+        click.echo(f"clips with all {n} answers: {st['complete']} of {st['done']} reviewed")
+    if st["set_aside"]:
+        click.echo(f"answers set aside (unusable, see `avcaps review pull`): {st['set_aside']}")
+    click.echo(describe(st["agreement"]))
 
 
 @review.command()
@@ -65,8 +74,8 @@ def server(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
     import sys
     import time
 
+    from review.push import document_root, review_config
     from review.server import LabelStudioServer, credentials_from_env
-    from stages.review import document_root, review_config
 
     ctx = load_context(config_path, workdir, overrides)
     cfg = review_config(ctx.config)
@@ -74,7 +83,7 @@ def server(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
     host = url.hostname or "127.0.0.1"
     creds = credentials_from_env(api_key_env=cfg.api_key_env)
     root = document_root(ctx.config, ctx.workdir)
-    data_dir = Path(ctx.workdir) / "05-review" / "label-studio"
+    data_dir = ctx.stage_dir(ReviewStage) / "label-studio"
     srv = LabelStudioServer(cfg.server_venv, data_dir, root, creds, host=host, port=port or url.port or 8080)
     click.echo(
         f"starting Label Studio (data {data_dir}, media root {root}); the first start migrates (~1 min)"

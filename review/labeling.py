@@ -2,11 +2,13 @@
 
 A task shows the clip's middle keyframe, plays its audio, shows the audio caption(s) and the visual
 caption, and holds the LLM merge prefilled (as a prediction) in an editable text area, one line per
-merged caption. The verdict (accept / edited / rejected) is required; a comment is optional.
+merged caption. The verdict (accept / edited / rejected) is required; a comment is optional. The
+instructions link to the annotator guide (:mod:`review.guide`).
 """
 
 from __future__ import annotations
 
+import html
 import os
 from pathlib import Path
 from typing import Any
@@ -47,10 +49,17 @@ LABEL_CONFIG = """<View>
 </View>
 """
 
-INSTRUCTIONS = """<h3>Review the merged audio-visual captions</h3>
+
+def instructions(guide_url: str) -> str:
+    """The project's instructions (HTML), with the link to the annotator guide."""
+    link = html.escape(guide_url, quote=True)
+    return f"""<h3>Review the merged audio-visual captions</h3>
+<p><b><a href="{link}" target="_blank" rel="noopener">Read the annotator guide</a></b> first: what
+accept, edited and rejected mean, with three worked examples (Ctrl-click or middle-click to keep
+this page open beside it).</p>
 <p>Each task is one 10-second clip. Look at the keyframe, <b>listen to the audio</b>, read the
 human audio caption(s) and the machine visual caption, then check the merged caption(s) proposed by
-the language model in the text area.</p>
+the language model in the text area, one line per audio caption.</p>
 <p>A good merged caption is <b>one fluent sentence</b> that keeps every sound event of the audio
 caption, adds only what the picture really shows (the visual caption can be wrong: trust your eyes
 and ears), and invents nothing that neither the audio nor the picture supports.</p>
@@ -62,12 +71,14 @@ and ears), and invents nothing that neither the audio nor the picture supports.<
 &rarr; <b>"A red race car's engine revs and its tires squeal as it speeds around a track."</b></li>
 </ul>
 <p>Then choose a verdict: <b>accept</b> when the merge is right as proposed, <b>edited</b> when you
-corrected it in the text area, <b>rejected</b> when no good caption is
+corrected it in the text area (keep <b>one line per audio caption</b>: an edit with lines missing
+or added is set aside), <b>rejected</b> when no good caption is
 possible (for example the picture does not match the sound, or the media is broken). Add a comment
 if something is worth telling.</p>
 <p><b>How to correct a caption:</b> click the pencil on its line, type, press Enter and then click
 outside the line (the change is kept when the line loses focus); or delete the line (trash button),
-type the corrected caption in the box and press Shift+Enter. Keep one caption per line.</p>
+type the corrected caption in the box and press Shift+Enter (the box adds the line at the end: for
+any other line than the last, correct it in place to keep the order). Keep one caption per line.</p>
 """
 
 

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,11 @@ def credentials_from_env(env: dict[str, str] | None = None, api_key_env: str = A
         )
     creds = Credentials(env[USERNAME_ENV], env[PASSWORD_ENV], env[api_key_env])
     if not TOKEN_RE.fullmatch(creds.api_key):
-        raise AbortRun(f"{api_key_env} must be 40 lowercase hex characters (e.g. `openssl rand -hex 20`)")
+        raise AbortRun(
+            f"{api_key_env} must be 40 lowercase hex characters (e.g. `openssl rand -hex 20`): the local "
+            "server installs it as the admin's legacy token (a personal access token is for pushing to "
+            "a server that already runs)"
+        )
     if "@" not in creds.username:
         raise AbortRun(f"{USERNAME_ENV} must be an e-mail address (Label Studio logs users in by e-mail)")
     return creds
@@ -113,6 +118,7 @@ class LabelStudioServer:
         creds: Credentials,
         host: str = "127.0.0.1",
         port: int = 8080,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.venv = Path(venv)
         self.data_dir = Path(data_dir)
@@ -120,6 +126,8 @@ class LabelStudioServer:
         self.creds = creds
         self.host = host
         self.port = port
+        # Further server settings (e.g. TASK_API_PAGE_SIZE_MAX, as a team's server may set it).
+        self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -146,7 +154,7 @@ class LabelStudioServer:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd,
-                env=server_env(self.creds, self.data_dir, self.document_root),
+                env=server_env(self.creds, self.data_dir, self.document_root) | self.extra_env,
                 cwd=self.data_dir,
                 stdout=log,
                 stderr=subprocess.STDOUT,

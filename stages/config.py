@@ -7,14 +7,14 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline.config import StrictModel
-from stages.caption import CaptionConfig
-from stages.download import DownloadConfig
-from stages.export import ExportConfig
+from review.push import ReviewConfig
+from stages.caption.config import CaptionConfig
+from stages.download.stage import DownloadConfig
+from stages.export.config import ExportConfig
 from stages.keyframes import KeyframesConfig
 from stages.manifest import ManifestConfig
-from stages.merge import MergeConfig
+from stages.merge.config import MergeConfig
 from stages.publish import PublishConfig
-from stages.review import ReviewConfig
 
 
 class RunConfig(StrictModel):

@@ -23,7 +23,9 @@ from pydantic import Field
 
 from pipeline.config import StrictModel
 from pipeline.errors import AbortRun
+from pipeline.selection import stage_ledger
 from pipeline.stage import RunOptions, WholeStage
+from pipeline.text import squash_spaces
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -54,14 +56,6 @@ def clip_id_for(youtube_id: str, start_s: int, clip_seconds: int = 10) -> str:
 
 def is_valid_youtube_id(text: str) -> bool:
     return YOUTUBE_ID.fullmatch(text) is not None
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_checksums(path: Path) -> dict[str, str]:
@@ -183,6 +177,7 @@ def _clips_table(
 
 def _fast_clips(files: list[tuple[str, Path, bytes]], clip_seconds: int) -> pa.Table | None:
     """The clips of valid files, column-wise with Arrow; None if any row needs a closer look."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pcsv
@@ -206,7 +201,7 @@ def _fast_clips(files: list[tuple[str, Path, bytes]], clip_seconds: int) -> pa.T
             if ascii_only:
                 caption = pc.replace_substring_regex(pc.utf8_trim_whitespace(caption), r"\s+", " ")
             else:  # Python's notion of whitespace (NBSP...) is the reference
-                caption = pa.array([" ".join(c.split()) for c in caption.to_pylist()], pa.string())
+                caption = pa.array([squash_spaces(c) for c in caption.to_pylist()], pa.string())
             good = [
                 pc.all(pc.match_substring_regex(yt, r"^[A-Za-z0-9_-]{11}$")),
                 pc.all(pc.greater_equal(start, 0)),
@@ -235,33 +230,40 @@ def _fast_clips(files: list[tuple[str, Path, bytes]], clip_seconds: int) -> pa.T
     if not tables:
         return _clips_table([], [], [], [], [], [])
     rows = pa.concat_tables(tables)
-    if pc.count_distinct(rows["audiocap_id"]).as_py() != rows.num_rows:
+    del tables
+    aids = rows["audiocap_id"].to_numpy()
+    if len(np.unique(aids)) != len(aids):
         return None  # duplicate audiocap_id: the row-by-row pass names both lines
     start_ms = pc.cast(pc.multiply(rows["start_s"], 1000), pa.string())
     end_ms = pc.cast(pc.multiply(pc.add(rows["start_s"], clip_seconds), 1000), pa.string())
     rows = rows.append_column(
         "clip_id", pc.binary_join_element_wise(rows["youtube_id"], start_ms, end_ms, "_")
     )
-    # Single-threaded grouping keeps each clip's captions in file order.
-    grouped = rows.group_by("clip_id", use_threads=False).aggregate(
-        [
-            ("youtube_id", "first"),
-            ("start_s", "first"),
-            ("split", "first"),
-            ("split", "count_distinct"),
-            ("caption", "list"),
-            ("audiocap_id", "list"),
-        ]
+    # Group by sorting (less memory than a hash aggregation of lists): rows of one clip end up
+    # together, in file order, and each clip's captions are a slice of the sorted column.
+    rows = rows.take(
+        pc.sort_indices(rows, [("clip_id", "ascending"), ("file", "ascending"), ("row", "ascending")])
     )
-    if pc.max(grouped["split_count_distinct"]).as_py() > 1:
+    ids = rows["clip_id"].combine_chunks()
+    n = len(ids)
+    if n == 0:
+        return _clips_table([], [], [], [], [], [])
+    first = np.ones(n, dtype=bool)
+    first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(first)
+    group = np.cumsum(first) - 1  # each row's clip number
+    splits = rows["split"].combine_chunks()
+    if not pc.all(pc.equal(splits, splits.take(pa.array(starts[group])))).as_py():
         return None  # a clip in two splits: the row-by-row pass names the line
+    offsets = pa.array(np.append(starts, n).astype(np.int32))
+    heads = rows.take(pa.array(starts))
     return _clips_table(
-        grouped["clip_id"],
-        grouped["youtube_id_first"],
-        pc.cast(grouped["start_s_first"], pa.int32()),
-        grouped["split_first"],
-        grouped["caption_list"],
-        grouped["audiocap_id_list"],
+        heads["clip_id"],
+        heads["youtube_id"],
+        pc.cast(heads["start_s"], pa.int32()),
+        heads["split"],
+        pa.ListArray.from_arrays(offsets, rows["caption"].combine_chunks()),
+        pa.ListArray.from_arrays(offsets, rows["audiocap_id"].combine_chunks()),
     )
 
 
@@ -278,7 +280,7 @@ def _parse_rows(
         where = f"{path}:{reader.line_num}"
         yt = (row["youtube_id"] or "").strip()
         start_txt = (row["start_time"] or "").strip()
-        caption = " ".join((row["caption"] or "").split())
+        caption = squash_spaces(row["caption"])
         aid_txt = (row["audiocap_id"] or "").strip()
         problems = []
         if not is_valid_youtube_id(yt):
@@ -361,8 +363,6 @@ class ManifestStage(WholeStage):
         ]
 
     def run(self, options: RunOptions) -> dict[str, Any]:
-        from pipeline.runner import stage_ledger
-
         clips, sums = parse_manifest(self.cfg)
         fingerprint = hashlib.sha256(
             json.dumps(

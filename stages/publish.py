@@ -10,7 +10,6 @@ and is never printed. ``dry_run`` prints exactly what would be uploaded and touc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pydantic import Field
 
 from pipeline.config import StrictModel
 from pipeline.errors import AbortRun
+from pipeline.io import file_digest
 from pipeline.stage import RunOptions, WholeStage
 
 
@@ -57,14 +57,6 @@ class UploadPlan:
         return sum(f.size for f in self.files)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def plan_upload(folder: Path, tag: str | None = None) -> UploadPlan:
     """Check the export against ``SHA256SUMS`` and list what would be uploaded, in order."""
     sums_path = folder / "SHA256SUMS"
@@ -91,7 +83,7 @@ def plan_upload(folder: Path, tag: str | None = None) -> UploadPlan:
     files = []
     for name in [*present, "SHA256SUMS"]:
         path = folder / name
-        digest = _sha256(path)
+        digest = file_digest(path)
         if name != "SHA256SUMS" and digest != expected[name]:
             raise AbortRun(f"{path}: checksum mismatch with SHA256SUMS (changed since export; re-run it)")
         files.append(PlannedFile(name, path.stat().st_size, digest))

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import Stage
-from stages.download import DownloadStage
+from review.push import ReviewStage
+from stages.download.stage import DownloadStage
 from stages.keyframes import KeyframesStage
-from stages.merge import MergeStage
-from stages.review import ReviewStage
+from stages.merge.stage import MergeStage
 from standins.run_history import UPSTREAM, Failure, clip_histories, commit_histories, ok_outputs
 
 FULL = Path("manifests/audiocaps.yaml")

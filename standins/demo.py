@@ -3,8 +3,8 @@
 The demo prepares a local stand-in for each external thing a stage needs (generated media on an
 HTTP server on 127.0.0.1 for yt-dlp, tiny random-weight models built from the real classes, a local
 Label Studio), points the config at them with overrides, and runs every registered stage in order
-through the same runner as ``avcaps run``. Its captions are meaningless: it shows the pipeline
-working end to end.
+through the same runner as ``avcaps run``. Then it runs the evaluation kit on the run
+(:func:`show_evaluation`). Its captions are meaningless: it shows the pipeline working end to end.
 """
 
 from __future__ import annotations
@@ -102,6 +102,126 @@ def serve_demo_media(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
     return [f"download.url_template={server.url_template()}"]
 
 
+# The conditions the demo's baseline can answer: it captions the audio track it is given by
+# looking it up, so silent and Gaussian-noise audio (tracks it has never seen) are left out.
+EVAL_CONDITIONS = (
+    "clean",
+    "visual_black",
+    "visual_white",
+    "visual_noise",
+    "visual_shuffled",
+    "audio_shuffled",
+)
+
+
+def audio_caption_baseline(manifest: Path, captions: dict[str, str]) -> dict[str, str]:
+    """A stand-in audio-only captioner for the demo's evaluation: for each input of a condition
+    manifest (``avcaps perturb``), the AudioCaps caption of the clip its audio track comes from
+    (``audio_source``). It never looks at the picture, as a model trained on AudioCaps learns not
+    to, so only the audio perturbations move its scores."""
+    from evalkit.perturb import read_condition_manifest
+
+    return {r["clip_id"]: captions[r["audio_source"]] for r in read_condition_manifest(manifest)}
+
+
+def avcaps(args: list[str], log: Path) -> None:
+    """``avcaps ARGS`` in this process (one METEOR process for every score), output to ``log``."""
+    from pipeline.cli import main as cli
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"$ avcaps {' '.join(args)}", flush=True)
+    with log.open("w") as out, contextlib.redirect_stdout(out):
+        try:
+            cli.main(args, prog_name="avcaps", standalone_mode=False)
+        except SystemExit as exc:  # AbortRun: the one-line error is on stderr already
+            if exc.code:
+                raise AbortRun(f"avcaps {args[0]} failed (exit {exc.code}); see {log}") from None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def show_evaluation(workdir: Path) -> Path:
+    """The evaluation kit on the demo run, through the real ``avcaps`` commands: ``perturb`` on its
+    test clips; ``eval`` of the audio-caption baseline against the run's AudioVisualCaps test
+    references; ``robustness`` of the same baseline over the conditions, against the clips' other
+    four AudioCaps captions (real references, so the bias index means something). Prints a table;
+    returns the plot's path."""
+    import json
+
+    from pipeline.selection import stage_ledger
+    from stages.manifest import ManifestStage
+
+    root = workdir.resolve()
+    out = root / "eval"
+    clips = stage_ledger(ManifestStage, root).latest()
+    captions = {str(cid): [str(c) for c in caps] for cid, caps in clips["audio_captions"].items()}
+    first = {cid: caps[0] for cid, caps in captions.items()}
+    (out / "preds").mkdir(parents=True, exist_ok=True)
+    others = [
+        json.dumps({"clip_id": cid, "captions": caps[1:]}) for cid, caps in captions.items() if caps[1:]
+    ]
+    audiocaps_refs = out / "audiocaps-refs.jsonl"
+    audiocaps_refs.write_text("\n".join(others) + "\n", encoding="utf-8")
+
+    print("\nThe evaluation kit on this run", flush=True)
+    conditions = [a for c in EVAL_CONDITIONS for a in ("--condition", c)]
+    avcaps(["perturb", "--run", str(root), "--out", str(out / "inputs"), *conditions], out / "perturb.txt")
+    for cond in EVAL_CONDITIONS:
+        preds = audio_caption_baseline(out / "inputs" / cond / "manifest.csv", first)
+        lines = [json.dumps({"clip_id": c, "caption": t}) for c, t in preds.items()]
+        (out / "preds" / f"{cond}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    clean = out / "preds" / "clean.jsonl"
+    avcaps(
+        ["eval", str(clean), "--refs", str(root), "--format", "json", "--output", str(out / "eval.json")],
+        out / "eval.txt",
+    )
+    report_dir = out / "robustness"
+    avcaps(
+        [
+            "robustness",
+            "--preds-dir",
+            str(out / "preds"),
+            "--refs",
+            str(audiocaps_refs),
+            "--out",
+            str(report_dir),
+        ],
+        out / "robustness.txt",
+    )
+
+    metrics = ["BLEU-1", "BLEU-4", "ROUGE-L", "METEOR", "CIDEr-D"]
+
+    def cells(values: dict[str, float | None]) -> list[str]:
+        return ["n/a" if values[m] is None else f"{values[m]:.3f}" for m in metrics]
+
+    print(
+        "  baseline: the AudioCaps caption of the audio track each input holds (never looks at the picture)"
+    )
+    scores = json.loads((out / "eval.json").read_text())["metrics"]
+    print(
+        "  avcaps eval, references: this run's AudioVisualCaps test captions (the stand-in LLM's word salad)"
+    )
+    _table(["predictions", *metrics], [["baseline", *cells(scores)]])
+    report = json.loads((report_dir / "robustness.json").read_text())
+    bias = report["bias"]
+    key = bias["metric"]
+    print("  avcaps robustness, references: each clip's other four AudioCaps captions")
+    rows = []
+    for cond, v in report["conditions"].items():
+        drop = (v["drop"] or {}).get(key)
+        rows.append([cond, *cells(v["metrics"]), "-" if drop is None else f"{100 * drop:+.1f}%"])
+    _table(["condition", *metrics, f"drop ({key})"], rows)
+    index = "undefined" if bias["index"] is None else f"{bias['index']:+.2f}"
+    print(f"  modality-bias index on {key}: {index}" + (f" ({bias['reason']})" if bias["reason"] else ""))
+    plot = report_dir / "robustness.png"
+    print(f"  plot: {plot}", flush=True)
+    return plot
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import load_context
     from pipeline.registry import stage_classes
@@ -126,11 +246,12 @@ def main(argv: list[str] | None = None) -> int:
                 ctx = load_context(args.config, args.workdir, tuple(overrides))
                 report = run_stage(cls, ctx, RunOptions())
                 print(report.line(), flush=True)
+        print()
+        print(format_table(run_status(ctx)))
+        show_evaluation(workdir)
     except AbortRun as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 2
-    print()
-    print(format_table(run_status(ctx)))
     print(f"\nDemo outputs are in {workdir.resolve()}:")
     for child in sorted(workdir.iterdir()):
         print(f"  {child}")

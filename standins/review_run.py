@@ -17,8 +17,8 @@ from typing import Any
 
 from pipeline.stage import Stage
 from review.server import Credentials
-from stages.download import DownloadStage
-from stages.merge import MergeStage
+from stages.download.stage import DownloadStage
+from stages.merge.stage import MergeStage
 from standins.run_history import Failure, clip_histories, commit_histories, ok_outputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def write_contract_run(workdir: Path, clips: list[dict[str, Any]], share_media: 
     its split (as with ``merge.splits`` covering it), so what keeps a clip out of stage 5 is either
     its upstream failure or stage 5's own ``review.splits``. ``share_media`` points every clip at
     the first clip's files (scale tests)."""
-    from pipeline.runner import stage_ledger
+    from pipeline.selection import stage_ledger
     from stages.manifest import ManifestStage
 
     workdir = Path(workdir)

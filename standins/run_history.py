@@ -3,7 +3,7 @@
 A real run never leaves one ok row per clip: a download answered 429 and succeeded on its next
 attempt, a caption ran out of GPU memory once, a keyframe extraction failed and was re-queued with
 ``--retry-failed``, a clip is gone from YouTube, a merge failed the quality gate. This writes such
-histories with each stage's own output schema (:func:`pipeline.runner.stage_ledger`: imported,
+histories with each stage's own output schema (:func:`pipeline.selection.stage_ledger`: imported,
 never copied) through the real ledger, one commit per pass of the runner, with ``seq`` counting
 per clip as the runner counts it.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import Stage, Status
-from stages.caption import CaptionStage
-from stages.download import DownloadStage
+from stages.caption.stage import CaptionStage
+from stages.download.stage import DownloadStage
 from stages.keyframes import KeyframesStage
-from stages.merge import MergeStage
+from stages.merge.stage import MergeStage
 
 UPSTREAM: tuple[type[Stage], ...] = (DownloadStage, KeyframesStage, CaptionStage, MergeStage)
 
@@ -178,7 +178,7 @@ def clip_histories(
 def commit_histories(workdir: Path, clips: Iterable[Mapping[type[Stage], list[dict[str, Any]]]]) -> None:
     """Commit the clips' histories as the runner does: per stage, one part per pass (every clip's
     first row, then the second rows of the clips tried again, ...), each row with its ``seq``."""
-    from pipeline.runner import stage_ledger
+    from pipeline.selection import stage_ledger
 
     by_stage: dict[type[Stage], list[list[dict[str, Any]]]] = {}
     for per_stage in clips:

@@ -7,7 +7,7 @@ tower) in fp32 on the CPU. Writes distinct 224x224 JPEGs to disk and captions th
 - **generate** / **fast**: ``CaptionStage.process`` on batches of items, exactly as the runner
   calls it (thread pool decoding ahead, uint8 transfer, chunks of ``gen_batch_size``, text
   cleaning), with ``caption.decoder`` = ``generate`` (transformers' ``generate``) or ``fast``
-  (``stages/caption_fast.py``: static cache, the step compiled as a CUDA graph on CUDA, the next
+  (``stages/caption/fast.py``: static cache, the step compiled as a CUDA graph on CUDA, the next
   chunk's image half on a side stream); ``--fast-eager`` adds fast without compiling;
 - **naive**: per image, ``PIL.Image.open`` + ``Blip2Processor`` + ``generate`` with batch 1.
 
@@ -121,7 +121,8 @@ def run_stage_path(
     args: Any,
 ) -> tuple[dict[str, Any], list[list[str]]]:
     from pipeline.stage import Item, RunContext
-    from stages.caption import Captioner, CaptionStage
+    from stages.caption.captioner import Captioner
+    from stages.caption.stage import CaptionStage
     from stages.config import RunConfig
 
     settings = stage_settings(device, beams, gen_batch, path, args)
@@ -170,7 +171,7 @@ def decode_step_ms(cap: Any, workdir: Path, rels: list[str], device: str, beams:
     with 1 (the first token comes from the prefill, so no step runs), (t20 - t1) / 19. The image
     half and the prefill cancel out. The fast decoder's compiled step for this shape is already
     recorded by the stage run (20 tokens go first: a 1-token run makes a new cache)."""
-    from stages.caption import Decoding
+    from stages.caption.captioner import Decoding
 
     frames = [cap.load_frame(workdir / rel) for rel in rels[: cap.gen_batch]]
 

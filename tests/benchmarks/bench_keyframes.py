@@ -29,6 +29,7 @@ import pytest
 from pipeline.stage import Item, RunContext
 from stages.config import RunConfig
 from stages.keyframes import KeyframesStage, frame_targets
+from stages.tools import ffmpeg
 
 N_CLIPS = int(os.environ.get("BENCH_CLIPS", "200"))
 MAX_SIDE = 384
@@ -37,7 +38,7 @@ MAX_SIDE = 384
 def encode_clip(dest: Path, tone_hz: int) -> None:
     video = "testsrc2=s=640x360:r=25:d=10"
     audio = f"sine=frequency={tone_hz}:sample_rate=44100:duration=10"
-    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", video]
+    cmd = [ffmpeg(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", video]
     cmd += ["-f", "lavfi", "-i", audio, "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]
     cmd += ["-force_key_frames", "expr:gte(t,n_forced*1)", "-c:a", "aac", "-ac", "2", "-t", "10", str(dest)]
     subprocess.run(cmd, check=True)
@@ -85,16 +86,17 @@ def ours(wd: Path, items: list[Item], frames: int, workers: int) -> None:
 
 def naive(wd: Path, items: list[Item], frames: int) -> None:
     out = wd / "naive"
+    exe = ffmpeg()  # the system's, else imageio-ffmpeg's (stages/tools.py), as everywhere
     scale = f"scale='if(gt(iw,ih),min({MAX_SIDE},iw),-2)':'if(gt(iw,ih),-2,min({MAX_SIDE},ih))'"
     for item in items:
         src = str(wd / item["video_path"])
         dest = out / item.clip_id
         dest.mkdir(parents=True, exist_ok=True)
         for k, t in enumerate(frame_targets(10.0, frames)):
-            cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-ss", f"{t:.3f}", "-i", src]
+            cmd = [exe, "-nostdin", "-loglevel", "error", "-y", "-ss", f"{t:.3f}", "-i", src]
             cmd += ["-frames:v", "1", "-vf", scale, "-q:v", "3", str(dest / f"{k}.jpg")]
             subprocess.run(cmd, check=True)
-        cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", src, "-vn", "-ac", "1"]
+        cmd = [exe, "-nostdin", "-loglevel", "error", "-y", "-i", src, "-vn", "-ac", "1"]
         cmd += ["-ar", "16000", "-t", "10", str(dest / "audio.flac")]
         subprocess.run(cmd, check=True)
 

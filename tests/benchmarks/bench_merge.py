@@ -35,8 +35,8 @@ VISUAL = "a man standing in a backyard with a brown dog"
 
 
 def requests(n: int, max_words: int = 40) -> list[Any]:
-    from stages.merge import DEFAULT_PROMPT, Prompt
-    from stages.merge_backends import ChatRequest
+    from stages.merge.backends import ChatRequest
+    from stages.merge.stage import DEFAULT_PROMPT, Prompt
 
     prompt = Prompt.load(DEFAULT_PROMPT)
     with open(REPO / "manifests/audiocaps/test.csv", newline="", encoding="utf-8") as fh:
@@ -67,8 +67,8 @@ def measure(backend: Any, reqs: list[Any], naive: bool) -> dict[str, float]:
 def bench(
     backend_name: str, merges: int, concurrency: int, max_new_tokens: int, naive: bool = True, **cfg: Any
 ) -> list[dict]:
-    from stages.merge import MergeConfig
-    from stages.merge_backends import make_backend
+    from stages.merge.backends import make_backend
+    from stages.merge.config import MergeConfig
 
     config = MergeConfig(
         backend=backend_name,

@@ -21,7 +21,7 @@ from pipeline.ledger import Ledger
 from pipeline.registry import find_stage
 from pipeline.runner import run_stage
 from pipeline.stage import RunContext, RunOptions
-from stages.download import DownloadStage
+from stages.download.stage import DownloadStage
 from standins.media import make_clip
 from standins.run_history import Failure, clip_history, commit_histories
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.stage import Item, RunContext
-from stages.caption import CaptionStage
+from stages.caption.stage import CaptionStage
 from stages.config import RunConfig
 from standins.blip2 import build_tiny_blip2
 
@@ -145,8 +145,8 @@ def write_upstream_ledgers(workdir: Path, items: list[Item]) -> None:
     whose keyframes failed (its integer ``middle_frame`` is null, which once turned the column
     into floats for every clip), and a download that failed transiently before it succeeded.
     """
-    from pipeline.runner import stage_ledger
-    from stages.download import DownloadStage
+    from pipeline.selection import stage_ledger
+    from stages.download.stage import DownloadStage
     from stages.keyframes import KeyframesStage
     from stages.manifest import ManifestStage
 

@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from pipeline.errors import AbortRun
-from stages.caption import CaptionConfig, Captioner, clean_caption, pick_frame
+from stages.caption.captioner import Captioner, clean_caption
+from stages.caption.config import CaptionConfig
+from stages.caption.stage import pick_frame
 
 
 def captions(results: list[Any]) -> dict[str, list[str]]:

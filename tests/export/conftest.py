@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from stages.caption import CaptionStage
-from stages.download import DownloadStage
+from stages.caption.stage import CaptionStage
+from stages.download.stage import DownloadStage
 from stages.keyframes import KeyframesStage
-from stages.merge import MergeStage
+from stages.merge.stage import MergeStage
 from standins.contract_run import ContractRun, Pick, build_contract_run
 from standins.run_history import Failure
 
@@ -79,7 +79,7 @@ def export() -> Callable[..., Path]:
     """Run stage 6 through the real runner; returns the export folder."""
     from pipeline.runner import run_stage
     from pipeline.stage import RunOptions
-    from stages.export import ExportStage
+    from stages.export.stage import ExportStage
 
     def run(workdir: Path, *overrides: str) -> Path:
         ctx = context(workdir, *overrides)

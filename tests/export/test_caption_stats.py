@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from stages.caption_stats import caption_stats, words
+from stages.export.caption_stats import caption_stats, words
 
 REPO = Path(__file__).resolve().parents[2]
 

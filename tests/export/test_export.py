@@ -13,10 +13,10 @@ import pytest
 
 from pipeline.errors import AbortRun
 from pipeline.ledger import Ledger
-from pipeline.runner import stage_ledger
-from stages.caption import CaptionStage
-from stages.merge import MergeStage
-from stages.variants import VARIANTS
+from pipeline.selection import stage_ledger
+from stages.caption.stage import CaptionStage
+from stages.export.variants import VARIANTS
+from stages.merge.stage import MergeStage
 from standins.contract_run import DEFAULT_FAILURES, ContractRun, build_contract_run
 from standins.run_history import Failure
 
@@ -105,7 +105,7 @@ def test_card_states_counts_reviews_statistics_and_validates(
 ) -> None:
     from huggingface_hub import DatasetCard
 
-    from stages.card import validate_card
+    from stages.export.card import validate_card
 
     folder = export(run_copy())
     meta = validate_card(folder / "README.md")
@@ -142,7 +142,7 @@ def test_card_field_that_fails_is_named(
 ) -> None:  # type: ignore[no-untyped-def]
     import yaml
 
-    from stages.card import CardError, validate_card
+    from stages.export.card import CardError, validate_card
 
     folder = export(run_copy())
     text = (folder / "README.md").read_text()

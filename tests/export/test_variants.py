@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.config import ConfigError, load_config
 from stages.config import RunConfig
-from stages.variants import (
+from stages.export.variants import (
     VARIANTS,
     UnknownVariant,
     build_variant,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pipeline.errors import PermanentError, TransientError
-from stages.download import classify
+from stages.download.failures import classify
 
 LOGIN_HINT = "Use --cookies-from-browser or --cookies for the authentication"
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import load_context
-from pipeline.runner import run_stage, stage_ledger
+from pipeline.runner import run_stage
+from pipeline.selection import stage_ledger
 from pipeline.stage import RunOptions
-from stages.download import DownloadStage
+from stages.download.stage import DownloadStage
 from stages.keyframes import KeyframesStage
 from stages.manifest import ManifestStage
 from standins.media import MediaServer, make_clip

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.ledger import Ledger
-from pipeline.runner import stage_ledger
-from stages.caption import CaptionStage
-from stages.download import DownloadStage
+from pipeline.selection import stage_ledger
+from stages.caption.stage import CaptionStage
+from stages.download.stage import DownloadStage
 from stages.keyframes import KeyframesStage
 
 pytestmark = pytest.mark.slow
@@ -102,6 +102,7 @@ merge:
   # A random-weight model writes word salad: only the structural checks can pass.
   min_audio_overlap: 0
   min_visual_overlap: 0
+  max_invented: 1.0
   min_words: 1
 """
     )

@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import json, sys
 
-from stages.merge import DEFAULT_PROMPT, MergeConfig, Prompt
-from stages.merge_backends import ChatRequest, make_backend
+from stages.merge.stage import DEFAULT_PROMPT, Prompt
+from stages.merge.config import MergeConfig
+from stages.merge.backends import ChatRequest, make_backend
 
 
 def main():
@@ -29,11 +30,15 @@ def main():
                           "enable_chunked_prefill": False, "max_num_batched_tokens": 32768},
     )
     backend = make_backend(cfg)
+    backend.preflight()
     prompt = Prompt.load(DEFAULT_PROMPT)
     audio = ["A dog barks", "Rain falls on a roof", "A car passes by"]
     reqs = [ChatRequest(prompt.messages([a], "a man in a yard", 40), seed=s) for s, a in enumerate(audio)]
+    reqs.append(ChatRequest(reqs[0].messages, seed=0, max_tokens=2))  # cut off: finish_reason "length"
     out = backend.generate(reqs)
-    print("RESULT " + json.dumps([[a.text, a.prompt_tokens, a.completion_tokens] for a in out]))
+    rows = [[a.text, a.prompt_tokens, a.completion_tokens, a.finish_reason] for a in out]
+    print("RESULT " + json.dumps(rows))
+    print("SENT " + json.dumps(backend.request_text(reqs[-1])))
     backend.close()
 
 
@@ -60,8 +65,14 @@ def test_vllm_offline_backend(tmp_path: Path, tiny_chat_model: Path) -> None:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-4000:]
     answers = json.loads(lines[0][len("RESULT ") :])
-    assert len(answers) == 3
-    for text, prompt_tokens, completion_tokens in answers:
+    assert len(answers) == 4
+    for text, prompt_tokens, completion_tokens, finish in answers[:3]:
         assert isinstance(json.loads(text, strict=False)["caption"], str)  # structured output, offline
-        assert prompt_tokens > 100 and 0 < completion_tokens <= 48
+        assert prompt_tokens > 100 and 0 < completion_tokens <= 48 and finish == "stop"
+    assert answers[3][2:] == [2, "length"]
+    (sent,) = [json.loads(ln[len("SENT ") :]) for ln in proc.stdout.splitlines() if ln.startswith("SENT ")]
+    assert (
+        sent.startswith("vllm.LLM.chat\n")
+        and json.loads(sent.split("\n", 1)[1])["sampling_params"]["max_tokens"] == 2
+    )
     assert sys.executable != str(py)  # it really ran in the other venv

@@ -18,8 +18,8 @@ import pytest
 from engine_helpers import HERE, avcaps, write_config, write_csvs
 
 from pipeline.ledger import Ledger
-from pipeline.runner import stage_ledger
-from stages.download import DownloadStage
+from pipeline.selection import stage_ledger
+from stages.download.stage import DownloadStage
 from stages.keyframes import KeyframesStage
 from stages.manifest import ManifestStage
 

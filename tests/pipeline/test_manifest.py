@@ -207,12 +207,13 @@ def test_checksum_mismatch(tmp_path: Path) -> None:
 
 
 def test_shipped_checksums_match_shipped_csvs() -> None:
-    from stages.manifest import read_checksums, sha256_file
+    from pipeline.io import file_digest
+    from stages.manifest import read_checksums
 
     sums = read_checksums(REAL_CSV_DIR / "SHA256SUMS")
     assert set(sums) == {"train.csv", "val.csv", "test.csv"}
     for name, digest in sums.items():
-        assert sha256_file(REAL_CSV_DIR / name) == digest
+        assert file_digest(REAL_CSV_DIR / name) == digest
 
 
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:

@@ -230,7 +230,7 @@ def test_sigkill_mid_stage_then_resume(run: dict) -> None:
 def test_a_stage_with_nothing_eligible_counts_as_run_for_the_next(tmp_path: Path, toyapp: None) -> None:
     """A run whose clips all fail upstream (or have no split a stage applies to) leaves a stage with
     no row at all; the stage after it must see zero clips, not "has not run yet"."""
-    from pipeline.runner import upstream_ok
+    from pipeline.selection import upstream_ok
 
     csv_dir = write_csvs(tmp_path / "csv", {"train": [(1, "r0000000000", 0, "a train caption")]})
     cfg = write_config(

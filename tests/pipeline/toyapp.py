@@ -26,6 +26,7 @@ from stages.manifest import ManifestConfig
 STAGES = ["stages.manifest:ManifestStage", "toyapp:ToyStage"]
 CONFIG_MODEL = "toyapp:ToyConfig"
 COMMANDS: dict[str, str] = {}
+GROUP_COLUMN = "split"  # the real stage 0's clips have splits: status counts per split
 
 
 class ToySection(StageConfig):

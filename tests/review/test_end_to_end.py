@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.cli import load_context
 from pipeline.registry import find_stage
-from pipeline.runner import run_stage, stage_ledger
+from pipeline.runner import run_stage
+from pipeline.selection import stage_ledger
 from pipeline.stage import RunOptions
 from review.client import LabelStudio
 from review.labeling import text_result, verdict_result

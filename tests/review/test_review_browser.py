@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.runner import run_stage, stage_ledger
+from pipeline.runner import run_stage
+from pipeline.selection import stage_ledger
 from pipeline.stage import RunOptions
 from review.pull import pull, read_reviews
-from stages.review import ReviewStage
+from review.push import ReviewStage
 from standins.review_run import REPO, make_clips
 from standins.review_run import TEST_CREDS as CREDS
 
@@ -123,3 +124,15 @@ def test_annotator_edits_the_prefilled_merge_in_the_browser(
     got = read_reviews(ctx.workdir).iloc[0]
     assert got["verdict"] == "edited" and got["annotator"] == CREDS.username
     assert list(got["final_captions"]) == [edit1, edit2]
+
+    # The Instructions button shows the link to the annotator guide; a plain click opens it (in
+    # the same tab: Label Studio's sanitizer drops target="_blank").
+    js_click(browser, browser.find_element(By.XPATH, "//button[normalize-space(.)='Instructions']"))
+    link = wait.until(lambda d: d.find_element(By.LINK_TEXT, "Read the annotator guide"))
+    assert link.is_displayed()
+    link.click()
+    wait.until(lambda d: "annotator-guide.html" in d.current_url)
+    heading = wait.until(lambda d: d.find_element(By.TAG_NAME, "h1"))
+    assert heading.text == "AudioVisualCaps review: annotator guide"
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert all(f"Example {i}: {v}" in body for i, v in enumerate(("accept", "edited", "rejected"), 1))

@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import AbortRun
-from pipeline.runner import run_stage, stage_ledger
+from pipeline.runner import run_stage
+from pipeline.selection import stage_ledger
 from pipeline.stage import RunContext, RunOptions
 from review.client import LabelStudio
 from review.labeling import COMMENT, text_result, verdict_result
 from review.pull import captions_distance, pull, read_reviews, review_status, word_edit_distance
-from stages.review import ReviewStage, read_project_file
+from review.push import ReviewStage, read_project_file
 from standins.review_run import RETRIED, UPSTREAM_FAILED, make_clips
 from standins.review_run import TEST_CREDS as CREDS
 
@@ -151,19 +152,20 @@ def test_kill_between_import_and_commit_imports_nothing_twice(run_ctx: Any) -> N
     assert len(list(client(ctx).iter_tasks(project_id))) == 3
 
 
-def test_latest_annotation_wins_and_disagreement_is_reported(run_ctx: Any) -> None:
+def test_one_annotator_answering_twice_counts_once(run_ctx: Any) -> None:
     clips = make_clips(1, "d")
     ctx = run_ctx("run", clips)
     push(ctx)
     tid = task_ids(ctx)[clips[0]["clip_id"]]
     c = client(ctx)
     annotate(c, tid, "accept", clips[0]["merged_captions"])
-    annotate(c, tid, "edited", ["A dog and birds"])
+    edit = ["A dog and birds", "Birds and a dog"]
+    annotate(c, tid, "edited", edit)  # the same annotator changed their mind
     rep = pull(ctx)
-    assert len(rep.disagreements) == 1 and clips[0]["clip_id"] in rep.disagreements[0]
+    assert not rep.disagreements
     row = read_reviews(ctx.workdir).iloc[0]
-    assert row["verdict"] == "edited" and list(row["final_captions"]) == ["A dog and birds"]
-    assert row["n_annotations"] == 2 and row["disagreement"]
+    assert row["verdict"] == "edited" and list(row["final_captions"]) == edit
+    assert row["n_annotations"] == 1 and not row["disagreement"]
 
 
 def test_missing_media_fails_only_that_clip(run_ctx: Any) -> None:
@@ -186,7 +188,8 @@ def test_faults_name_the_thing_and_lose_nothing(run_ctx: Any, monkeypatch: pytes
     push(ctx)
     ids = task_ids(ctx)
     c = client(ctx)
-    ann = annotate(c, ids[clips[0]["clip_id"]], "edited", ["A dog barks at birds"])
+    edit = ["A dog barks at birds", "Birds chirp above a dog"]
+    ann = annotate(c, ids[clips[0]["clip_id"]], "edited", edit)
     pull(ctx)
     reviews = ctx.workdir / "05-review" / "reviews.parquet"
     before = reviews.read_bytes()
@@ -196,7 +199,7 @@ def test_faults_name_the_thing_and_lose_nothing(run_ctx: Any, monkeypatch: pytes
     rep = pull(ctx)
     assert any("unknown verdict 'maybe'" in p and clips[0]["clip_id"] in p for p in rep.problems)
     row = read_reviews(ctx.workdir).iloc[0]
-    assert row["verdict"] == "edited" and list(row["final_captions"]) == ["A dog barks at birds"]
+    assert row["verdict"] == "edited" and list(row["final_captions"]) == edit
     before = reviews.read_bytes()
 
     # Wrong key: 401 named, the key never printed.

@@ -1,21 +1,34 @@
-"""Stage 5 (push): the test merges become Label Studio tasks for human review.
+"""Stage 5 (push, ``avcaps run review``): the test merges become Label Studio tasks for human review.
 
 The project is created once per run folder (its id is remembered in ``DIR/05-review/project.json``);
 the run's media folder is attached as local-files storage, so Label Studio serves the keyframes and
-audio from there only. Nothing in Label Studio is idempotent, so tasks are keyed by ``clip_id`` in
-their data: ``setup`` lists the project's tasks once and a clip already there is never imported
-again (a kill between an import and its ledger commit is healed by that). Each batch of the runner
-is one import call, with the merge as a prediction (the project's ``model_version``) so it shows up
-prefilled. ``avcaps review pull`` (``review/pull.py``) reads the annotations back.
+audio from there only (and the annotator guide, written there). Nothing in Label Studio is
+idempotent, so tasks are keyed by ``clip_id`` in their data: ``setup`` lists the project's tasks once
+and a clip already there is never imported again (a kill between an import and its ledger commit is
+healed by that). Each batch of the runner is one import call, with the merge as a prediction (the
+project's ``model_version``) so it shows up prefilled. ``avcaps review pull`` (:mod:`review.pull`)
+reads the annotations back.
+
+Shards of this stage may push at once (``--shard i/n``; the engine already keeps two processes off
+the same items). They share one project: making it (and its storage, settings and guide) and every
+import call happen under one lock per run folder, ``DIR/.locks/05-review/push.lock`` (``filelock``,
+as the engine's stage locks), so a second shard finds the project the first one made instead of
+making its own, and the server gets one bulk import at a time (Label Studio's default SQLite
+database takes one writer at a time).
+
+Also the run's connection to Label Studio that pull and the CLI share: :func:`connect`,
+:func:`remembered_project`, :func:`document_root`, ``review:`` settings (:class:`ReviewConfig`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -37,7 +50,9 @@ class ReviewConfig(StageConfig):
     batch_size: int = Field(250, gt=0, description="Tasks per import call (and per ledger commit).")
     url: str = Field("http://127.0.0.1:8080", description="Label Studio's base URL.")
     api_key_env: str = Field(
-        "LABEL_STUDIO_API_KEY", description="Name of the environment variable holding the API key."
+        "LABEL_STUDIO_API_KEY",
+        description="Name of the environment variable holding the API key: a personal access token "
+        "(a JWT, Account & Settings) or a legacy token (40 hex); the form tells which.",
     )
     document_root: Path | None = Field(
         None,
@@ -53,6 +68,26 @@ class ReviewConfig(StageConfig):
     splits: list[str] = Field(["test"], description="Splits whose clips are reviewed.")
     timeout_s: float = Field(120.0, gt=0, description="HTTP timeout of one API call.")
     server_venv: Path = Field(Path(".venv-labelstudio"), description="Venv holding the server.")
+    annotators_per_task: int = Field(
+        1,
+        ge=1,
+        le=50,
+        description="Annotators who answer each task (the project's overlap: maximum_annotations, "
+        "for every task); their majority decides (see review/policy.py).",
+    )
+    edit_policy: Literal["latest", "medoid"] = Field(
+        "latest",
+        description="Whose edit becomes the reference when the majority says 'edited': the most recent "
+        "annotator's (latest) or the edit closest to the other edits (medoid).",
+    )
+    guide_url: str | None = Field(
+        None,
+        description="URL of the annotator guide linked from the instructions; null = the guide that "
+        "stage 5 writes into the run's media folder, served by Label Studio with the clips' media.",
+    )
+    lock_timeout_s: float = Field(
+        900.0, gt=0, description="How long a shard waits for another shard's project setup or import."
+    )
 
 
 def review_config(config: Any) -> ReviewConfig:
@@ -65,20 +100,45 @@ def document_root(config: Any, workdir: Path) -> Path:
 
 
 def api_key(cfg: ReviewConfig) -> str:
-    key = os.environ.get(cfg.api_key_env, "")
+    key = os.environ.get(cfg.api_key_env, "").strip()
     if not key:
-        raise AbortRun(f"set {cfg.api_key_env} in the environment to the Label Studio API key")
+        raise AbortRun(
+            f"set {cfg.api_key_env} in the environment to your Label Studio personal access token "
+            "(Account & Settings) or legacy token"
+        )
     return key
 
 
 def connect(config: Any) -> LabelStudio:
-    """A client for the configured server, with the key checked (unreachable / 401 abort here)."""
+    """A client for the configured server, with the key checked (malformed / unreachable / 401
+    abort here)."""
     from review.client import LabelStudio
 
     cfg = review_config(config)
-    client = LabelStudio(cfg.url, api_key(cfg), cfg.timeout_s)
+    client = LabelStudio(cfg.url, api_key(cfg), cfg.timeout_s, env_name=cfg.api_key_env)
     client.whoami()
     return client
+
+
+@contextlib.contextmanager
+def push_lock(workdir: Path, timeout_s: float) -> Iterator[None]:
+    """One process at a time (of the run folder) makes the project or imports tasks."""
+    from filelock import FileLock, Timeout
+
+    folder = Path(workdir) / ".locks" / ReviewStage.dirname()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / "push.lock", timeout=timeout_s)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise AbortRun(
+            f"waited {timeout_s:.0f} s for {lock.lock_file}: another push of this run holds it "
+            "(review.lock_timeout_s)"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def read_project_file(folder: Path) -> dict[str, Any]:
@@ -150,8 +210,10 @@ class ReviewStage(ItemStage):
                 "(review.document_root): the server could not serve it"
             )
         self.client = connect(self.config)
-        self.project_id = self._ensure_project()
-        self._ensure_storage(media)
+        with push_lock(self.workdir, self.cfg.lock_timeout_s):
+            guide = self._write_guide(media)
+            self.project_id = self._ensure_project(guide)
+            self._ensure_storage(media)
         self.existing: dict[str, int] = {}
         for task in self.client.iter_tasks(self.project_id):
             cid = (task.get("data") or {}).get("clip_id")
@@ -163,8 +225,36 @@ class ReviewStage(ItemStage):
         if client is not None:
             client.close()
 
-    def _ensure_project(self) -> int:
+    def _write_guide(self, media: Path) -> str:
+        """The annotator guide's URL: ``review.guide_url``, or the page written into the media
+        folder (rewritten only when its text changed) as Label Studio serves it."""
+        from review.guide import GUIDE_PATH, guide_html
+        from review.labeling import local_files_url
+
+        if self.cfg.guide_url:
+            return self.cfg.guide_url
+        path = media / GUIDE_PATH
+        text = guide_html()
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, text)
+        # The #fragment is needed: Label Studio's web app takes a plain same-origin link for one of
+        # its own pages and fails to render it; a link with a fragment is left to the browser.
+        return local_files_url(path, self.root) + "#guide"
+
+    def _settings(self, guide_url: str) -> dict[str, Any]:
+        """The project settings stage 5 owns (kept up to date on an existing project)."""
+        from review.labeling import instructions
+
+        return {
+            "expert_instruction": instructions(guide_url),
+            "maximum_annotations": self.cfg.annotators_per_task,
+            "overlap_cohort_percentage": 100,  # every task gets annotators_per_task annotators
+        }
+
+    def _ensure_project(self, guide_url: str) -> int:
         state = read_project_file(self.folder)
+        settings = self._settings(guide_url)
         if "project_id" in state:
             project = remembered_project(self.client, self.folder)
             if project.get("model_version") != self.cfg.model_version:
@@ -172,6 +262,9 @@ class ReviewStage(ItemStage):
                     f"Label Studio project {project['id']} has model_version {project.get('model_version')!r}"
                     f" but review.model_version is {self.cfg.model_version!r}: the merges would not show"
                 )
+            changed = {k: v for k, v in settings.items() if project.get(k) != v}
+            if changed:
+                self.client.update_project(int(project["id"]), **changed)
             return int(project["id"])
         # The token is saved before the project is made, so a kill between creating the project and
         # saving its id finds that project again by its title instead of making a second one.
@@ -184,18 +277,21 @@ class ReviewStage(ItemStage):
         atomic_write_text(self.folder / PROJECT_FILE, json.dumps({"token": token, "title": title}) + "\n")
         found = [p for p in self.client.projects() if p.get("title") == title]
         if found:
-            project = found[0]
+            project = min(found, key=lambda p: int(p["id"]))
+            changed = {k: v for k, v in settings.items() if project.get(k) != v}
+            if changed:
+                self.client.update_project(int(project["id"]), **changed)
         else:
-            from review.labeling import INSTRUCTIONS, LABEL_CONFIG
+            from review.labeling import LABEL_CONFIG
 
             project = self.client.create_project(
                 title=title,
                 description=f"Human review of the merged captions of run {self.workdir.resolve()}",
                 label_config=LABEL_CONFIG,
-                expert_instruction=INSTRUCTIONS,
                 show_instruction=True,
                 show_collab_predictions=True,
                 model_version=self.cfg.model_version,
+                **settings,
             )
         state = {"token": token, "title": title, "project_id": int(project["id"]), "url": self.cfg.url}
         atomic_write_text(self.folder / PROJECT_FILE, json.dumps(state, indent=2) + "\n")
@@ -231,7 +327,8 @@ class ReviewStage(ItemStage):
                 continue
             todo.append((item.clip_id, task))
         if todo:
-            ids = self.client.import_tasks(self.project_id, [task for _, task in todo])
+            with push_lock(self.workdir, self.cfg.lock_timeout_s):
+                ids = self.client.import_tasks(self.project_id, [task for _, task in todo])
             for (cid, _), task_id in zip(todo, ids, strict=True):
                 self.existing[cid] = task_id
                 results.append(self._ok(cid, task_id))

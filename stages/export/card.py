@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from pipeline.errors import AbortRun
+from review.policy import describe
 
 if TYPE_CHECKING:
-    from stages.export import ExportConfig
+    from stages.export.config import ExportConfig
 
 # The Hub's size categories (a closed list on the Hub side).
 SIZE_CATEGORIES = (
@@ -141,6 +142,10 @@ def render_card(stats: dict[str, Any], cfg: ExportConfig) -> str:
         if unreviewed
         else ""
     )
+    # Several annotators per clip: how much they agreed (review/policy.py says how it is measured).
+    agreement = ""
+    if reviewed and stats.get("review_agreement"):
+        agreement = f"- {describe(stats['review_agreement'])}.\n"
     return f"""---
 {meta}---
 
@@ -202,7 +207,7 @@ merged splits, audio and visual captions merged by an LLM, then reviewed by peop
 - review of the test merges: {reviewed} reviewed: {review.get("accept", 0)} accepted as is,
   {review.get("edited", 0)} edited, {review.get("rejected", 0)} rejected (excluded);
   {review.get("unreviewed", 0)} not reviewed{" (included, flagged)" if unreviewed else " (excluded)"}.
-
+{agreement}
 ## Statistics (as in the paper's Table 2)
 
 Tokenization: {stats["tokenization"]}.

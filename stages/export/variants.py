@@ -21,8 +21,9 @@ import random
 import re
 from collections.abc import Iterable
 
+from pipeline.text import squash_spaces
+
 VARIANTS: tuple[str, ...] = ("random", "concat", "and", "per_modality")
-_WS = re.compile(r"\s+")
 _FIRST_WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*")
 _TERMINAL = ".!?"
 
@@ -42,11 +43,6 @@ def check_variants(names: Iterable[str]) -> list[str]:
     if len(set(names)) != len(names):
         raise UnknownVariant(f"variant listed twice in {names}")
     return names
-
-
-def clean(text: str | None) -> str:
-    """Collapse whitespace and strip; ``None`` becomes ``""``."""
-    return _WS.sub(" ", text or "").strip()
 
 
 def keeps_capital(word: str, proper_nouns: frozenset[str] = frozenset()) -> bool:
@@ -76,7 +72,7 @@ def proper_nouns_from(captions: Iterable[str]) -> frozenset[str]:
     capital_mid: set[str] = set()
     lower: set[str] = set()
     for text in captions:
-        words = clean(text).split(" ")
+        words = squash_spaces(text).split(" ")
         for i, w in enumerate(words):
             m = _FIRST_WORD.match(w)
             if not m:
@@ -103,7 +99,7 @@ def _sentence(text: str) -> str:
 
 def join_and(first: str, second: str, proper_nouns: frozenset[str] = frozenset()) -> str:
     """``"A dog barks." + "A man walks"`` -> ``"A dog barks and a man walks"``."""
-    a, b = clean(first), clean(second)
+    a, b = squash_spaces(first), squash_spaces(second)
     if not a or not b:
         return a or b
     a = a.rstrip(".").rstrip()
@@ -112,7 +108,7 @@ def join_and(first: str, second: str, proper_nouns: frozenset[str] = frozenset()
 
 def concat(first: str, second: str) -> str:
     """``"a dog barks" + "a man walks"`` -> ``"A dog barks. A man walks."``."""
-    parts = [clean(first), clean(second)]
+    parts = [squash_spaces(first), squash_spaces(second)]
     return " ".join(_sentence(p) for p in parts if p)
 
 
@@ -122,7 +118,7 @@ def pick_random(first: str, second: str, seed: int, clip_id: str, index: int = 0
     The RNG is keyed by ``(seed, clip_id, index)`` (a string seed hashes with SHA-512 inside
     :class:`random.Random`, stable across runs and platforms). An empty caption is never chosen.
     """
-    a, b = clean(first), clean(second)
+    a, b = squash_spaces(first), squash_spaces(second)
     if not b:
         return a, "audio"
     if not a:
@@ -147,8 +143,8 @@ def build_variant(
     are ``audio``, ``visual`` or ``audio+visual``.
     """
     check_variants([variant])
-    audios = [clean(a) for a in audio_captions if clean(a)]
-    visual = clean(visual_caption)
+    audios = [squash_spaces(a) for a in audio_captions if squash_spaces(a)]
+    visual = squash_spaces(visual_caption)
     if variant == "per_modality":
         refs = [*audios, visual] if visual else list(audios)
         return refs, ["audio"] * len(audios) + (["visual"] if visual else [])

@@ -1,7 +1,8 @@
 """Stage 6: export AudioVisualCaps as Parquet in the Hugging Face ``datasets`` layout.
 
-Reads the run folder (the clip table, the ledgers of stages 1-4 and ``05-review/reviews.parquet``)
-and writes ``DIR/export/``:
+Reads the run folder (the clip table, the ledgers of stages 1-5 through their stage classes, whose
+``output_schema()`` is the column contract, and ``05-review/reviews.parquet``) and writes
+``DIR/export/``:
 
 ```
 data/<config>/<split>-NNNNN-of-NNNNN.parquet   one config per training variant (random, concat,
@@ -16,11 +17,14 @@ The export is a pure function of the run folder and the config: rows are sorted 
 Parquet files carry no timestamps and no pandas metadata, and the card has no dates, so two
 exports of the same run are byte-identical. It is written to a temporary folder and swapped in
 whole: a crash never leaves a half-written export behind.
+
+Beside it, pure helpers: :mod:`~stages.export.variants` (the training variants),
+:mod:`~stages.export.caption_stats` (Table-2 figures), :mod:`~stages.export.card` (the card and
+its offline validation); the settings are :mod:`~stages.export.config`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -29,80 +33,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, field_validator
-
-from pipeline.config import StrictModel
 from pipeline.errors import AbortRun
-from pipeline.io import atomic_write_text
-from pipeline.runner import to_python
-from pipeline.stage import RunOptions, WholeStage
-from stages.caption_stats import TOKENIZATION, caption_stats
-from stages.variants import VARIANTS, UnknownVariant, build_variant, check_variants, clean, proper_nouns_from
+from pipeline.io import atomic_write_text, file_digest
+from pipeline.selection import stage_ledger, to_python
+from pipeline.stage import RunOptions, Stage, WholeStage
+from pipeline.text import squash_spaces
+from review.pull import REVIEWS_FILE, agreement_figures, pull
+from review.push import PROJECT_FILE, ReviewStage
+from stages.caption.stage import CaptionStage
+from stages.download.stage import DownloadStage
+from stages.export.caption_stats import TOKENIZATION, caption_stats
+from stages.export.card import render_card, validate_card
+from stages.export.config import ExportConfig
+from stages.export.variants import build_variant, proper_nouns_from
+from stages.keyframes import KeyframesStage
+from stages.manifest import ManifestStage
+from stages.merge.stage import MergeStage
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-# The upstream stages by folder (the column contract); export reads their ledgers as plain Parquet.
+# The upstream stages, by class: their ledgers are read with their declared schemas (the column
+# contract) from their folders (``dirname()``); no folder name is spelled out here.
 DOWNLOAD, KEYFRAMES, CAPTION, MERGE, REVIEW = (
-    "01-download",
-    "02-keyframes",
-    "03-caption",
-    "04-merge",
-    "05-review",
+    DownloadStage,
+    KeyframesStage,
+    CaptionStage,
+    MergeStage,
+    ReviewStage,
 )
 log = logging.getLogger("avcaps")
-STAGE_NUMBERS = {DOWNLOAD: 1, KEYFRAMES: 2, CAPTION: 3, MERGE: 4, REVIEW: 5}
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 ACCEPTED = ("accept", "edited")
 VERDICTS = (*ACCEPTED, "rejected")
 UNREVIEWED = "unreviewed"
-
-
-class ExportConfig(StrictModel):
-    folder: str = Field("export", description="Export folder inside the run folder.")
-    variants: list[str] = Field(
-        list(VARIANTS), description=f"Configs to write, one per training variant: {', '.join(VARIANTS)}."
-    )
-    default_variant: str = Field("and", description="The config `load_dataset(path)` loads by default.")
-    seed: int = Field(0, description="Seed of the `random` variant (recorded in the card).")
-    allow_unreviewed: bool = Field(
-        False,
-        description="Include test clips without a review, with their raw merges flagged 'unreviewed'.",
-    )
-    pull_reviews: bool = Field(
-        True,
-        description="First pull the latest reviews from Label Studio when the run has a review project; "
-        "false exports with the reviews pulled last.",
-    )
-    embed_media: bool = Field(
-        False, description="Embed the middle keyframe and the audio (datasets Image/Audio features)."
-    )
-    max_shard_bytes: int = Field(
-        256 * 1024 * 1024, gt=0, description="Upper bound of one Parquet shard (uncompressed rows + media)."
-    )
-    proper_nouns_from_corpus: bool = Field(
-        True,
-        description="`and` variant: keep the capital of words seen capitalised mid-caption, never lowercase.",
-    )
-    pretty_name: str = Field("AudioVisualCaps", description="Dataset name in the card.")
-
-    @field_validator("variants")
-    @classmethod
-    def _known_variants(cls, value: list[str]) -> list[str]:
-        try:
-            return check_variants(value)
-        except UnknownVariant as exc:
-            raise ValueError(str(exc)) from None
-
-    @field_validator("default_variant")
-    @classmethod
-    def _known_default(cls, value: str) -> str:
-        try:
-            check_variants([value])
-        except UnknownVariant as exc:
-            raise ValueError(str(exc)) from None
-        return value
 
 
 def row_schema(embed_media: bool) -> pa.Schema:
@@ -149,10 +114,8 @@ def row_schema(embed_media: bool) -> pa.Schema:
 
 
 # -- reading the run folder ------------------------------------------------------------------------
-def _latest(workdir: Path, dirname: str) -> pd.DataFrame | None:
-    from pipeline.ledger import Ledger
-
-    ledger = Ledger(workdir / dirname / "ledger")
+def _latest(stage: type[Stage], workdir: Path) -> pd.DataFrame | None:
+    ledger = stage_ledger(stage, workdir)
     return ledger.latest() if ledger.exists() else None
 
 
@@ -161,25 +124,28 @@ class RunTables:
     """The run folder's state, one DataFrame per stage indexed by ``clip_id`` (None: never ran)."""
 
     clips: pd.DataFrame
-    stages: dict[str, pd.DataFrame | None]
+    stages: dict[type[Stage], pd.DataFrame | None]
     reviews: pd.DataFrame | None
 
     @classmethod
     def read(cls, workdir: Path) -> RunTables:
-        clips = _latest(workdir, "00-manifest")
+        clips = _latest(ManifestStage, workdir)
         if clips is None:
-            raise AbortRun(f"stage 00-manifest has not run yet in {workdir}: run `avcaps run 0` first")
+            raise AbortRun(
+                f"stage {ManifestStage.dirname()} has not run yet in {workdir}: "
+                f"run `avcaps run {ManifestStage.number}` first"
+            )
         clips = clips[clips["status"] == "ok"]
-        stages = {d: _latest(workdir, d) for d in (DOWNLOAD, KEYFRAMES, CAPTION, MERGE, REVIEW)}
-        return cls(clips, stages, read_reviews(workdir / REVIEW / "reviews.parquet"))
+        stages = {s: _latest(s, workdir) for s in (DOWNLOAD, KEYFRAMES, CAPTION, MERGE, REVIEW)}
+        return cls(clips, stages, read_reviews(workdir / REVIEW.dirname() / REVIEWS_FILE))
 
-    def ok_ids(self, dirname: str) -> set[str]:
-        df = self.stages[dirname]
+    def ok_ids(self, stage: type[Stage]) -> set[str]:
+        df = self.stages[stage]
         return set() if df is None else set(df.index[df["status"] == "ok"])
 
-    def failed(self, dirname: str, ids: set[str]) -> dict[str, int]:
+    def failed(self, stage: type[Stage], ids: set[str]) -> dict[str, int]:
         """Failure counts by reason among ``ids`` for one stage."""
-        df = self.stages[dirname]
+        df = self.stages[stage]
         if df is None:
             return {}
         sub = df[df.index.isin(ids) & (df["status"] != "ok")]
@@ -223,8 +189,8 @@ class Plan:
     merged_splits: list[str] = field(default_factory=list)
 
 
-def _missing(tables: RunTables, dirname: str, expected: set[str]) -> int:
-    df = tables.stages[dirname]
+def _missing(tables: RunTables, stage: type[Stage], expected: set[str]) -> int:
+    df = tables.stages[stage]
     return len(expected) if df is None else len(expected - set(df.index))
 
 
@@ -245,12 +211,12 @@ def plan_export(tables: RunTables, allow_unreviewed: bool) -> Plan:
         ids = set(clips.index[clips["split"] == split])
         avail: dict[str, Any] = {"clips": len(ids)}
         current = ids
-        for dirname in (DOWNLOAD, KEYFRAMES, CAPTION):
-            n = _missing(tables, dirname, current)
+        for stage in (DOWNLOAD, KEYFRAMES, CAPTION):
+            n = _missing(tables, stage, current)
             if n:
-                problems.append(_missing_line(dirname, n, len(current), split))
-            avail[f"failed_{dirname[3:]}"] = tables.failed(dirname, current)
-            current = current & tables.ok_ids(dirname)
+                problems.append(_missing_line(stage, n, len(current), split))
+            avail[f"failed_{stage.name}"] = tables.failed(stage, current)
+            current = current & tables.ok_ids(stage)
         avail["with_captions"] = len(current)
         if split == "test":
             n = _missing(tables, MERGE, current)
@@ -293,22 +259,21 @@ def plan_export(tables: RunTables, allow_unreviewed: bool) -> Plan:
     return plan
 
 
-def _missing_line(dirname: str, n: int, of: int, split: str) -> str:
-    number = STAGE_NUMBERS[dirname]
-    hint = f"run `avcaps run {number}`" if dirname != REVIEW else "run the review stage and pull"
-    return f"stage {dirname}: {n} of {of} {split} item(s) have no result yet ({hint})"
+def _missing_line(stage: type[Stage], n: int, of: int, split: str) -> str:
+    hint = f"run `avcaps run {stage.number}`" if stage is not REVIEW else "run the review stage and pull"
+    return f"stage {stage.dirname()}: {n} of {of} {split} item(s) have no result yet ({hint})"
 
 
 # -- building rows ------------------------------------------------------------------------------------
-def _cell(tables: RunTables, dirname: str, cid: str, column: str) -> Any:
-    df = tables.stages[dirname]
+def _cell(tables: RunTables, stage: type[Stage], cid: str, column: str) -> Any:
+    df = tables.stages[stage]
     if df is None or cid not in df.index or column not in df.columns:
         return None
     return to_python(df.at[cid, column])
 
 
 def _str_list(value: Any) -> list[str]:
-    return [clean(v) for v in (value or []) if clean(v)]
+    return [squash_spaces(v) for v in (value or []) if squash_spaces(v)]
 
 
 def base_row(tables: RunTables, cid: str) -> dict[str, Any]:
@@ -326,8 +291,8 @@ def base_row(tables: RunTables, cid: str) -> dict[str, Any]:
         "split": clip["split"],
         "audio_captions": _str_list(clip["audio_captions"]),
         "audiocap_ids": list(clip.get("audiocap_ids") or []),
-        "visual_caption": clean(_cell(tables, CAPTION, cid, "visual_caption")),
-        "frame_captions": [clean(c) for c in _cell(tables, CAPTION, cid, "frame_captions") or []],
+        "visual_caption": squash_spaces(_cell(tables, CAPTION, cid, "visual_caption")),
+        "frame_captions": [squash_spaces(c) for c in _cell(tables, CAPTION, cid, "frame_captions") or []],
         "merged_captions": _str_list(_cell(tables, MERGE, cid, "merged_captions")),
         "video_path": _cell(tables, DOWNLOAD, cid, "video_path"),
         "frame_path": frames[mid] if mid is not None else None,
@@ -473,17 +438,9 @@ def write_shards(
     return paths
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_checksums(folder: Path) -> Path:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
-    lines = [f"{sha256_of(p)}  {p.relative_to(folder).as_posix()}" for p in files]
+    lines = [f"{file_digest(p)}  {p.relative_to(folder).as_posix()}" for p in files]
     dest = folder / "SHA256SUMS"
     dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return dest
@@ -537,8 +494,6 @@ class ExportStage(WholeStage):
 
     def _pull_reviews(self) -> None:
         """The reviews are pulled as part of the export, so it never ships stale references."""
-        from review.pull import pull
-
         try:
             report = pull(self.ctx)
         except AbortRun as exc:
@@ -549,11 +504,9 @@ class ExportStage(WholeStage):
             log.info("review pull: %s", line)
 
     def run(self, options: RunOptions) -> dict[str, Any]:
-        from stages.card import render_card, validate_card
-
         cfg = self.cfg
         workdir = self.ctx.workdir
-        if cfg.pull_reviews and (workdir / REVIEW / "project.json").exists():
+        if cfg.pull_reviews and (self.ctx.stage_dir(REVIEW) / PROJECT_FILE).exists():
             self._pull_reviews()
         tables = RunTables.read(workdir)
         plan = plan_export(tables, cfg.allow_unreviewed)
@@ -592,6 +545,7 @@ class ExportStage(WholeStage):
                 "counts": counts,
                 "availability": {HF_SPLITS[s]: a for s, a in plan.availability.items()},
                 "review": plan.review,
+                "review_agreement": agreement_figures(workdir),
                 "unreviewed_test_items": sum(
                     1 for r in first.get("test", []) if r["review_verdict"] == UNREVIEWED
                 ),

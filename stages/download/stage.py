@@ -7,10 +7,11 @@ and capped in height. Nothing can hang: yt-dlp has a socket timeout, ffmpeg a re
 (``-rw_timeout``), and the source probe an open/read timeout.
 
 yt-dlp can report success on an empty, stream-less or truncated file, so every file is decoded
-with PyAV before it counts (both streams present, duration within tolerance of 10 s or of the
-source's end). Failures are classified by :func:`classify` into permanent reasons (``private``,
-``removed``, ``copyright``, ``http_404``...) that are never retried, and transient ones
-(``http_429``, ``bot_check``, ``timeout``...) that the runner retries with backoff.
+with PyAV before it counts (:mod:`stages.download.media`: both streams present, duration within
+tolerance of 10 s or of the source's end). Failures are classified
+(:mod:`stages.download.failures`) into permanent reasons (``private``, ``removed``,
+``copyright``, ``http_404``...) that are never retried, and transient ones (``http_429``,
+``bot_check``, ``timeout``...) that the runner retries with backoff.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from pydantic import Field
 from pipeline.config import StageConfig
 from pipeline.errors import AbortRun, ItemError, PermanentError, TransientError
 from pipeline.io import atomic_path, temp_name
+from pipeline.selection import eligible_frame
 from pipeline.stage import Item, ItemStage, Resources, Result
+from stages.download.failures import classify
+from stages.download.media import decode_media, probe_source
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,159 +67,6 @@ class DownloadConfig(StageConfig):
     reuse_existing: bool = Field(
         True, description="Keep a valid file already in place (left by a run killed before its commit)."
     )
-
-
-# -- failure classification ---------------------------------------------------------------------
-
-# (reason, transient?, lower-case substrings). Order matters: rate-limit texts first, because
-# YouTube's "Video unavailable. This content isn't available, try again later." contains
-# "video unavailable"; apostrophes are normalized (real messages use a curly one).
-TEXT_RULES: list[tuple[str, bool, tuple[str, ...]]] = [
-    ("bot_check", True, ("not a bot", "confirm you're not", "unusual traffic")),
-    ("rate_limited", True, ("try again later", "rate-limit", "rate limit")),
-    ("account_terminated", False, ("account associated with this video has been terminated",)),
-    ("copyright", False, ("copyright",)),
-    ("private", False, ("private video", "this video is private", "video is private")),
-    ("age_restricted", False, ("confirm your age", "age-restricted", "inappropriate for some users")),
-    ("members_only", False, ("members-only", "members only", "join this channel")),
-    ("geo_blocked", False, ("not available in your country", "not available from your location")),
-    ("removed", False, ("removed by the uploader", "has been removed", "violating youtube")),
-    ("live_or_premiere", True, ("live event will begin", "premieres in", "premiere will begin")),
-    ("unavailable", False, ("video unavailable", "video is unavailable", "not available")),
-    ("unsupported", False, ("unsupported url",)),
-    ("timeout", True, ("timed out", "timeout")),
-    ("connection", True, ("connection refused", "connection reset", "remote end closed", "unreachable")),
-]
-
-
-def _causes(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what it wraps: yt-dlp's ``exc_info[1]``, ``.cause``, ``__cause__``/``__context__``."""
-    seen: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop(0)
-        if e is None or any(e is s for s in seen):
-            continue
-        seen.append(e)
-        info = getattr(e, "exc_info", None)
-        if isinstance(info, tuple) and len(info) > 1 and isinstance(info[1], BaseException):
-            todo.append(info[1])
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, BaseException):
-            todo.append(cause)
-        todo += [e.__cause__, e.__context__]
-    return seen
-
-
-def _http_status(exc: BaseException) -> int | None:
-    from yt_dlp.networking.exceptions import HTTPError
-
-    for e in _causes(exc):
-        if isinstance(e, HTTPError):
-            return int(e.status)
-        status = getattr(e, "code", None)
-        if type(e).__name__ == "HTTPError" and isinstance(status, int):  # urllib's
-            return status
-    return None
-
-
-def classify(exc: BaseException) -> ItemError:
-    """Map a yt-dlp (or network) exception to a permanent or transient item error."""
-    from yt_dlp.networking.exceptions import TransportError
-    from yt_dlp.utils import GeoRestrictedError, UnsupportedError
-
-    causes = _causes(exc)
-    text = " | ".join(str(e) for e in causes).replace("’", "'").replace("‘", "'")
-    low = text.lower()
-    message = str(exc).removeprefix("ERROR: ")[:500]
-
-    # Rate limiting and bot checks first: their texts can contain "Video unavailable".
-    for reason, _transient, needles in TEXT_RULES[:2]:
-        if any(n in low for n in needles):
-            return TransientError(reason, message)
-    status = _http_status(exc)
-    if status is not None:
-        if status == 429 or status == 408 or status >= 500 or status == 403:
-            # 403 from YouTube's media hosts is usually an expired URL or throttling.
-            return TransientError(f"http_{status}", message)
-        return PermanentError(f"http_{status}", message)
-    if any(isinstance(e, GeoRestrictedError) for e in causes):
-        return PermanentError("geo_blocked", message)
-    if any(isinstance(e, UnsupportedError) for e in causes):
-        return PermanentError("unsupported", message)
-    for reason, transient, needles in TEXT_RULES[2:]:
-        if any(n in low for n in needles):
-            return (TransientError if transient else PermanentError)(reason, message)
-    if any(isinstance(e, (TransportError, TimeoutError, ConnectionError)) for e in causes):
-        return TransientError("connection", message)
-    return TransientError("download_error", message)
-
-
-# -- validation -----------------------------------------------------------------------------------
-
-
-def decode_media(path: Path) -> dict[str, Any]:
-    """Decode every frame and audio sample of ``path`` (PyAV); return what was found.
-
-    A truncated or corrupt file raises or comes out short here, whatever its header claims.
-    """
-    import av
-
-    found: dict[str, Any] = {"video_end_s": 0.0, "audio_end_s": 0.0, "has_audio": False}
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise PermanentError("no_video", f"{path.name}: no video stream")
-        vs = container.streams.video[0]
-        found.update(width=vs.codec_context.width, height=vs.codec_context.height)
-        streams = [vs]
-        if container.streams.audio:
-            found["has_audio"] = True
-            streams.append(container.streams.audio[0])
-        n_video = 0
-        for frame in container.decode(*streams):
-            if frame.pts is None:
-                continue
-            start = float(frame.pts * frame.time_base)
-            if isinstance(frame, av.AudioFrame):
-                found["audio_end_s"] = max(found["audio_end_s"], start + frame.samples / frame.sample_rate)
-            else:
-                n_video += 1
-                rate = float(vs.average_rate or 25)
-                found["video_end_s"] = max(found["video_end_s"], start + 1.0 / rate)
-        first = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
-        found["video_end_s"] -= first
-        found["frames"] = n_video
-    if n_video == 0:
-        raise PermanentError("corrupt_download", f"{path.name}: no decodable video frame")
-    return found
-
-
-def probe_source(url: str, timeout_s: float) -> float | None:
-    """The duration of a direct media URL (seconds), or raise the classified probe failure.
-
-    Used when yt-dlp's info has no duration (direct files), and to tell why ffmpeg failed (yt-dlp
-    runs it quietly and only says "ffmpeg exited with code 1").
-    """
-    import av
-
-    t0 = time.monotonic()
-    try:
-        with av.open(url, timeout=(timeout_s, timeout_s)) as c:
-            return float(c.duration / 1e6) if c.duration else None
-    except av.error.FFmpegError as exc:
-        if time.monotonic() - t0 >= 0.9 * timeout_s:
-            # A read that timed out: demuxers report it as whatever they were parsing
-            # ("Invalid data found" for mp4), so the clock tells a stall from bad bytes.
-            raise TransientError("timeout", f"source probe timed out after {timeout_s:g} s: {exc}") from exc
-        if isinstance(exc, av.error.HTTPNotFoundError):
-            raise PermanentError("http_404", f"source probe: {exc}") from exc
-        if isinstance(exc, (av.error.HTTPForbiddenError, av.error.HTTPServerError)):
-            raise TransientError("http_error", f"source probe: {exc}") from exc
-        if isinstance(exc, av.error.HTTPClientError):
-            raise PermanentError("http_4xx", f"source probe: {exc}") from exc
-        if isinstance(exc, av.error.InvalidDataError):
-            raise PermanentError("corrupt_source", f"source probe: {exc}") from exc
-        raise TransientError("source_probe", f"source probe: {exc}") from exc
 
 
 def _private_copy(path: Path) -> Path:
@@ -306,10 +157,10 @@ class DownloadStage(ItemStage):
         ]
 
     def setup(self) -> None:
-        import shutil
+        from stages.tools import ffmpeg
 
-        if shutil.which("ffmpeg") is None:
-            raise AbortRun("ffmpeg is not on PATH: yt-dlp needs it to cut clip sections")
+        # The system's ffmpeg, else imageio-ffmpeg's; a missing one stops the run with one line.
+        self._ffmpeg = ffmpeg("by yt-dlp to cut clip sections")
         if self.cfg.cookies_file is not None and not self.cfg.cookies_file.is_file():
             raise AbortRun(f"download.cookies_file not found: {self.cfg.cookies_file}")
         if "{id}" not in self.cfg.url_template:
@@ -343,6 +194,7 @@ class DownloadStage(ItemStage):
             "merge_output_format": "mp4",
             "download_ranges": download_range_func(None, [(start, end)]),
             "force_keyframes_at_cuts": True,
+            "ffmpeg_location": self._ffmpeg,
             "external_downloader_args": {
                 "ffmpeg_i": ["-rw_timeout", str(int(cfg.read_timeout_s * 1e6))],
                 "ffmpeg_o": [
@@ -373,6 +225,8 @@ class DownloadStage(ItemStage):
         """Fetch, validate and place one clip; return its output columns or raise an ItemError."""
         import yt_dlp
 
+        from stages.tools import ytdlp_use_ffmpeg
+
         cfg = self.cfg
         clip_id = item.clip_id
         start, end = float(item["start_s"]), float(item["end_s"])
@@ -394,6 +248,7 @@ class DownloadStage(ItemStage):
         logger = _QuietLogger()
         self._polite.wait()
         opts = self._ydl_options(str(tmp_dir / f"{stem}.%(ext)s"), start, end, logger)
+        ytdlp_use_ffmpeg(self._ffmpeg)  # for the section download too, not only post-processing
         cookies = None
         try:
             if cfg.cookies_file is not None:
@@ -481,8 +336,6 @@ class DownloadStage(ItemStage):
 
 
 def availability_report(stage: ItemStage, state: pd.DataFrame) -> dict[str, Any]:
-    from pipeline.runner import eligible_frame
-
     try:
         eligible = eligible_frame(stage, stage.ctx, ["split"])
     except AbortRun:

@@ -3,91 +3,61 @@
 As in the paper, the test split is merged (``merge.splits``); each of its 5 AudioCaps captions is
 merged with the BLIP-2 caption on its own (``mode: per_caption``, 5 references) or all 5 at once
 (``mode: all_in_one``, one reference). The prompt is one versioned file
-(``stages/prompts/merge_v1.yaml``, few-shot examples included) whose sha256 goes on every row.
+(``stages/merge/prompts/merge_v2.yaml``, few-shot examples for both forms included) whose sha256
+goes on every row; older versions stay loadable (``merge.prompt_file``), so old rows keep their
+meaning. The settings are :mod:`stages.merge.config`, the LLM backends :mod:`stages.merge.backends`.
 
-Every answer passes the quality gate (:mod:`stages.merge_gate`); a failing one is asked again with
-a new seed up to ``max_quality_retries`` times, then the clip is ``failed_permanent`` with reason
-``gate_<check>``. An unreachable or overloaded server fails the clip transiently (``llm_*``), so
-the runner retries it later. The raw answers and every check are kept on the row for audit.
+``setup`` runs the backend's preflight: a server that is down, a rejected key, an unknown model or
+a model folder that does not load stops the run (exit 2) before any item, consuming no attempt.
+Every answer passes the quality gate (:mod:`stages.merge.gate`). An answer cut off at its token
+budget (``finish_reason == "length"``) is asked again once with ``retry_max_new_tokens``; a failing
+one is asked again with a new seed up to ``max_quality_retries`` times, then the clip is
+``failed_permanent`` with reason ``gate_<check>``. An unreachable or overloaded server fails the
+clip transiently (``llm_*``), so the runner retries it later. The raw answers and every check are
+kept on the row for audit. ``dry_run`` (``avcaps run 4 --dry-run N``) prints the requests as sent
+and the gate's verdicts, writing nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import Field
-
-from pipeline.config import StageConfig
 from pipeline.errors import AbortRun, ItemError, PermanentError, TransientError
 from pipeline.stage import Item, ItemStage, Resources, Result
-from stages.merge_gate import GateSettings, Verdict, check_answer
+from stages.merge.backends import Backend, ChatRequest, make_backend
+from stages.merge.config import MergeConfig, gate_settings
+from stages.merge.gate import GATE_VERSION, GateSettings, Verdict, check_answer
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-    from stages.merge_backends import Answer, Backend
-
-DEFAULT_PROMPT = Path(__file__).parent / "prompts" / "merge_v1.yaml"
+DEFAULT_PROMPT = Path(__file__).parent / "prompts" / "merge_v2.yaml"
 RAW_KEEP = 2000  # characters of each failed try kept in merge_checks
-
-
-class MergeConfig(StageConfig):
-    batch_size: int = Field(
-        64, gt=0, description="Clips per process() call: 320 requests per_caption, to fill concurrency."
-    )
-    splits: list[str] = Field(["test"], description="Splits to merge (the paper merges only test).")
-    mode: Literal["per_caption", "all_in_one"] = Field(
-        "per_caption", description="One merge per audio caption (5 refs on test/val) or one merge of all."
-    )
-    backend: Literal["openai", "vllm", "transformers"] = Field(
-        "openai", description="openai: an OpenAI-compatible server (make llm-server); others in-process."
-    )
-    model: str = Field("openai/gpt-oss-20b", description="Served model name, or a local path in-process.")
-    base_url: str = Field("http://127.0.0.1:8000/v1", description="OpenAI-compatible endpoint.")
-    api_key_env: str | None = Field(
-        "AVCAPS_LLM_API_KEY", description="Environment variable holding the API key, if the server wants one."
-    )
-    concurrency: int = Field(256, gt=0, description="Requests in flight (= llm-server --max-num-seqs).")
-    connect_timeout_s: float = Field(5.0, gt=0)
-    request_timeout_s: float = Field(120.0, gt=0)
-    retries: int = Field(3, ge=0, description="Retries of one request on 429/5xx/connection errors.")
-    retry_backoff_s: float = Field(1.0, ge=0, description="First retry delay of a request; doubles.")
-    reasoning_effort: Literal["low", "medium", "high"] | None = Field(
-        "low", description="gpt-oss reasoning effort; null to not send it (models without it)."
-    )
-    structured_output: bool = Field(True, description='Ask for JSON {"caption": string} by schema.')
-    max_new_tokens: int = Field(512, gt=0, description="Reasoning + answer tokens per request.")
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = Field(0, description="Seed of the first try; try k uses seed + k.")
-    device: str | None = Field(None, description="transformers backend: cuda / cpu (default: cuda if any).")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm backend only.")
-    vllm_engine_args: dict[str, Any] = Field(
-        {}, description="vllm backend: extra vllm.LLM(...) arguments, e.g. {max_num_seqs: 256}."
-    )
-    prompt_file: Path | None = Field(None, description="Prompt YAML; default stages/prompts/merge_v1.yaml.")
-    max_words: int = Field(40, gt=0, description="Word budget of a merged caption.")
-    max_chars: int = Field(400, gt=0, description="maxLength of the caption in the output JSON schema.")
-    min_words: int = Field(3, ge=0)
-    min_audio_overlap: float = Field(0.3, ge=0, le=1, description="Share of audio content words kept.")
-    min_visual_overlap: float = Field(0.3, ge=0, le=1, description="Share of visual content words kept.")
-    max_quality_retries: int = Field(2, ge=0, description="New-seed retries of an answer failing the gate.")
 
 
 @dataclass(frozen=True)
 class Prompt:
+    """A prompt file: system text, the two user templates, and few-shot examples per form.
+
+    ``few_shot_one`` examples (one audio caption each) precede a one-caption prompt,
+    ``few_shot_all`` examples (a list of audio captions each) an all-captions prompt. A file with
+    a single ``few_shot`` list (``merge_v1``) uses it for both forms, as v1 did.
+    """
+
     version: str
     sha256: str
     system: str
     user_one: str
     user_all: str
-    few_shot: list[dict[str, str]]
+    few_shot_one: list[dict[str, Any]]
+    few_shot_all: list[dict[str, Any]]
 
     @classmethod
     def load(cls, path: Path) -> Prompt:
@@ -96,32 +66,39 @@ class Prompt:
         try:
             raw = path.read_bytes()
             data = yaml.safe_load(raw)
-            return cls(
+            legacy = list(data.get("few_shot") or [])
+            prompt = cls(
                 version=str(data["version"]),
                 sha256=hashlib.sha256(raw).hexdigest(),
                 system=data["system"],
                 user_one=data["user_one"],
                 user_all=data["user_all"],
-                few_shot=list(data.get("few_shot") or []),
+                few_shot_one=list(data.get("few_shot_one") or legacy),
+                few_shot_all=list(data.get("few_shot_all") or legacy),
             )
-        except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+            for ex in prompt.few_shot_one + prompt.few_shot_all:
+                missing = {"audio", "visual", "caption"} - set(ex)
+                if missing:
+                    raise KeyError(f"few-shot example {ex!r} lacks {sorted(missing)}")
+        except (OSError, AttributeError, yaml.YAMLError, KeyError, TypeError) as exc:
             raise AbortRun(f"merge prompt file {path}: {type(exc).__name__}: {exc}") from exc
+        return prompt
+
+    def user(self, audio: str | list[str], visual: str) -> str:
+        """The user turn for one audio caption (a string) or several (a list: numbered)."""
+        if isinstance(audio, str):
+            template, text = self.user_one, audio
+        else:
+            template, text = self.user_all, "\n".join(f"{i}. {a}" for i, a in enumerate(audio, 1))
+        return template.replace("{audio}", text).replace("{visual}", visual).strip()
 
     def messages(self, audio: list[str], visual: str, max_words: int) -> list[dict[str, str]]:
-        """System text, the few-shot pairs as earlier turns, then this clip's captions."""
-
-        def fill(template: str, a: str, v: str) -> str:
-            return template.replace("{audio}", a).replace("{visual}", v).strip()
-
+        """System text, the few-shot pairs of this form as earlier turns, then this clip's captions."""
         msgs = [{"role": "system", "content": self.system.replace("{max_words}", str(max_words)).strip()}]
-        for ex in self.few_shot:
-            msgs.append({"role": "user", "content": fill(self.user_one, ex["audio"], ex["visual"])})
+        for ex in self.few_shot_one if len(audio) == 1 else self.few_shot_all:
+            msgs.append({"role": "user", "content": self.user(ex["audio"], ex["visual"])})
             msgs.append({"role": "assistant", "content": json.dumps({"caption": ex["caption"]})})
-        if len(audio) == 1:
-            msgs.append({"role": "user", "content": fill(self.user_one, audio[0], visual)})
-        else:
-            listed = "\n".join(f"{i}. {a}" for i, a in enumerate(audio, 1))
-            msgs.append({"role": "user", "content": fill(self.user_all, listed, visual)})
+        msgs.append({"role": "user", "content": self.user(audio[0] if len(audio) == 1 else audio, visual)})
         return msgs
 
 
@@ -133,6 +110,8 @@ class _Job:
     audio: list[str]
     visual: str
     messages: list[dict[str, str]]
+    max_tokens: int
+    k: int = 0  # quality retries used: the next request's seed is merge.seed + k
     tries: list[dict[str, Any]] = field(default_factory=list)
     verdict: Verdict | None = None
     raw: str = ""
@@ -159,8 +138,7 @@ class MergeStage(ItemStage):
 
     @cached_property
     def gate(self) -> GateSettings:
-        c = self.cfg
-        return GateSettings(c.max_words, c.min_words, c.min_audio_overlap, c.min_visual_overlap)
+        return gate_settings(self.cfg)
 
     @classmethod
     def output_schema(cls) -> list[pa.Field]:
@@ -182,10 +160,13 @@ class MergeStage(ItemStage):
         return table["split"].isin(self.cfg.splits)
 
     def setup(self) -> None:
-        from stages.merge_backends import make_backend
-
         _ = self.prompt  # a broken prompt file aborts before any model loads
         self.backend = make_backend(self.cfg)
+        try:
+            self.backend.preflight()  # no item is tried against a backend that cannot answer
+        except BaseException:
+            self.teardown()
+            raise
 
     def teardown(self) -> None:
         if self.backend is not None:
@@ -205,23 +186,15 @@ class MergeStage(ItemStage):
         if not isinstance(visual, str) or not visual.strip():
             raise PermanentError("bad_input", f"{item.clip_id}: visual_caption is empty: {visual!r}")
         groups = [[a] for a in audio] if self.cfg.mode == "per_caption" else [audio]
-        return [_Job(idx, g, visual, self.prompt.messages(g, visual, self.cfg.max_words)) for g in groups]
+        return [
+            _Job(idx, g, visual, self.prompt.messages(g, visual, self.cfg.max_words), self.cfg.max_new_tokens)
+            for g in groups
+        ]
 
-    def _check(self, job: _Job, answer: Answer) -> Verdict:
-        """In all-in-one mode the audio side counts as covered if any one reference is."""
-        best: Verdict | None = None
-        for a in job.audio:
-            v = check_answer(answer.text, a, job.visual, self.gate)
-            if best is None or v.audio_overlap > best.audio_overlap:
-                best = v
-            if v.ok:
-                return v
-        assert best is not None
-        return best
+    def _request(self, job: _Job) -> ChatRequest:
+        return ChatRequest(job.messages, self.cfg.seed + job.k, job.max_tokens)
 
     def process(self, batch: list[Item]) -> list[Result]:
-        from stages.merge_backends import ChatRequest
-
         assert self.backend is not None, "setup() was not called"
         results: dict[int, Result] = {}
         jobs: list[_Job] = []
@@ -231,22 +204,25 @@ class MergeStage(ItemStage):
             except ItemError as exc:
                 results[i] = Result.failed(item.clip_id, exc)
         todo = jobs
-        for k in range(self.cfg.max_quality_retries + 1):
-            if not todo:
-                break
-            seed = self.cfg.seed + k
-            answers = self.backend.generate([ChatRequest(j.messages, seed) for j in todo])
+        while todo:
+            requests = [self._request(j) for j in todo]
+            answers = self.backend.generate(requests)
             again = []
-            for job, ans in zip(todo, answers, strict=True):
+            for job, req, ans in zip(todo, requests, answers, strict=True):
+                sent = {"seed": req.seed, "max_tokens": req.max_tokens}
                 if isinstance(ans, ItemError):
                     job.error = ans
-                    job.tries.append({"seed": seed, "error": f"{ans.reason}: {ans.message}"[:RAW_KEEP]})
+                    job.tries.append({**sent, "error": f"{ans.reason}: {ans.message}"[:RAW_KEEP]})
                     continue
-                v = self._check(job, ans)
+                v = check_answer(ans.text, job.audio, job.visual, self.gate, ans.finish_reason)
                 job.verdict, job.raw = v, ans.text
                 job.tokens = (job.tokens[0] + ans.prompt_tokens, job.tokens[1] + ans.completion_tokens)
-                job.tries.append({"seed": seed, **v.as_dict(), "raw": ans.text[:RAW_KEEP]})
-                if not v.ok:
+                job.tries.append({**sent, **v.as_dict(), "raw": ans.text[:RAW_KEEP]})
+                if v.reason == "truncated" and job.max_tokens < self.cfg.retry_budget:
+                    job.max_tokens = self.cfg.retry_budget  # once: same seed, a larger budget
+                    again.append(job)
+                elif not v.ok and job.k < self.cfg.max_quality_retries:
+                    job.k += 1
                     again.append(job)
             todo = again
         by_clip: dict[int, list[_Job]] = {}
@@ -260,6 +236,7 @@ class MergeStage(ItemStage):
         assert self.backend is not None
         checks = {
             "prompt_version": self.prompt.version,
+            "gate_version": GATE_VERSION,
             "gate": asdict(self.gate),
             "merges": [
                 {
@@ -297,6 +274,39 @@ class MergeStage(ItemStage):
             )
             return Result.failed(item.clip_id, PermanentError(f"gate_{reason}", msg), **outputs)
         return Result.ok(item.clip_id, **outputs)
+
+    def dry_run(self, batch: list[Item]) -> Iterator[str]:
+        """Each merge of ``batch``: the request exactly as the backend sends it, the answer, and
+        the gate's verdict with its figures. One try per merge (the seed a run tries first), no
+        retries, nothing written: how a user tunes the prompt and the gate."""
+        assert self.backend is not None, "setup() was not called"
+        for item in batch:
+            try:
+                jobs = self._jobs(0, item)
+            except ItemError as exc:
+                yield f"=== {item.clip_id}: {exc.reason}: {exc.message}\n"
+                continue
+            requests = [self._request(j) for j in jobs]
+            answers = self.backend.generate(requests)
+            for n, (job, req, ans) in enumerate(zip(jobs, requests, answers, strict=True), 1):
+                head = f"=== {item.clip_id} merge {n}/{len(jobs)}"
+                out = [f"{head} ({self.prompt.version}, {self.backend.name})", "--- request"]
+                out.append(self.backend.request_text(req))
+                if isinstance(ans, ItemError):
+                    out += ["--- error", f"{ans.status} {ans.reason}: {ans.message}"]
+                else:
+                    v = check_answer(ans.text, job.audio, job.visual, self.gate, ans.finish_reason)
+                    figures = v.as_dict()
+                    for key in ("ok", "reason", "caption"):
+                        figures.pop(key)
+                    out += [
+                        f"--- answer (finish_reason {ans.finish_reason}, "
+                        f"{ans.prompt_tokens} prompt + {ans.completion_tokens} completion tokens)",
+                        ans.text,
+                        f"--- gate: {'ok' if v.ok else 'gate_' + v.reason}: {v.caption!r}",
+                        json.dumps(figures, ensure_ascii=False),
+                    ]
+                yield "\n".join(out) + "\n"
 
     def extra_stats(self, state: pd.DataFrame) -> dict[str, Any]:
         if state.empty or "merge_checks" not in state.columns:

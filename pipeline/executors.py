@@ -1,0 +1,152 @@
+"""Executors: how the runner's passes over pending items are run, and a batch becomes ledger rows.
+
+:func:`run_batch` calls a stage's ``process`` and isolates the item that raises;
+:func:`result_rows` turns results into ledger rows (attempt and ``seq`` come from the items);
+:func:`process_and_commit` is one batch end to end, as a Ray worker runs it. :class:`LocalExecutor`
+runs the batches in this process with group commits; ``pipeline.ray_executor`` runs them on a Ray
+cluster. The runner picks one; executors know nothing of the runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import AbortRun, ItemError
+from pipeline.ledger import Ledger
+from pipeline.selection import stage_ledger
+from pipeline.stage import Item, ItemStage, Result, RunOptions
+
+if TYPE_CHECKING:
+    from pipeline.selection import WorkList
+
+log = logging.getLogger("avcaps")
+
+
+def summarize_exception(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = " <- ".join(f"{f.name}@{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in frames[::-1])
+    return f"{type(exc).__name__}: {exc} [{where}]"[:2000]
+
+
+def _fail(item: Item, exc: BaseException) -> Result:
+    if isinstance(exc, ItemError):
+        return Result.failed(item.clip_id, exc)
+    return Result(
+        item.clip_id,
+        "failed_permanent",
+        {},
+        f"unexpected:{type(exc).__name__}",
+        summarize_exception(exc),
+    )
+
+
+def run_batch(stage: ItemStage, batch: list[Item]) -> list[Result]:
+    """Call ``process``; if the whole batch raises, isolate the culprit item by item."""
+    try:
+        results = stage.process(batch)
+    except AbortRun:
+        raise
+    except Exception as exc:  # one bad item must not fail its neighbours
+        if len(batch) == 1:
+            return [_fail(batch[0], exc)]
+        log.warning(
+            "%s: batch of %d raised %s; retrying item by item",
+            stage.dirname(),
+            len(batch),
+            type(exc).__name__,
+        )
+        return [r for item in batch for r in run_batch(stage, [item])]
+    by_id = {r.clip_id: r for r in results}
+    out = []
+    for item in batch:
+        res = by_id.get(item.clip_id)
+        if res is None:
+            res = Result(
+                item.clip_id,
+                "failed_permanent",
+                {},
+                "no_result",
+                "the stage returned no result for this item",
+            )
+        out.append(res)
+    return out
+
+
+def result_rows(batch: list[Item], results: list[Result]) -> list[dict[str, Any]]:
+    """Ledger rows for the results of a batch (attempt numbers and order come from the items)."""
+    by_id = {item.clip_id: item for item in batch}
+    return [
+        {
+            "clip_id": res.clip_id,
+            "status": res.status,
+            "reason": res.reason,
+            "message": res.message,
+            "attempts": by_id[res.clip_id].attempt,
+            "seq": by_id[res.clip_id].seq + 1,
+            **res.outputs,
+        }
+        for res in results
+    ]
+
+
+def process_and_commit(
+    stage: ItemStage, ledger: Ledger, batch: list[Item], part_name: str | None = None
+) -> list[dict[str, Any]]:
+    """Process one batch and commit its rows (the rename is the commit: a crash loses this batch
+    at most). Returns one small summary per item for the driver."""
+    rows = result_rows(batch, run_batch(stage, batch))
+    ledger.commit(rows, name=part_name)
+    return _summaries(rows)
+
+
+def _summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: r[k] for k in ("clip_id", "status", "attempts", "seq")} for r in rows]
+
+
+class LocalExecutor:
+    """Runs the batches in this process, one after another.
+
+    Group commit: rows of batches that finish within ``commit_interval_s`` of the last commit wait
+    in memory and go to the ledger together, so a fast stage writes a part (and pays its fsyncs)
+    about once a second instead of once per batch. Whatever is buffered is committed at the end of
+    every pass and when the run stops for any reason but a hard kill (an abort, Ctrl-C, SIGTERM).
+    """
+
+    MAX_BUFFERED_ROWS = 50_000
+
+    def __init__(self, stage: ItemStage, options: RunOptions) -> None:
+        self.stage = stage
+        self.ledger = stage_ledger(stage)
+        self.buffer: list[dict[str, Any]] = []
+        self.last_commit = time.monotonic()
+
+    def __enter__(self) -> LocalExecutor:
+        self.stage.setup()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.flush()
+        finally:
+            self.stage.teardown()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.ledger.commit(self.buffer)
+            self.buffer = []
+        self.last_commit = time.monotonic()
+
+    def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:
+        cfg = self.stage.stage_config
+        for batch in todo.batches(cfg.batch_size):
+            rows = result_rows(batch, run_batch(self.stage, batch))
+            self.buffer.extend(rows)
+            due = time.monotonic() - self.last_commit >= cfg.commit_interval_s
+            if due or len(self.buffer) >= self.MAX_BUFFERED_ROWS:
+                self.flush()
+            yield _summaries(rows)
+        self.flush()

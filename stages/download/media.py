@@ -1,0 +1,77 @@
+"""Stage 1's media checks with PyAV: decode a downloaded file whole, probe a source's duration.
+
+yt-dlp can report success on an empty, stream-less or truncated file, so a file counts only once
+:func:`decode_media` has decoded every frame and sample of it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PermanentError, TransientError
+
+
+def decode_media(path: Path) -> dict[str, Any]:
+    """Decode every frame and audio sample of ``path`` (PyAV); return what was found.
+
+    A truncated or corrupt file raises or comes out short here, whatever its header claims.
+    """
+    import av
+
+    found: dict[str, Any] = {"video_end_s": 0.0, "audio_end_s": 0.0, "has_audio": False}
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise PermanentError("no_video", f"{path.name}: no video stream")
+        vs = container.streams.video[0]
+        found.update(width=vs.codec_context.width, height=vs.codec_context.height)
+        streams = [vs]
+        if container.streams.audio:
+            found["has_audio"] = True
+            streams.append(container.streams.audio[0])
+        n_video = 0
+        for frame in container.decode(*streams):
+            if frame.pts is None:
+                continue
+            start = float(frame.pts * frame.time_base)
+            if isinstance(frame, av.AudioFrame):
+                found["audio_end_s"] = max(found["audio_end_s"], start + frame.samples / frame.sample_rate)
+            else:
+                n_video += 1
+                rate = float(vs.average_rate or 25)
+                found["video_end_s"] = max(found["video_end_s"], start + 1.0 / rate)
+        first = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
+        found["video_end_s"] -= first
+        found["frames"] = n_video
+    if n_video == 0:
+        raise PermanentError("corrupt_download", f"{path.name}: no decodable video frame")
+    return found
+
+
+def probe_source(url: str, timeout_s: float) -> float | None:
+    """The duration of a direct media URL (seconds), or raise the classified probe failure.
+
+    Used when yt-dlp's info has no duration (direct files), and to tell why ffmpeg failed (yt-dlp
+    runs it quietly and only says "ffmpeg exited with code 1").
+    """
+    import av
+
+    t0 = time.monotonic()
+    try:
+        with av.open(url, timeout=(timeout_s, timeout_s)) as c:
+            return float(c.duration / 1e6) if c.duration else None
+    except av.error.FFmpegError as exc:
+        if time.monotonic() - t0 >= 0.9 * timeout_s:
+            # A read that timed out: demuxers report it as whatever they were parsing
+            # ("Invalid data found" for mp4), so the clock tells a stall from bad bytes.
+            raise TransientError("timeout", f"source probe timed out after {timeout_s:g} s: {exc}") from exc
+        if isinstance(exc, av.error.HTTPNotFoundError):
+            raise PermanentError("http_404", f"source probe: {exc}") from exc
+        if isinstance(exc, (av.error.HTTPForbiddenError, av.error.HTTPServerError)):
+            raise TransientError("http_error", f"source probe: {exc}") from exc
+        if isinstance(exc, av.error.HTTPClientError):
+            raise PermanentError("http_4xx", f"source probe: {exc}") from exc
+        if isinstance(exc, av.error.InvalidDataError):
+            raise PermanentError("corrupt_source", f"source probe: {exc}") from exc
+        raise TransientError("source_probe", f"source probe: {exc}") from exc
