@@ -4,7 +4,9 @@ Every command takes ``--config FILE`` and ``--workdir DIR`` so two runs never sh
 accident: the run folder comes from the config's ``workdir`` unless ``--workdir`` overrides it.
 Exit status: 0 when the stage ran, even if some items failed (their failures are in the ledger);
 2 when the run itself could not proceed (bad config, bad manifest, missing upstream); 3 when
-another process is already running the same stage (and an overlapping shard) of the run folder.
+another process is already running the same stage (and an overlapping shard) of the run folder;
+4 when the stage's source kept refusing requests through the stage's cool-downs (RunThrottled:
+what finished is committed; rerun later).
 
 What is the application's, the application declares (:mod:`pipeline.registry`): the default
 ``--config`` (``DEFAULT_CONFIG``) and ``avcaps run`` options that set one config key

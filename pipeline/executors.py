@@ -2,7 +2,9 @@
 
 :func:`run_batch` calls a stage's ``process`` and isolates the item that raises;
 :func:`result_rows` turns results into ledger rows (attempt and ``seq`` come from the items);
-:func:`process_and_commit` is one batch end to end, as a Ray worker runs it. :class:`LocalExecutor`
+:func:`process_and_commit` is one batch end to end, as a Ray worker runs it. A stage that stops
+the run from ``process`` (``AbortRun``) may carry the results it finished first; both executors
+commit those (:func:`partial_rows`) before the abort goes on. :class:`LocalExecutor`
 runs the batches in this process with group commits; ``pipeline.ray_executor`` runs them on a Ray
 cluster. The runner picks one; executors know nothing of the runner.
 """
@@ -93,12 +95,24 @@ def result_rows(batch: list[Item], results: list[Result]) -> list[dict[str, Any]
     ]
 
 
+def partial_rows(batch: list[Item], exc: AbortRun) -> list[dict[str, Any]]:
+    """Ledger rows for the results an aborting ``process`` finished first (items of ``batch``
+    only); the items without one keep their current row, so an item never tried loses no attempt."""
+    ids = {item.clip_id for item in batch}
+    return result_rows(batch, [r for r in exc.results if isinstance(r, Result) and r.clip_id in ids])
+
+
 def process_and_commit(
     stage: ItemStage, ledger: Ledger, batch: list[Item], part_name: str | None = None
 ) -> list[dict[str, Any]]:
     """Process one batch and commit its rows (the rename is the commit: a crash loses this batch
     at most). Returns one small summary per item for the driver."""
-    rows = result_rows(batch, run_batch(stage, batch))
+    try:
+        rows = result_rows(batch, run_batch(stage, batch))
+    except AbortRun as exc:
+        if rows := partial_rows(batch, exc):
+            ledger.commit(rows, name=part_name)
+        raise
     ledger.commit(rows, name=part_name)
     return _summaries(rows)
 
@@ -143,7 +157,11 @@ class LocalExecutor:
     def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:
         cfg = self.stage.stage_config
         for batch in todo.batches(cfg.batch_size):
-            rows = result_rows(batch, run_batch(self.stage, batch))
+            try:
+                rows = result_rows(batch, run_batch(self.stage, batch))
+            except AbortRun as exc:
+                self.buffer.extend(partial_rows(batch, exc))  # committed by __exit__'s flush
+                raise
             self.buffer.extend(rows)
             due = time.monotonic() - self.last_commit >= cfg.commit_interval_s
             if due or len(self.buffer) >= self.MAX_BUFFERED_ROWS:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pipeline.errors import AbortRun
 from pipeline.executors import process_and_commit
 from pipeline.selection import stage_ledger
 from pipeline.stage import Item, ItemStage, RunContext, RunOptions
@@ -74,17 +75,47 @@ def _part_name(spec: WorkerSpec, items: list[Item]) -> str:
     return f"{spec.pass_token}-{h.hexdigest()}"
 
 
+SUMMARY_KEYS = ("clip_id", "status", "attempts", "seq")
+
+
 def process_records(batch: dict[str, Any], spec: WorkerSpec) -> dict[str, list[Any]]:
-    """Process one Ray batch (columns clip_id, attempt, seq, data) and commit it; return summaries."""
-    stage = _build_stage(spec)
+    """Process one Ray batch (columns clip_id, attempt, seq, data) and commit it; return summaries.
+
+    An :class:`AbortRun` (the stage's own, or from its setup) does not leave the worker as an
+    exception: Ray Data re-raises a task's error as its own ``UserCodeException`` without the
+    original type, so the exit status would be lost. The batch's finished results are committed
+    and the abort travels back as one summary row (``abort``: class and message) that the driver
+    raises again."""
     items = [
         Item(str(cid), json.loads(data), int(att), int(seq))
         for cid, att, seq, data in zip(
             batch["clip_id"], batch["attempt"], batch["seq"], batch["data"], strict=True
         )
     ]
-    rows = process_and_commit(stage, stage_ledger(stage), items, _part_name(spec, items))
-    return {k: [r[k] for r in rows] for k in ("clip_id", "status", "attempts", "seq")}
+    try:
+        stage = _build_stage(spec)
+        rows = process_and_commit(stage, stage_ledger(stage), items, _part_name(spec, items))
+    except AbortRun as exc:
+        cls = type(exc)
+        abort = json.dumps({"cls": f"{cls.__module__}:{cls.__qualname__}", "message": str(exc)})
+        return {"clip_id": [""], "status": ["abort"], "attempts": [0], "seq": [0], "abort": [abort]}
+    out: dict[str, list[Any]] = {k: [r[k] for r in rows] for k in SUMMARY_KEYS}
+    out["abort"] = [""] * len(rows)
+    return out
+
+
+def _raise_abort(payload: str) -> None:
+    """Raise again, in the driver, the AbortRun a worker stopped with."""
+    from pipeline.registry import load_object
+
+    info = json.loads(payload)
+    try:
+        cls = load_object(info["cls"])
+    except Exception:
+        cls = AbortRun
+    if not (isinstance(cls, type) and issubclass(cls, AbortRun)):
+        cls = AbortRun
+    raise cls(info["message"])
 
 
 class _Actor:
@@ -188,6 +219,9 @@ class RayExecutor:
                 process_records, fn_args=(spec,), batch_size=size, concurrency=workers, num_cpus=cpus
             )
         for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for payload in out["abort"]:
+                if payload:
+                    _raise_abort(str(payload))
             yield [
                 {"clip_id": str(c), "status": str(s), "attempts": int(a), "seq": int(q)}
                 for c, s, a, q in zip(out["clip_id"], out["status"], out["attempts"], out["seq"], strict=True)

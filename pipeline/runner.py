@@ -45,6 +45,8 @@ class RunReport:
     counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     message: str = ""
+    exit_code: int = 0  # non-zero when the run stopped early (AbortRun)
+    started: float | None = None  # time.monotonic() when the items started
 
     def line(self) -> str:
         if self.message:
@@ -66,11 +68,12 @@ def make_executor(stage: ItemStage, options: RunOptions) -> Any:
     raise AbortRun(f"unknown executor {options.executor!r}; valid: local, ray")
 
 
-def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
+def run_item_stage(stage: ItemStage, options: RunOptions, report: RunReport | None = None) -> RunReport:
+    """Run the pending items of ``stage``; ``report`` (filled as the run goes) is returned."""
     from tqdm import tqdm
 
     cfg = stage.stage_config
-    report = RunReport(stage.dirname())
+    report = report or RunReport(stage.dirname())
     ledger = stage_ledger(stage)
     upstream = selected(stage, upstream_ok(type(stage), stage.ctx))
     state = ledger.latest_table(["status", "attempts"])
@@ -90,7 +93,7 @@ def run_item_stage(stage: ItemStage, options: RunOptions) -> RunReport:
     todo = WorkList.of(upstream, pending)
     del upstream, state
     stage.folder.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
+    t0 = report.started = time.monotonic()
     commits = 0
     with make_executor(stage, options) as executor:
         while len(todo):
@@ -167,6 +170,7 @@ def write_stats(stage: Stage, report: RunReport, extra: dict[str, Any] | None = 
         "seconds": round(report.seconds, 3),
         "items_per_s": round(report.processed / report.seconds, 3) if report.seconds else None,
         "message": report.message,
+        "exit_code": report.exit_code,
     }
     if extra:
         stats["summary"] = extra
@@ -257,7 +261,20 @@ def run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions) -> RunRepo
                 write_stats(stage, report, summary)
             else:
                 assert isinstance(stage, ItemStage)
-                report = run_item_stage(stage, options)
+                report = RunReport(cls.dirname())
+                try:
+                    run_item_stage(stage, options, report)
+                except AbortRun as exc:
+                    # A stage that stopped after working says why in its stats (`avcaps status`).
+                    # Never for a stage without a ledger: its stats would read as "ran, nothing
+                    # eligible" to the next stage.
+                    if stage_ledger(stage).exists():
+                        report.message = f"stopped: {exc}"
+                        report.exit_code = exc.exit_code
+                        if report.started is not None:
+                            report.seconds = time.monotonic() - report.started
+                        write_stats(stage, report, stage.extra_stats(stage_ledger(stage).latest()))
+                    raise
                 write_stats(stage, report, stage.extra_stats(stage_ledger(stage).latest()))
         log.info("%s", report.line())
     return report

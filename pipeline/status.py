@@ -131,10 +131,18 @@ def format_table(status: dict[str, Any]) -> str:
             notes.append("done" if st["done"] else "not run")
         if st["reasons"]:
             notes.append(", ".join(f"{k}={v}" for k, v in st["reasons"].items()))
+        last = st.get("last_run") or {}
+        if last.get("exit_code"):
+            notes.append(f"last run stopped (exit {last['exit_code']})")
         lines.append(
             f"{st['stage']:<14}{st['ok']:>9}{st['failed_permanent']:>13}"
             f"{st['failed_transient']:>14}{st['pending']:>9}  {'; '.join(notes)}"
         )
+        # A stage's own findings, worded by the stage (its extra_stats "notes").
+        summary = st.get("summary") if isinstance(st.get("summary"), dict) else {}
+        lines += [f"  ! {note}" for note in summary.get("notes", [])]
+        if last.get("exit_code"):
+            lines.append(f"  ! {last.get('message', '')}")
         by_split = st.get("by_split")
         if by_split and isinstance(next(iter(by_split.values())), dict):
             for split, c in by_split.items():

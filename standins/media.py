@@ -10,10 +10,15 @@ else imageio-ffmpeg's: :mod:`stages.tools`):
 - the audio is a 440 Hz tone (or digital silence, or none, for the clip without audio).
 
 The server (:class:`MediaServer`) serves a folder with HTTP Range support (ffmpeg seeks in mp4
-files with ranges) and a fault mode per file: an HTTP status, a stall mid-transfer, garbage bytes,
-a truncated file, each optionally clearing after the first k requests; or ``private``, YouTube's
-refusal of a private video: a redirect to a watch page whose player response says so, which the
-yt-dlp plugin in :data:`YTDLP_PLUGINS` reads as yt-dlp's YouTube extractor would.
+files with ranges) and a fault mode per file: an HTTP status, a stall mid-transfer, a source that
+trickles (a few bytes every quarter second, so a read timeout never fires), garbage bytes, a
+truncated file, each optionally clearing after the first k requests; or one of YouTube's answers
+(``private``; ``bot_check``, "Sign in to confirm you're not a bot"; ``formats_missing``, what an
+extractor that cannot solve YouTube's JavaScript challenges sees): a redirect to a watch page
+whose player response says so, which the yt-dlp plugin in :data:`YTDLP_PLUGINS` reads as yt-dlp's
+YouTube extractor would. :meth:`MediaServer.start_wave` makes every request answer with a fault
+for a while (a bot-check wave that then recovers), and :attr:`MediaServer.requests` records the
+time of every request, so tests can see the rate a run kept and what it asked during a wave.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import re
 import socketserver
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,18 +49,46 @@ PROFILES: dict[str, tuple[list[str], list[str], str]] = {
     "vp9": (["-c:v", "libvpx-vp9", "-deadline", "realtime", "-cpu-used", "8"], ["-c:a", "libopus"], "webm"),
 }
 
-FAULTS = ("404", "410", "429", "500", "503", "stall", "garbage", "truncated", "private")
+FAULTS = (
+    "404",
+    "410",
+    "429",
+    "500",
+    "503",
+    "stall",
+    "trickle",
+    "garbage",
+    "truncated",
+    "private",
+    "bot_check",
+    "formats_missing",
+)
 
-# YouTube's answer for a private video, as the player response of its watch page carries it.
-PRIVATE_PLAYABILITY = {
-    "status": "LOGIN_REQUIRED",
-    "reason": "Private video",
-    "errorScreen": {
-        "playerErrorMessageRenderer": {
-            "reason": {"simpleText": "Private video"},
-            "subreason": {"simpleText": "Sign in if you've been granted access to this video"},
-        }
-    },
+
+def _refusal(reason: str, subreason: str) -> dict[str, object]:
+    """A refusal as the player response of YouTube's watch page carries it."""
+    return {
+        "status": "LOGIN_REQUIRED",
+        "reason": reason,
+        "errorScreen": {
+            "playerErrorMessageRenderer": {
+                "reason": {"simpleText": reason},
+                "subreason": {"simpleText": subreason},
+            }
+        },
+    }
+
+
+PRIVATE_PLAYABILITY = _refusal("Private video", "Sign in if you've been granted access to this video")
+# YouTube's bot check, with its curly apostrophe.
+BOT_CHECK_PLAYABILITY = _refusal("Sign in to confirm you’re not a bot", "This helps protect our community")
+# Fault modes answered with a redirect to a watch page, and the player response of that page:
+# a refusal, or (``formats_missing``) a playable video of which an extractor that cannot solve
+# YouTube's JavaScript challenges reads only the storyboard.
+WATCH_PAGES: dict[str, dict[str, object]] = {
+    "private": {"playabilityStatus": PRIVATE_PLAYABILITY},
+    "bot_check": {"playabilityStatus": BOT_CHECK_PLAYABILITY},
+    "formats_missing": {"playabilityStatus": {"status": "OK"}, "challenge": "unsolved"},
 }
 # The folder to put on the PYTHONPATH of a process running stage 1 so that yt-dlp loads the
 # stand-in for its YouTube extractor (``yt_dlp_plugins/extractor/avcaps_watch_page.py``), which
@@ -185,34 +219,46 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body:
             self.wfile.write(payload)
 
-    def _send_watch_page(self, body: bool) -> None:
+    def _send_watch_page(self, query: str, body: bool) -> None:
         """A watch page refusing the video as YouTube's does: the reason is in its player response."""
-        player = json.dumps({"playabilityStatus": PRIVATE_PLAYABILITY})
+        why = re.search(r"(?:^|&)why=(\w+)", query)
+        player = json.dumps(WATCH_PAGES[why[1] if why else "private"])
         page = f"<html><body><script>var ytInitialPlayerResponse = {player};</script></body></html>"
         self._send(200, {"Content-Type": "text/html; charset=utf-8"}, page.encode(), body)
 
     def _serve(self, body: bool) -> None:
         srv = self.server.media
-        name = self.path.split("?", 1)[0].lstrip("/")
-        if name == "watch":  # only the redirect of the `private` fault leads here
-            self._send_watch_page(body)
+        name, _, query = self.path.partition("?")
+        name = name.lstrip("/")
+        if name == "watch":  # only the redirects of the refusal faults lead here
+            self._send_watch_page(query, body)
             return
         with srv.lock:
+            now = time.time()
             srv.hits[name] = srv.hits.get(name, 0) + 1
             if self.headers.get("Cookie"):
                 srv.cookies.setdefault(name, []).append(self.headers["Cookie"])
             fault = srv.faults.get(name)
             mode = None
-            if fault is not None and (fault.times is None or fault.served < fault.times):
+            if srv.wave is not None:
+                wave_mode, seconds, started = srv.wave
+                if started is None:  # a wave starts with the first request that meets it
+                    srv.wave = (wave_mode, seconds, now)
+                    started = now
+                if now - started < seconds:
+                    mode = wave_mode
+                    srv.wave_served += 1
+            if mode is None and fault is not None and (fault.times is None or fault.served < fault.times):
                 fault.served += 1
                 mode = fault.mode
+            srv.requests.append((now, name, mode or "file"))
         path = srv.root / name
         if mode is not None and mode.isdigit():
             self._send_status(int(mode))
             return
-        if mode == "private":
+        if mode in WATCH_PAGES:
             video_id = name.rsplit(".", 1)[0]
-            self._send(302, {"Location": f"/watch?v={video_id}"}, b"", body)
+            self._send(302, {"Location": f"/watch?v={video_id}&why={mode}"}, b"", body)
             return
         if not path.is_file() or "/" in name:
             self._send_status(404)
@@ -257,6 +303,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 srv.stop_event.wait(srv.stall_s)
                 return
+            if mode == "trickle":
+                # Bytes keep coming, slowly: no read timeout ever fires (only a bound on the clip can).
+                step = max(1, srv.trickle_bps // 4)
+                for i in range(0, len(chunk), step):
+                    self.wfile.write(chunk[i : i + step])
+                    self.wfile.flush()
+                    if srv.stop_event.wait(0.25):
+                        return
+                return
             self.wfile.write(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -283,14 +338,19 @@ class MediaServer:
     named ``<youtube_id><suffix>``.
     """
 
-    def __init__(self, root: Path, stall_s: float = 120.0) -> None:
+    def __init__(self, root: Path, stall_s: float = 120.0, trickle_bps: int = 1024) -> None:
         self.root = Path(root)
         self.faults: dict[str, Fault] = {}
         self.hits: dict[str, int] = {}
         self.cookies: dict[str, list[str]] = {}  # Cookie headers received, per file
+        # (time.time(), file name, what was served: "file" or the fault mode) per media request.
+        self.requests: list[tuple[float, str, str]] = []
+        self.wave: tuple[str, float, float | None] | None = None  # (mode, seconds, started at)
+        self.wave_served = 0
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.stall_s = stall_s
+        self.trickle_bps = trickle_bps
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -328,6 +388,23 @@ class MediaServer:
             raise ValueError(f"unknown fault mode {mode!r} (known: {', '.join(FAULTS)})")
         with self.lock:
             self.faults[name] = Fault(mode, times)
+
+    def start_wave(self, mode: str, seconds: float) -> None:
+        """Answer every media request with fault ``mode`` for ``seconds``, counted from the first
+        request that meets the wave (a bot-check wave: YouTube refusing one address for a while)."""
+        if mode not in FAULTS:
+            raise ValueError(f"unknown fault mode {mode!r} (known: {', '.join(FAULTS)})")
+        with self.lock:
+            self.wave = (mode, seconds, None)
+            self.wave_served = 0
+
+    def first_requests(self) -> dict[str, float]:
+        """The time of the first request for each file (a download's start, as the server saw it)."""
+        first: dict[str, float] = {}
+        with self.lock:
+            for t, name, _ in self.requests:
+                first.setdefault(name, t)
+        return first
 
 
 def make_sources(folder: Path, clips: list[tuple[str, int]], extra_s: int = 2) -> None:

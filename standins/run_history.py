@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.stage import Stage, Status
 from stages.caption.stage import CaptionStage
-from stages.download.stage import DownloadStage
+from stages.download.stage import DownloadStage, video_path
 from stages.keyframes import KeyframesStage
 from stages.merge.stage import MergeStage
 
@@ -98,7 +98,7 @@ def ok_outputs(
     n = len(frame_paths)
     return {
         DownloadStage: {
-            "video_path": f"media/video/{clip_id}.mp4",
+            "video_path": video_path(Path("media"), clip_id).as_posix(),
             "video_duration_s": 10.0,
             "audio_duration_s": 10.0,
             "source_duration_s": 30.0,

@@ -9,6 +9,17 @@ from __future__ import annotations
 
 from pipeline.errors import ItemError, PermanentError, TransientError
 
+EXTRACTOR_NEEDLES = (
+    "requested format is not available",
+    "signature extraction failed",
+    "nsig extraction failed",
+    "some formats may be missing",
+)
+UPGRADE_HINT = (
+    "yt-dlp could not read the player: upgrade it (pip install -U 'yt-dlp[default]') and check that "
+    "`yt-dlp -v` lists a JS runtime"
+)
+
 # (reason, transient?, lower-case substrings). Order matters: rate-limit texts first, because
 # YouTube's "Video unavailable. This content isn't available, try again later." contains
 # "video unavailable"; apostrophes are normalized (real messages use a curly one).
@@ -23,6 +34,9 @@ TEXT_RULES: list[tuple[str, bool, tuple[str, ...]]] = [
     ("geo_blocked", False, ("not available in your country", "not available from your location")),
     ("removed", False, ("removed by the uploader", "has been removed", "violating youtube")),
     ("live_or_premiere", True, ("live event will begin", "premieres in", "premiere will begin")),
+    # yt-dlp could not read YouTube's player (an outdated yt-dlp, no JS runtime): the video may be
+    # fine. Before "unavailable", whose "not available" would catch the first one.
+    ("extractor_error", True, EXTRACTOR_NEEDLES),
     ("unavailable", False, ("video unavailable", "video is unavailable", "not available")),
     ("unsupported", False, ("unsupported url",)),
     ("timeout", True, ("timed out", "timeout")),
@@ -87,6 +101,8 @@ def classify(exc: BaseException) -> ItemError:
         return PermanentError("unsupported", message)
     for reason, transient, needles in TEXT_RULES[2:]:
         if any(n in low for n in needles):
+            if reason == "extractor_error":
+                message = f"{UPGRADE_HINT}: {message}"
             return (TransientError if transient else PermanentError)(reason, message)
     if any(isinstance(e, (TransportError, TimeoutError, ConnectionError)) for e in causes):
         return TransientError("connection", message)

@@ -4,7 +4,21 @@ yt-dlp runs through its Python API on a URL made from ``download.url_template`` 
 default; tests and the demo point it at 127.0.0.1). Only the clip's section is fetched
 (``download_ranges``), cut exactly (``force_keyframes_at_cuts``: ffmpeg re-encodes the section)
 and capped in height. Nothing can hang: yt-dlp has a socket timeout, ffmpeg a read timeout
-(``-rw_timeout``), and the source probe an open/read timeout.
+(``-rw_timeout``), the source probe an open/read timeout, and each clip a wall-clock bound
+(``clip_timeout_s``: a trickling source fails ``slow_transfer``).
+
+Every download start goes through one start gate per host and run folder
+(:mod:`stages.download.limits`): an even pace (``max_per_hour``, ``delay_s``, ``jitter_s``) shared
+by every process and Ray worker, and a circuit breaker that stops starting downloads while the
+source refuses this address (bot checks, HTTP 429), probes with one clip after a cool-down, and
+stops the run (exit 4) when the cool-downs do not help.
+
+YouTube needs a JavaScript runtime for yt-dlp to see every format (deno, installed with the
+pipeline from PyPI): :meth:`DownloadStage.setup` checks that yt-dlp finds one.
+
+Clips are stored at ``media/video/<2 hex of blake2b(clip_id)>/<clip_id>.<ext>`` (256 folders), so
+finding or placing a clip never lists a folder; the ledger's ``video_path`` says where each one is
+(old run folders keep their flat ``media/video/<clip_id>.<ext>`` rows and files).
 
 yt-dlp can report success on an empty, stream-less or truncated file, so every file is decoded
 with PyAV before it counts (:mod:`stages.download.media`: both streams present, duration within
@@ -16,22 +30,28 @@ tolerance of 10 s or of the source's end). Failures are classified
 
 from __future__ import annotations
 
+import hashlib
 import os
-import random
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from pipeline.config import StageConfig
-from pipeline.errors import AbortRun, ItemError, PermanentError, TransientError
+from pipeline.errors import AbortRun, ItemError, PermanentError, RunThrottled, TransientError
 from pipeline.io import atomic_path, temp_name
 from pipeline.selection import eligible_frame
 from pipeline.stage import Item, ItemStage, Resources, Result
 from stages.download.failures import classify
+from stages.download.limits import (
+    ClipDeadline,
+    GateCancelled,
+    GateSettings,
+    StartGate,
+    breaker_summary,
+)
 from stages.download.media import decode_media, probe_source
 
 if TYPE_CHECKING:
@@ -49,9 +69,41 @@ class DownloadConfig(StageConfig):
     max_height: int = Field(360, gt=0, description="Video height cap (BLIP-2 sees 224-384 px).")
     concurrency: int = Field(2, gt=0, description="Clips downloaded at once (threads) in a batch.")
     delay_s: float = Field(
-        0.0, ge=0, description="Politeness: least seconds between two download starts, run-wide."
+        0.0,
+        ge=0,
+        description="Politeness: least seconds between two download starts on this host, shared by "
+        "every process and Ray worker of the run folder.",
     )
     jitter_s: float = Field(0.0, ge=0, description="Random extra delay (0..jitter_s) per start.")
+    max_per_hour: float | None = Field(
+        None,
+        gt=0,
+        description="At most this many download starts per hour from this host (all processes of the "
+        "run folder together), spaced evenly. YouTube blocks a guest session around 300/hour.",
+    )
+    clip_timeout_s: float = Field(
+        180.0, gt=0, description="Wall-clock bound on one clip's download; past it: slow_transfer."
+    )
+    breaker_threshold: int = Field(
+        5, gt=0, description="Rate-limit failures (bot_check, http_429, rate_limited) that trip the breaker"
+    )
+    breaker_window_s: float = Field(300.0, gt=0, description="... within this many seconds.")
+    breaker_cooldown_s: float = Field(
+        600.0, ge=0, description="First cool-down (no download starts); each next one is twice as long."
+    )
+    breaker_max_cooldowns: int = Field(
+        3, gt=0, description="Cool-downs whose probe failed before the run stops (exit 4)."
+    )
+    require_js_runtime: bool | None = Field(
+        None,
+        description="Stop at setup unless yt-dlp finds a JavaScript runtime (YouTube needs one). "
+        "Default: on for YouTube URLs.",
+    )
+    js_runtimes: list[str] = Field(
+        ["deno"],
+        description="yt-dlp's JavaScript runtimes, NAME or NAME:PATH (deno, node, bun, quickjs); deno "
+        "comes with the pipeline (PyPI).",
+    )
     rate_limit: int | None = Field(None, gt=0, description="yt-dlp byte rate limit per download (B/s).")
     cookies_file: Path | None = Field(None, description="Netscape cookies file (YouTube bot checks).")
     proxy: str | None = Field(None, description="Proxy URL for yt-dlp and ffmpeg.")
@@ -81,27 +133,13 @@ def _private_copy(path: Path) -> Path:
     return Path(name)
 
 
-class _Politeness:
-    """Run-wide least gap between download starts (shared by the threads of a stage)."""
-
-    def __init__(self, delay_s: float, jitter_s: float) -> None:
-        self.delay_s, self.jitter_s = delay_s, jitter_s
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def wait(self) -> None:
-        if not self.delay_s and not self.jitter_s:
-            return
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + self.delay_s + random.uniform(0, self.jitter_s)
-        time.sleep(max(0.0, start - now))
-
-
 class _QuietLogger:
-    """yt-dlp's logger: prints nothing (``quiet=True`` alone still prints ERROR lines); the
-    errors reach the ledger through the exception yt-dlp raises."""
+    """yt-dlp's logger: prints nothing (``quiet=True`` alone still prints ERROR lines) and keeps
+    the warnings for the ledger's message; the errors reach the ledger through the exception
+    yt-dlp raises."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
 
     def debug(self, msg: str) -> None:
         pass
@@ -110,10 +148,86 @@ class _QuietLogger:
         pass
 
     def warning(self, msg: str) -> None:
-        pass
+        if msg not in self.warnings:
+            self.warnings.append(msg)
 
     def error(self, msg: str) -> None:
         pass
+
+
+def with_warnings(message: str, warnings: Sequence[str], limit: int = 1500) -> str:
+    """``message`` followed by yt-dlp's warnings (they often say why: missing formats, a PO token)."""
+    if not warnings:
+        return message
+    text = " | ".join(w.removeprefix("WARNING: ") for w in warnings)
+    joined = f"{message} [yt-dlp warnings: {text}]" if message else f"yt-dlp warnings: {text}"
+    return joined[:limit]
+
+
+def video_path(media_dir: Path, clip_id: str, suffix: str = ".mp4") -> Path:
+    """Where a clip is stored: ``video/<2 hex of blake2b(clip_id)>/<clip_id><suffix>``, 256
+    folders, so a million clips make folders of ~4,000 files and no folder is ever listed."""
+    bucket = hashlib.blake2b(clip_id.encode(), digest_size=1).hexdigest()
+    return media_dir / "video" / bucket / f"{clip_id}{suffix}"
+
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")
+
+
+def existing_videos(media_dir: Path, clip_id: str) -> list[Path]:
+    """Files of ``clip_id`` already in place (left by a run killed before its commit): a few
+    ``stat`` calls, in the hashed layout and in the flat one of older run folders, never a listing."""
+    candidates = [video_path(media_dir, clip_id, sfx) for sfx in VIDEO_SUFFIXES]
+    candidates += [media_dir / "video" / f"{clip_id}{sfx}" for sfx in VIDEO_SUFFIXES]
+    return [p for p in candidates if p.is_file()]
+
+
+def js_runtimes_option(specs: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``download.js_runtimes`` as yt-dlp's ``js_runtimes`` option (its --js-runtimes NAME[:PATH])."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        name, _, path = spec.partition(":")
+        out[name.strip().lower()] = {"path": path} if path else {}
+    return out
+
+
+def found_js_runtimes(specs: Sequence[str]) -> list[str]:
+    """The JavaScript runtimes yt-dlp finds and supports with these settings, as ``yt-dlp -v``
+    lists them (e.g. ``deno-2.9.8``)."""
+    import yt_dlp
+
+    opts = {"quiet": True, "logger": _QuietLogger(), "js_runtimes": js_runtimes_option(specs)}
+    with yt_dlp.YoutubeDL(opts) as ydl:
+        runtimes = getattr(ydl, "_js_runtimes", None)
+        if runtimes is None:  # yt-dlp moved it: do not block a run on our own check
+            return ["unknown"]
+        return sorted(
+            f"{rt.info.name}-{rt.info.version}"
+            for rt in runtimes.values()
+            if rt is not None and rt.info is not None and rt.info.supported is not False
+        )
+
+
+def warm_up(url_template: str) -> None:
+    """Load yt-dlp's extractor for ``url_template`` now: the first extraction in a process
+    otherwise imports it (seconds on a busy machine) while holding an import lock, and the starts
+    the gate spaced out would reach the source together when it is done."""
+    import yt_dlp
+    from yt_dlp.extractor import gen_extractor_classes
+
+    url = url_template.format(id="aaaaaaaaaaa")
+    with yt_dlp.YoutubeDL({"quiet": True, "logger": _QuietLogger()}) as ydl:
+        for ie in gen_extractor_classes():
+            if ie.suitable(url):
+                ydl.get_info_extractor(ie.ie_key())
+                break
+
+
+def is_youtube(url_template: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url_template.replace("{id}", "x")).hostname or "").lower()
+    return host == "youtu.be" or host == "youtube.com" or host.endswith(".youtube.com")
 
 
 def check_ids(item: Item) -> None:
@@ -165,21 +279,76 @@ class DownloadStage(ItemStage):
             raise AbortRun(f"download.cookies_file not found: {self.cfg.cookies_file}")
         if "{id}" not in self.cfg.url_template:
             raise AbortRun(f"download.url_template has no {{id}}: {self.cfg.url_template!r}")
-        self._polite = _Politeness(self.cfg.delay_s, self.cfg.jitter_s)
+        self._check_js_runtime()
+        warm_up(self.cfg.url_template)
+        self._gate = StartGate(self.folder / "limits", GateSettings.of(self.cfg))
         (self.ctx.media_dir / "video").mkdir(parents=True, exist_ok=True)
         self.ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
 
+    def _check_js_runtime(self) -> None:
+        cfg = self.cfg
+        required = cfg.require_js_runtime
+        if required is None:
+            required = is_youtube(cfg.url_template)
+        if required and not found_js_runtimes(cfg.js_runtimes):
+            raise AbortRun(
+                f"yt-dlp finds no JavaScript runtime (download.js_runtimes: {', '.join(cfg.js_runtimes)}), "
+                "and YouTube hides formats without one: pip install 'yt-dlp[default]' deno into this "
+                "environment (or set download.js_runtimes to node:/path/to/node), check with `yt-dlp -v` "
+                "(JS runtimes: deno-...), or set download.require_js_runtime=false"
+            )
+
     def process(self, batch: list[Item]) -> list[Result]:
+        """Download the batch, ``concurrency`` clips at a time, each start through the gate.
+
+        When the breaker gives up, the clips that were waiting for a start never reached the
+        source: the batch's finished results travel with the RunThrottled the runner commits,
+        and the waiting clips get no row (no attempt spent)."""
+        stops: list[RunThrottled] = []
+
+        def one(item: Item) -> Result | None:
+            try:
+                return self._one(item)
+            except RunThrottled as exc:
+                stops.append(exc)
+            except GateCancelled:
+                pass
+            return None
+
         if len(batch) == 1 or self.cfg.concurrency == 1:
-            return [self._one(item) for item in batch]
-        with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(batch))) as pool:
-            return list(pool.map(self._one, batch))
+            out = []
+            for item in batch:
+                out.append(one(item))
+                if stops:
+                    break
+        else:
+            pool = ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(batch)))
+            futures: list[Future[Result | None]] = [pool.submit(one, item) for item in batch]
+            try:
+                out = [f.result() for f in futures]
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # Ctrl-C / SIGTERM: clips waiting for a start (possibly a long cool-down) give
+                    # up at once; downloads in flight end by themselves (each is bounded). An
+                    # ordinary exception leaves the gate open: the runner redoes the batch item
+                    # by item.
+                    self._gate.cancel()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
+        done = [r for r in out if r is not None]
+        if stops:
+            raise RunThrottled(str(stops[0]), results=done)
+        return done
 
     def _one(self, item: Item) -> Result:
+        logger = _QuietLogger()
         try:
-            return Result.ok(item.clip_id, **self.download(item))
+            outputs = self.download(item, logger)
         except ItemError as exc:
+            exc.message = with_warnings(exc.message, logger.warnings)
             return Result.failed(item.clip_id, exc)
+        return Result(item.clip_id, "ok", outputs, "", with_warnings("", logger.warnings))
 
     def _ydl_options(self, outtmpl: str, start: float, end: float, logger: _QuietLogger) -> dict[str, Any]:
         from yt_dlp.utils import download_range_func
@@ -202,6 +371,7 @@ class DownloadStage(ItemStage):
                     *("-force_key_frames", f"expr:gte(t,n_forced*{cfg.keyframe_interval_s:g})"),
                 ],
             },
+            "js_runtimes": js_runtimes_option(cfg.js_runtimes),
             "socket_timeout": cfg.socket_timeout_s,
             "retries": cfg.retries,
             "fragment_retries": cfg.retries,
@@ -221,32 +391,37 @@ class DownloadStage(ItemStage):
             opts["ratelimit"] = cfg.rate_limit
         return opts
 
-    def download(self, item: Item) -> dict[str, Any]:
+    def download(self, item: Item, logger: _QuietLogger | None = None) -> dict[str, Any]:
         """Fetch, validate and place one clip; return its output columns or raise an ItemError."""
-        import yt_dlp
-
-        from stages.tools import ytdlp_use_ffmpeg
-
         cfg = self.cfg
         clip_id = item.clip_id
         start, end = float(item["start_s"]), float(item["end_s"])
         check_ids(item)
         url = cfg.url_template.format(id=item["youtube_id"])
-        video_dir = self.ctx.media_dir / "video"
+        media = self.ctx.media_dir
 
         if cfg.reuse_existing:
-            for old in video_dir.glob(f"{clip_id}.*"):
+            for old in existing_videos(media, clip_id):
                 try:
-                    return self._validate_and_place(old, old, url, end - start, None)
+                    dest = video_path(media, clip_id, old.suffix)  # an old flat file moves in
+                    return self._validate_and_place(old, dest, url, end - start, None)
                 except ItemError:
                     old.unlink(missing_ok=True)  # invalid: download it again
 
+        return self._fetch(clip_id, url, start, end, logger or _QuietLogger())
+
+    def _fetch(
+        self, clip_id: str, url: str, start: float, end: float, logger: _QuietLogger
+    ) -> dict[str, Any]:
+        import yt_dlp
+
+        from stages.tools import ytdlp_use_ffmpeg
+
+        cfg = self.cfg
         # yt-dlp writes into the run's flat temp folder (cheap to list and to clean after a
         # crash); the validated file is then renamed into the media folder.
         stem = temp_name(clip_id)
         tmp_dir = self.ctx.tmp_dir
-        logger = _QuietLogger()
-        self._polite.wait()
         opts = self._ydl_options(str(tmp_dir / f"{stem}.%(ext)s"), start, end, logger)
         ytdlp_use_ffmpeg(self._ffmpeg)  # for the section download too, not only post-processing
         cookies = None
@@ -257,35 +432,67 @@ class DownloadStage(ItemStage):
                 cookies = _private_copy(cfg.cookies_file)
                 opts["cookiefile"] = str(cookies)
             with yt_dlp.YoutubeDL(opts) as ydl:
-                # Two steps, so that a failed transfer still knows the media URL to probe.
+                # The gate is passed once yt-dlp is set up (seconds, the first time in a process),
+                # so that a granted start is the first request the source sees.
+                ticket = self._gate.acquire()
+                reason: str | None = None
                 try:
-                    info = ydl.extract_info(url, download=False)
-                except Exception as exc:
-                    raise classify(exc) from exc
-                media_url = self._media_url(info, url)
-                try:
-                    info = ydl.process_ie_result(info, download=True)
-                except Exception as exc:
-                    err = classify(exc)
-                    if err.reason == "download_error" and "ffmpeg exited" in str(exc):
-                        # yt-dlp runs ffmpeg quietly; probe the media to learn why it failed.
-                        probe_source(media_url, cfg.read_timeout_s)
-                        err = TransientError("ffmpeg_failed", f"{err.message} (the source probes fine)")
-                    raise err from exc
-            files = [p for p in tmp_dir.glob(f"{stem}.*") if p.suffix in (".mp4", ".mkv", ".webm")]
-            if not files or files[0].stat().st_size == 0:
-                raise TransientError("no_file", "yt-dlp reported success but wrote no file")
-            src_dur = info.get("duration")
-            if not src_dur:  # direct files: yt-dlp's generic extractor does not know it
-                src_dur = probe_source(media_url, cfg.read_timeout_s)
-            expected = min(end - start, max(0.0, float(src_dur) - start)) if src_dur else end - start
-            dest = video_dir / f"{clip_id}{files[0].suffix}"
-            return self._validate_and_place(files[0], dest, url, expected, src_dur)
+                    with ClipDeadline(stem, cfg.clip_timeout_s) as deadline:
+                        info, media_url = self._transfer(ydl, url, deadline)
+                    files = [p for p in tmp_dir.glob(f"{stem}.*") if p.suffix in VIDEO_SUFFIXES]
+                    if not files or files[0].stat().st_size == 0:
+                        raise TransientError("no_file", "yt-dlp reported success but wrote no file")
+                    src_dur = info.get("duration")
+                    if not src_dur:  # direct files: yt-dlp's generic extractor does not know it
+                        src_dur = probe_source(
+                            media_url, min(cfg.read_timeout_s, max(1.0, deadline.remaining()))
+                        )
+                    expected = min(end - start, max(0.0, float(src_dur) - start)) if src_dur else end - start
+                    dest = video_path(self.ctx.media_dir, clip_id, files[0].suffix)
+                    return self._validate_and_place(files[0], dest, url, expected, src_dur)
+                except ItemError as exc:
+                    reason = exc.reason
+                    raise
+                finally:
+                    self._gate.report(ticket, reason)
         finally:
             for p in tmp_dir.glob(f"{stem}*"):  # yt-dlp's .part/.ytdl leftovers included
                 p.unlink(missing_ok=True)
             if cookies is not None:
                 cookies.unlink(missing_ok=True)
+
+    def _transfer(self, ydl: Any, url: str, deadline: ClipDeadline) -> tuple[dict[str, Any], str]:
+        """Extract and download with yt-dlp; return its info and the media URL, or raise the
+        classified failure (``slow_transfer`` once past the deadline)."""
+        # Two steps, so that a failed transfer still knows the media URL to probe.
+        try:
+            info = ydl.extract_info(url, download=False)
+        except Exception as exc:
+            raise self._past(deadline) or classify(exc) from exc
+        media_url = self._media_url(info, url)
+        try:
+            info = ydl.process_ie_result(info, download=True)
+        except Exception as exc:
+            err = self._past(deadline) or classify(exc)
+            if err.reason == "download_error" and "ffmpeg exited" in str(exc):
+                # yt-dlp runs ffmpeg quietly; probe the media to learn why it failed.
+                probe_source(media_url, min(self.cfg.read_timeout_s, max(1.0, deadline.remaining())))
+                err = TransientError("ffmpeg_failed", f"{err.message} (the source probes fine)")
+            raise err from exc
+        if past := self._past(deadline):
+            raise past
+        return info, media_url
+
+    def _past(self, deadline: ClipDeadline) -> TransientError | None:
+        """The ``slow_transfer`` failure of a clip that ran past ``clip_timeout_s``, else None."""
+        if not deadline.expired:
+            return None
+        return TransientError(
+            "slow_transfer",
+            f"still transferring after {deadline.elapsed:.0f} s (download.clip_timeout_s = "
+            f"{self.cfg.clip_timeout_s:g}): the source sends too slowly; stopped"
+            + (f" ({deadline.killed} ffmpeg process(es) killed)" if deadline.killed else ""),
+        )
 
     @staticmethod
     def _media_url(info: dict[str, Any], url: str) -> str:
@@ -331,8 +538,82 @@ class DownloadStage(ItemStage):
         }
 
     def extra_stats(self, state: pd.DataFrame) -> dict[str, Any]:
-        """The availability report: per split, downloaded / permanent by reason / transient."""
-        return availability_report(self, state)
+        """The availability report (per split, set against the public downloaders' figures), the
+        breaker's record per host, and notes for ``avcaps status``."""
+        out = availability_report(self, state)
+        notes = [n for split in out.get("availability", {}).values() if (n := split.pop("note", None))]
+        breaker = breaker_summary(self.folder / "limits")
+        if breaker:
+            out["breaker"] = breaker
+        for host, b in breaker.items():
+            if b["trips"] or b["state"] != "closed":
+                notes.append(
+                    f"rate-limit breaker on {host}: {b['state']}, tripped {b['trips']} time(s)"
+                    + (f", last at {b['last_trip_at']}" if b["last_trip_at"] else "")
+                    + f", {b['cooldowns']} cool-down(s) ({b['cooldown_s']:g} s)"
+                    + (f"; gave up at {b['gave_up_at']} (exit 4)" if b["gave_up_at"] else "")
+                )
+        out["notes"] = notes
+        return out
+
+
+# What public AudioCaps downloaders reported as no longer downloadable from YouTube (2023-2024),
+# in percent of a split's clips (FACTS.md). A run far above them has a problem of its own.
+PUBLIC_GONE_PCT: dict[str, tuple[float, float]] = {"train": (7.0, 9.0), "test": (3.0, 9.0)}
+# Permanent failures that mean the video cannot be had from the source (what those figures count);
+# the other permanent reasons (no_audio, corrupt_source, too_short ...) are clips gone unusable.
+GONE_REASONS = frozenset(
+    {
+        "private",
+        "removed",
+        "account_terminated",
+        "copyright",
+        "unavailable",
+        "age_restricted",
+        "members_only",
+        "geo_blocked",
+        "http_404",
+        "http_410",
+    }
+)
+# Fewer settled clips than this in a split: no verdict (a few clips say nothing about a rate).
+MIN_SETTLED = 100
+# Points above the public range that count as far off.
+FAR_OFF_POINTS = 3.0
+
+
+def compare_with_public(split: str, ok: int, permanent: dict[str, int], transient: int) -> dict[str, Any]:
+    """How a split's share of gone clips compares with the public figures: ``gone``, ``gone_pct``
+    (of the settled clips: ok or failed for good), ``public_gone_pct``, ``vs_public`` (within,
+    above, far_above, below, too_few, no_public_figure) and a one-line ``note`` when worth saying."""
+    gone = sum(n for reason, n in permanent.items() if reason in GONE_REASONS)
+    settled = ok + sum(permanent.values())
+    pct = round(100.0 * gone / settled, 2) if settled else None
+    public = PUBLIC_GONE_PCT.get(split)
+    out: dict[str, Any] = {"gone": gone, "gone_pct": pct, "public_gone_pct": list(public) if public else None}
+    if public is None:
+        out["vs_public"] = "no_public_figure"
+    elif settled < MIN_SETTLED or pct is None:
+        out["vs_public"] = "too_few"
+    else:
+        lo, hi = public
+        if pct > hi:
+            out["vs_public"] = "far_above" if pct > hi + FAR_OFF_POINTS else "above"
+        else:
+            out["vs_public"] = "below" if pct < lo else "within"
+    figure = f"public downloaders: {public[0]:g}-{public[1]:g}%" if public else "no public figure"
+    head = f"{split}: {pct}% of {settled} settled clips gone from the source ({figure})"
+    if out["vs_public"] == "far_above":
+        out["note"] = (
+            f"{head}: far above; a broken extractor or a throttled address looks like missing videos: "
+            "check the reasons, `yt-dlp -v` (JS runtime), cookies, and retry with --retry-failed"
+        )
+    elif out["vs_public"] in ("within", "above", "below"):
+        out["note"] = f"{head}: {out['vs_public'].replace('_', ' ')}"
+    if transient and settled and transient > 0.05 * (settled + transient):
+        extra = f"{split}: {transient} clips still failing transiently (rate limits? rerun later)"
+        out["note"] = f"{out['note']}; {extra}" if out.get("note") else extra
+    return out
 
 
 def availability_report(stage: ItemStage, state: pd.DataFrame) -> dict[str, Any]:
@@ -350,12 +631,15 @@ def availability_report(stage: ItemStage, state: pd.DataFrame) -> dict[str, Any]
         ok = int((status == "ok").sum())
         perm = cur[status == "failed_permanent"]["reason"].value_counts().sort_index()
         trans = cur[status == "failed_transient"]["reason"].value_counts().sort_index()
+        permanent = {str(k): int(v) for k, v in perm.items()}
+        transient = {str(k): int(v) for k, v in trans.items()}
         report[str(split)] = {
             "clips": n,
             "downloaded": ok,
             "available_pct": round(100.0 * ok / n, 2) if n else None,
-            "permanent": {str(k): int(v) for k, v in perm.items()},
-            "transient": {str(k): int(v) for k, v in trans.items()},
+            "permanent": permanent,
+            "transient": transient,
             "pending": int((status == "pending").sum()),
+            **compare_with_public(str(split), ok, permanent, sum(transient.values())),
         }
     return {"availability": report}

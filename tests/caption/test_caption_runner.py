@@ -31,6 +31,7 @@ def write_config(tmp_path: Path, model: Path) -> Path:
         "  batch_size: 1\n"
         "  num_beams: 2\n"
         "  max_new_tokens: 12\n"
+        "  commit_interval_s: 0\n"  # a commit per batch: the kill test watches parts appear
     )
     return cfg
 

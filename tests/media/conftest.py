@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from standins.media import MediaServer, make_clip
+from standins.media import YTDLP_PLUGINS, MediaServer, make_clip
+
+REPO = Path(__file__).resolve().parents[2]
 
 # youtube_id -> (duration s, codec profile, has audio). Every clip starts at 3 s in its source.
 SOURCES: dict[str, tuple[float, str, bool]] = {
@@ -80,6 +84,8 @@ def make_run(tmp_path: Path) -> MakeRun:
                 "backoff_max_s": 0.2,
                 "read_timeout_s": 2,
                 "socket_timeout_s": 2,
+                # A test that trips the rate-limit breaker waits seconds, not 10 minutes.
+                "breaker_cooldown_s": 1,
                 **(download or {}),
             },
             "keyframes": keyframes or {},
@@ -89,3 +95,19 @@ def make_run(tmp_path: Path) -> MakeRun:
         return path
 
     return make
+
+
+def avcaps(config: Path, *args: str) -> subprocess.Popen[str]:
+    """``avcaps ARGS --config CONFIG`` in its own process, with the yt-dlp plugin standing in for
+    YouTube's extractor on its path (the server's watch-page faults need it)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(YTDLP_PLUGINS)])}
+    env.pop("AVCAPS_APP", None)
+    code = "import sys; from pipeline.cli import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", code, *args, "--config", str(config)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen[str], timeout_s: float = 240) -> tuple[int, str]:
+    """Wait for ``proc``; its exit status and stderr."""
+    _, err = proc.communicate(timeout=timeout_s)
+    return proc.returncode, err

@@ -10,12 +10,22 @@ transport failures are tested end to end against the local server in ``test_down
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pipeline.cli import load_context
 from pipeline.errors import PermanentError, TransientError
+from pipeline.runner import run_stage
+from pipeline.selection import stage_ledger
+from pipeline.stage import RunOptions
 from stages.download.failures import classify
+from stages.download.stage import DownloadStage
+from stages.manifest import ManifestStage
+from standins.media import MediaServer
+
+from .conftest import START_S, MakeRun, add_source, avcaps, finish
 
 LOGIN_HINT = "Use --cookies-from-browser or --cookies for the authentication"
 
@@ -73,6 +83,10 @@ CASES: list[tuple[str, str, str, bool]] = [
         True,
     ),
     ("This live event will begin in a few moments.", "no_formats", "live_or_premiere", True),
+    # yt-dlp could not read the player (outdated, no JS runtime): the video may be fine. Before
+    # "unavailable", whose "not available" would publish it as gone.
+    ("Signature extraction failed: Some formats may be missing", "no_formats", "extractor_error", True),
+    ("nsig extraction failed: Some formats may be missing", "no_formats", "extractor_error", True),
 ]
 
 
@@ -145,3 +159,60 @@ def test_http_error_objects_by_status() -> None:
     assert isinstance(classify(wrapped(429)), TransientError)
     assert classify(wrapped(503)).reason == "http_503"
     assert isinstance(classify(wrapped(503)), TransientError)
+
+
+def test_requested_format_not_available_is_an_extractor_error() -> None:
+    """yt-dlp's own format selection error (raised by YoutubeDL, not by an extractor) when what
+    the extractor could read holds no format the stage asks for."""
+    import yt_dlp
+    from yt_dlp.extractor.common import InfoExtractor
+    from yt_dlp.utils import DownloadError
+
+    class FakeYouTubePageIE(InfoExtractor):
+        """FAKE: stands in for youtube.com's watch page; offers only a storyboard, as the YouTube
+        extractor does when it cannot solve the player's challenges."""
+
+        _VALID_URL = r"https?://fake-youtube\.invalid/watch\?v=(?P<id>[\w-]{11})"
+
+        def _real_extract(self, url: str) -> dict[str, Any]:
+            sb = {"format_id": "sb0", "url": url, "ext": "mhtml", "vcodec": "none", "acodec": "none"}
+            return {"id": self._match_id(url), "title": "x", "formats": [sb]}
+
+    class Quiet:
+        def debug(self, msg: str) -> None: ...
+        def info(self, msg: str) -> None: ...
+        def warning(self, msg: str) -> None: ...
+        def error(self, msg: str) -> None: ...
+
+    opts = {"logger": Quiet(), "quiet": True, "format": "bv*[height<=?360]+ba/b[height<=?360]/b"}
+    with yt_dlp.YoutubeDL(opts) as ydl:
+        ydl.add_info_extractor(FakeYouTubePageIE())
+        with pytest.raises(DownloadError) as exc:
+            ydl.extract_info("https://fake-youtube.invalid/watch?v=abcdefghijk", ie_key="FakeYouTubePage")
+    assert "Requested format is not available" in str(exc.value)
+    err = classify(exc.value)
+    assert (err.reason, type(err)) == ("extractor_error", TransientError)
+    assert err.message.startswith("yt-dlp could not read the player: upgrade it")
+    assert "Requested format is not available" in err.message
+
+
+@pytest.mark.slow
+def test_missing_formats_reach_the_ledger_with_yt_dlps_warnings(
+    media_root: Path, server: MediaServer, make_run: MakeRun
+) -> None:
+    """End to end: the server's watch page offers a video whose JavaScript challenge the
+    extractor cannot solve; the clip fails transient extractor_error (not `unavailable`), and the
+    ledger's message holds the upgrade hint and yt-dlp's warning."""
+    yt = add_source(media_root, "nsigfailed1", "okh264clip1")
+    server.set_fault(f"{yt}.mp4", "formats_missing")
+    config = make_run([yt], download={"url_template": server.url_template(), "max_attempts": 1})
+    ctx = load_context(config, None, ())
+    run_stage(ManifestStage, ctx, RunOptions(progress=False))
+    code, err = finish(avcaps(config, "run", "download", "--no-progress"))
+    assert code == 0, err[-2000:]
+    row = stage_ledger(DownloadStage(ctx)).latest().loc[f"{yt}_{START_S * 1000}_{(START_S + 10) * 1000}"]
+    assert (row["status"], row["reason"]) == ("failed_transient", "extractor_error")
+    assert "upgrade it (pip install -U 'yt-dlp[default]')" in row["message"]
+    assert "Requested format is not available" in row["message"]
+    warning = "[avcaps:watch-page] nsigfailed1: nsig extraction failed: Some formats may be missing"
+    assert f"[yt-dlp warnings: {warning}" in row["message"]

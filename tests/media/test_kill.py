@@ -75,7 +75,9 @@ def test_sigkill_during_download(media_root: Path, server: MediaServer, make_run
     run_stage(ManifestStage, ctx, RunOptions(progress=False))
     ledger = ctx.workdir / "01-download" / "ledger"
 
-    partial = kill_mid_write(avcaps(config, "download"), ledger, ctx.workdir / "media", commits=2)
+    # A commit per batch (no group commit), so the ledger's parts show how far the stage got.
+    cmd = avcaps(config, "download", "download.commit_interval_s=0")
+    partial = kill_mid_write(cmd, ledger, ctx.workdir / "media", commits=2)
     assert partial  # ffmpeg was writing a clip when it died (a download takes ~1 s)
     led = stage_ledger(DownloadStage(ctx))
     done_before = set(led.latest().index)
@@ -91,7 +93,7 @@ def test_sigkill_during_download(media_root: Path, server: MediaServer, make_run
         assert server.hits[f"{yt}.mp4"] == hits_before[f"{yt}.mp4"], cid
     # No partial file kept: only the finished clips, each a full 10-s clip.
     assert not list(ctx.workdir.rglob(".tmp-*"))
-    videos = sorted(p.name for p in (ctx.workdir / "media" / "video").iterdir())
+    videos = sorted(p.name for p in (ctx.workdir / "media" / "video").rglob("*") if p.is_file())
     assert videos == sorted(f"{c}.mp4" for c in clip_ids)
     assert (led.latest()["video_duration_s"] > 9.8).all()
 
@@ -141,7 +143,8 @@ def test_sigkill_during_keyframes(tmp_path: Path, make_run: MakeRun) -> None:
     downloaded = [c for c in clip_ids if c not in failures]
 
     ledger = ctx.workdir / "02-keyframes" / "ledger"
-    kill_mid_write(avcaps(config, "keyframes"), ledger, ctx.workdir / "media", commits=3)
+    cmd = avcaps(config, "keyframes", "keyframes.commit_interval_s=0")  # a commit per batch
+    kill_mid_write(cmd, ledger, ctx.workdir / "media", commits=3)
     led = stage_ledger(KeyframesStage(ctx))
     assert 3 <= len(led.latest()) < len(downloaded)
 

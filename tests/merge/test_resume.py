@@ -98,6 +98,7 @@ merge:
   reasoning_effort: null
   max_new_tokens: 16
   batch_size: 1
+  commit_interval_s: 0  # a commit per batch: the kill test watches parts appear
   max_quality_retries: 4
   # A random-weight model writes word salad: only the structural checks can pass.
   min_audio_overlap: 0

@@ -136,6 +136,38 @@ def test_abort_stops_the_run_and_keeps_committed_batches(run: dict) -> None:
     assert proc.returncode == 2 and "error: the toy model is missing" in proc.stderr
 
 
+def test_an_abort_from_process_commits_the_batch_results_it_carries(run: dict) -> None:
+    """RunThrottled (exit 4) raised mid-batch with the results finished before it: those are
+    committed; the items never tried get no row, so they keep every attempt."""
+    ids = sorted(pd.read_parquet(run["workdir"] / "00-manifest" / "ledger")["clip_id"])
+    run["script"].write_text(json.dumps({ids[9]: "throttle", ids[2]: "transient:1"}))
+    proc = avcaps("run", "toy", "--config", str(run["cfg"]), "--no-progress")
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: the toy source refuses this host"
+    done = latest(run)
+    # Batches of 4 in clip-table order: the first two batches, and the one item of the third
+    # batch before the throttling one (the toy works through a batch in order).
+    batch3 = work(run)[8:12]
+    before = batch3[: batch3.index(ids[9])]
+    assert set(done.index) == set(work(run)[:8]) | set(before)
+    assert ids[9] not in done.index and not set(batch3[batch3.index(ids[9]) :]) & set(done.index)
+    # Status says the last run stopped, and why.
+    stats = json.loads((run["workdir"] / "01-toy" / "stats.json").read_text())
+    assert stats["last_run"]["exit_code"] == 4
+    assert stats["last_run"]["message"] == "stopped: the toy source refuses this host"
+    from pipeline.status import format_table
+
+    table = format_table(run_status(ctx(run)))
+    assert "last run stopped (exit 4)" in table and "! stopped: the toy source refuses this host" in table
+    # The next run (the source answering again) does the rest; every item ok, tried once
+    # (the transient one twice).
+    run["script"].write_text(json.dumps({ids[2]: "transient:1"}))
+    toy(run)
+    final = latest(run)
+    assert (final["status"] == "ok").all() and len(final) == N + 4
+    assert final.loc[ids[9], "attempts"] == 1 and final.loc[ids[2], "attempts"] == 2
+
+
 def test_wants_filters_items(run: dict) -> None:
     toy(run, "toy.only_split=train")
     assert len(latest(run)) == 4

@@ -2,7 +2,8 @@
 
 Plugged in with ``AVCAPS_APP=toyapp`` (this folder on ``sys.path``). The toy stage's behaviour per
 clip is driven by a JSON "script" file, so a test can make items fail permanently, fail
-transiently for k attempts, raise unexpected errors, or be slow (to be killed mid-run). Every call
+transiently for k attempts, raise unexpected errors, stop the run with the results it has
+(``throttle``), or be slow (to be killed mid-run). Every call
 of ``process`` appends the clip ids it worked on to a log, so tests can count real work.
 """
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.config import StageConfig, StrictModel
-from pipeline.errors import AbortRun, PermanentError, TransientError
+from pipeline.errors import AbortRun, PermanentError, RunThrottled, TransientError
 from pipeline.io import atomic_write_text
 from pipeline.stage import Item, ItemStage, Result
 from stages.manifest import ManifestConfig
@@ -86,6 +87,10 @@ class ToyStage(ItemStage):
                 raise ValueError(f"boom on {it.clip_id}")
             elif how == "abort":
                 raise AbortRun("the toy model is missing")
+            elif how == "throttle":
+                # Stop the run; the items before this one in the batch are done, this one and
+                # those after it were never tried.
+                raise RunThrottled("the toy source refuses this host", results=out)
             else:
                 out.append(self._ok(it))
         return out

@@ -75,6 +75,25 @@ def test_ray_ledger_equals_local_ledger(tmp_path: Path, cluster: None, toyapp: N
     assert b.loc["t0000000006_6000_16000", "attempts"] == 3
 
 
+def test_an_abort_in_a_worker_stops_the_run_with_its_exit_status(
+    tmp_path: Path, cluster: None, toyapp: None
+) -> None:
+    """A worker's RunThrottled reaches the driver as itself (Ray Data would re-raise it as its own
+    UserCodeException, exit status lost); the results it carries are committed, the items it
+    never tried get no row."""
+    from pipeline.errors import RunThrottled
+
+    ctx = make_run(tmp_path, "throttle", {"t0000000010_10000_20000": "throttle"})
+    with pytest.raises(RunThrottled, match="the toy source refuses this host") as err:
+        run_stage(find_stage("toy"), ctx, RunOptions(progress=False, executor="ray"))
+    assert err.value.exit_code == 4
+    done = state(ctx)
+    assert (done["status"] == "ok").all()
+    # Its batch (items 8-11): the two before it are committed, it and the one after are not.
+    assert {"t0000000008_8000_18000", "t0000000009_9000_19000"} <= set(done.index)
+    assert not {"t0000000010_10000_20000", "t0000000011_11000_21000"} & set(done.index)
+
+
 def test_worker_killed_mid_run_then_rerun(tmp_path: Path, cluster: None, toyapp: None) -> None:
     ctx = make_run(tmp_path, "kill", {}, "  sleep_s: 0.3\n")
     log = tmp_path / "kill.log"

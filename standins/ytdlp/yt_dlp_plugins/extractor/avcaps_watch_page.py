@@ -1,10 +1,12 @@
 """A yt-dlp plugin: the stand-in for yt-dlp's YouTube extractor on the media server's watch pages.
 
-youtube.com cannot be reached here. The media server's ``private`` fault (``standins/media.py``)
-redirects a media URL to ``/watch?v=<id>``, a page whose player response refuses the video as
-YouTube's does; this extractor reads that response and raises what yt-dlp's YouTube extractor
-raises for it (``raise_no_formats(reason, expected=True)`` with YouTube's own words), so stage 1
-receives the real ``DownloadError`` of a private video. yt-dlp loads it only from a folder on
+youtube.com cannot be reached here. The media server's watch-page faults (``standins/media.py``:
+``private``, ``bot_check``, ``formats_missing``) redirect a media URL to ``/watch?v=<id>``, a page
+whose player response refuses the video as YouTube's does, or offers it with a JavaScript
+challenge left unsolved; this extractor reads that response and does what yt-dlp's YouTube
+extractor does with it (``raise_no_formats(reason, expected=True)`` with YouTube's own words; or
+the "nsig extraction failed" warning and only the storyboard format), so stage 1 receives the
+real ``DownloadError`` yt-dlp raises. yt-dlp loads it only from a folder on
 ``sys.path`` (``standins.media.YTDLP_PLUGINS``), which only tests put there.
 """
 
@@ -36,4 +38,11 @@ class AvcapsWatchPageIE(InfoExtractor):
             reason += ". Use --cookies-from-browser or --cookies for the authentication"
         if status.get("status") != "OK" and reason:
             self.raise_no_formats(reason, expected=True)
+        if player.get("challenge") == "unsolved":
+            # A playable video whose n challenge was not solved (no JS runtime, an outdated
+            # yt-dlp): yt-dlp's YouTube extractor warns as below and keeps only what needs no
+            # challenge, the storyboard images; its format selection then finds nothing to fetch.
+            self.report_warning("nsig extraction failed: Some formats may be missing", video_id)
+            storyboard = {"format_id": "sb0", "url": url, "ext": "mhtml", "vcodec": "none", "acodec": "none"}
+            return {"id": video_id, "title": video_id, "formats": [storyboard]}
         raise ExtractorError("the stand-in watch page only refuses videos", expected=True)
