@@ -174,6 +174,12 @@ def _interrupt(signum: int, frame: Any) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Process at most N pending items.")
 @click.option("--retry-failed", is_flag=True, help="Re-queue every failed item, permanent ones too.")
 @click.option("--force", is_flag=True, help="Redo every item, finished ones too.")
+@click.option(
+    "--drop-previous",
+    is_flag=True,
+    help="A redo (forced or stale) that fails replaces the item's previous ok result; by default "
+    "the previous result stays current and the failure is recorded beside it.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option(
     "--executor",
@@ -211,6 +217,7 @@ def run(
     limit: int | None,
     retry_failed: bool,
     force: bool,
+    drop_previous: bool,
     no_progress: bool,
     executor: str,
     ray_address: str | None,
@@ -235,6 +242,7 @@ def run(
         limit=limit,
         retry_failed=retry_failed,
         force=force,
+        drop_previous=drop_previous,
         progress=not no_progress,
         executor=executor,
         ray_address=ray_address,

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from pipeline.selection import WorkList
 
 log = logging.getLogger("avcaps")
+#: Reason of the copy of a previous ok row that a failed redo leaves current.
+KEPT_PREVIOUS = "kept_previous"
 
 
 def summarize_exception(exc: BaseException) -> str:
@@ -78,39 +80,66 @@ def run_batch(stage: ItemStage, batch: list[Item]) -> list[Result]:
     return out
 
 
-def result_rows(batch: list[Item], results: list[Result]) -> list[dict[str, Any]]:
-    """Ledger rows for the results of a batch (attempt numbers and order come from the items)."""
+def result_rows(
+    batch: list[Item], results: list[Result], drop_previous: bool = False
+) -> list[dict[str, Any]]:
+    """Ledger rows for the results of a batch (attempt, ``seq`` and fingerprint come from the items).
+
+    A redo (forced, or of a stale item) that fails never destroys the good result it was to
+    replace: after the failure row comes a copy of the previous ok row (reason ``kept_previous``,
+    the failure in its message), so that row stays current, unless ``drop_previous``.
+    """
     by_id = {item.clip_id: item for item in batch}
-    return [
-        {
+    rows = []
+    for res in results:
+        item = by_id[res.clip_id]
+        row = {
             "clip_id": res.clip_id,
             "status": res.status,
             "reason": res.reason,
             "message": res.message,
-            "attempts": by_id[res.clip_id].attempt,
-            "seq": by_id[res.clip_id].seq + 1,
+            "attempts": item.attempt,
+            "seq": item.seq + 1,
+            "fingerprint": item.fingerprint,
             **res.outputs,
         }
-        for res in results
-    ]
+        rows.append(row)
+        if res.status != "ok" and item.previous is not None and not drop_previous:
+            rows.append(
+                {
+                    **item.previous,
+                    "clip_id": res.clip_id,
+                    "status": "ok",
+                    "reason": KEPT_PREVIOUS,
+                    "message": f"the redo failed ({res.reason}): {res.message}"[:2000],
+                    "attempts": item.attempt,
+                    "seq": item.seq + 2,
+                }
+            )
+    return rows
 
 
-def partial_rows(batch: list[Item], exc: AbortRun) -> list[dict[str, Any]]:
+def partial_rows(batch: list[Item], exc: AbortRun, drop_previous: bool = False) -> list[dict[str, Any]]:
     """Ledger rows for the results an aborting ``process`` finished first (items of ``batch``
     only); the items without one keep their current row, so an item never tried loses no attempt."""
     ids = {item.clip_id for item in batch}
-    return result_rows(batch, [r for r in exc.results if isinstance(r, Result) and r.clip_id in ids])
+    results = [r for r in exc.results if isinstance(r, Result) and r.clip_id in ids]
+    return result_rows(batch, results, drop_previous)
 
 
 def process_and_commit(
-    stage: ItemStage, ledger: Ledger, batch: list[Item], part_name: str | None = None
+    stage: ItemStage,
+    ledger: Ledger,
+    batch: list[Item],
+    part_name: str | None = None,
+    drop_previous: bool = False,
 ) -> list[dict[str, Any]]:
     """Process one batch and commit its rows (the rename is the commit: a crash loses this batch
     at most). Returns one small summary per item for the driver."""
     try:
-        rows = result_rows(batch, run_batch(stage, batch))
+        rows = result_rows(batch, run_batch(stage, batch), drop_previous)
     except AbortRun as exc:
-        if rows := partial_rows(batch, exc):
+        if rows := partial_rows(batch, exc, drop_previous):
             ledger.commit(rows, name=part_name)
         raise
     ledger.commit(rows, name=part_name)
@@ -118,7 +147,15 @@ def process_and_commit(
 
 
 def _summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: r[k] for k in ("clip_id", "status", "attempts", "seq")} for r in rows]
+    """One summary per item for the driver: the outcome of the attempt (a kept previous row only
+    moves the item's ``seq`` on)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["reason"] == KEPT_PREVIOUS and r["clip_id"] in out:
+            out[r["clip_id"]]["seq"] = r["seq"]
+        else:
+            out[r["clip_id"]] = {k: r[k] for k in ("clip_id", "status", "attempts", "seq")}
+    return list(out.values())
 
 
 class LocalExecutor:
@@ -135,6 +172,7 @@ class LocalExecutor:
     def __init__(self, stage: ItemStage, options: RunOptions) -> None:
         self.stage = stage
         self.ledger = stage_ledger(stage)
+        self.drop_previous = options.drop_previous
         self.buffer: list[dict[str, Any]] = []
         self.last_commit = time.monotonic()
 
@@ -158,9 +196,10 @@ class LocalExecutor:
         cfg = self.stage.stage_config
         for batch in todo.batches(cfg.batch_size):
             try:
-                rows = result_rows(batch, run_batch(self.stage, batch))
+                rows = result_rows(batch, run_batch(self.stage, batch), self.drop_previous)
             except AbortRun as exc:
-                self.buffer.extend(partial_rows(batch, exc))  # committed by __exit__'s flush
+                # committed by __exit__'s flush
+                self.buffer.extend(partial_rows(batch, exc, self.drop_previous))
                 raise
             self.buffer.extend(rows)
             due = time.monotonic() - self.last_commit >= cfg.commit_interval_s

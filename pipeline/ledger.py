@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("avcaps")
 
-BASE_COLUMNS = ("clip_id", "status", "reason", "message", "attempts", "seq", "updated_at")
+BASE_COLUMNS = ("clip_id", "status", "reason", "message", "attempts", "seq", "updated_at", "fingerprint")
 # Parts below this size are merged by compaction; larger ones are left alone, so a long run
 # rewrites each row a bounded number of times and a ledger of millions of rows has ~100 parts.
 SMALL_PART_BYTES = 1 << 20
@@ -63,6 +63,8 @@ def base_fields() -> list[pa.Field]:
         pa.field("attempts", pa.int32()),
         pa.field("seq", pa.int64()),
         pa.field("updated_at", pa.timestamp("us", tz="UTC")),
+        # What the row was made from (pipeline.fingerprint); null on rows older than fingerprints.
+        pa.field("fingerprint", pa.string()),
     ]
 
 

@@ -45,6 +45,7 @@ class WorkerSpec:
     config_json: str
     workdir: str
     pass_token: str
+    drop_previous: bool = False
 
     def key(self) -> str:
         return hashlib.sha1(f"{self.stage}|{self.config_json}|{self.workdir}".encode()).hexdigest()
@@ -79,22 +80,25 @@ SUMMARY_KEYS = ("clip_id", "status", "attempts", "seq")
 
 
 def process_records(batch: dict[str, Any], spec: WorkerSpec) -> dict[str, list[Any]]:
-    """Process one Ray batch (columns clip_id, attempt, seq, data) and commit it; return summaries.
+    """Process one Ray batch (columns clip_id, attempt, seq, and data: the item's upstream data,
+    fingerprint and previous row as JSON) and commit it; return summaries.
 
     An :class:`AbortRun` (the stage's own, or from its setup) does not leave the worker as an
     exception: Ray Data re-raises a task's error as its own ``UserCodeException`` without the
     original type, so the exit status would be lost. The batch's finished results are committed
     and the abort travels back as one summary row (``abort``: class and message) that the driver
     raises again."""
-    items = [
-        Item(str(cid), json.loads(data), int(att), int(seq))
-        for cid, att, seq, data in zip(
-            batch["clip_id"], batch["attempt"], batch["seq"], batch["data"], strict=True
-        )
-    ]
+    items = []
+    for cid, att, seq, payload in zip(
+        batch["clip_id"], batch["attempt"], batch["seq"], batch["data"], strict=True
+    ):
+        item = json.loads(payload)
+        items.append(Item(str(cid), item["data"], int(att), int(seq), item["fingerprint"], item["previous"]))
     try:
         stage = _build_stage(spec)
-        rows = process_and_commit(stage, stage_ledger(stage), items, _part_name(spec, items))
+        rows = process_and_commit(
+            stage, stage_ledger(stage), items, _part_name(spec, items), spec.drop_previous
+        )
     except AbortRun as exc:
         cls = type(exc)
         abort = json.dumps({"cls": f"{cls.__module__}:{cls.__qualname__}", "message": str(exc)})
@@ -174,6 +178,7 @@ class RayExecutor:
             config_json=self.stage.config.model_dump_json(),
             workdir=str(self.stage.ctx.workdir.resolve()),
             pass_token=f"{self.run_token}-{self.passes:03d}",
+            drop_previous=self.options.drop_previous,
         )
 
     def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:
@@ -182,7 +187,12 @@ class RayExecutor:
         spec = self._spec()
         size = self.stage.stage_config.batch_size
         records = [
-            {"clip_id": it.clip_id, "attempt": it.attempt, "seq": it.seq, "data": json.dumps(it.data)}
+            {
+                "clip_id": it.clip_id,
+                "attempt": it.attempt,
+                "seq": it.seq,
+                "data": json.dumps({"data": it.data, "fingerprint": it.fingerprint, "previous": it.previous}),
+            }
             for it in todo.items()
         ]
         ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // size)))

@@ -26,7 +26,14 @@ from typing import Any
 from pipeline.errors import AbortRun
 from pipeline.executors import LocalExecutor, summarize_exception
 from pipeline.io import atomic_write_text, clean_temp_files
-from pipeline.selection import WorkList, select_pending, selected, stage_ledger, upstream_ok
+from pipeline.selection import (
+    WorkList,
+    expected_fingerprints,
+    select_pending,
+    selected,
+    stage_ledger,
+    upstream_ok,
+)
 from pipeline.stage import ItemStage, RunContext, RunOptions, Stage, WholeStage
 from pipeline.status import stage_status
 
@@ -76,8 +83,9 @@ def run_item_stage(stage: ItemStage, options: RunOptions, report: RunReport | No
     report = report or RunReport(stage.dirname())
     ledger = stage_ledger(stage)
     upstream = selected(stage, upstream_ok(type(stage), stage.ctx))
-    state = ledger.latest_table(["status", "attempts"])
-    pending = select_pending(upstream["clip_id"].combine_chunks(), state, options, cfg.max_attempts)
+    state = ledger.latest_table(["status", "attempts", "fingerprint"])
+    expected = expected_fingerprints(stage, upstream)
+    pending = select_pending(upstream["clip_id"].combine_chunks(), state, options, cfg.max_attempts, expected)
     report.selected = len(pending)
     if not len(pending):
         report.message = f"nothing to do ({upstream.num_rows} eligible items are all done or failed)"
@@ -90,8 +98,17 @@ def run_item_stage(stage: ItemStage, options: RunOptions, report: RunReport | No
         upstream.num_rows,
         f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else "",
     )
-    todo = WorkList.of(upstream, pending)
-    del upstream, state
+    stale = int((pending["redo"]).sum()) if not options.force else 0
+    if stale:
+        log.info(
+            "%s: %d of them are stale (made with other settings or from older upstream rows)",
+            stage.dirname(),
+            stale,
+        )
+    # A redo that fails keeps the item's previous ok row current: the executors need those rows.
+    current = ledger.latest_table() if bool(pending["redo"].any()) else None
+    todo = WorkList.of(upstream, pending, current)
+    del upstream, state, current
     stage.folder.mkdir(parents=True, exist_ok=True)
     t0 = report.started = time.monotonic()
     commits = 0

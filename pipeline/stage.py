@@ -47,6 +47,10 @@ class Item:
     data: dict[str, Any]
     attempt: int = 1
     seq: int = 0
+    #: The fingerprint this attempt's row gets (its settings and upstream rows, hashed).
+    fingerprint: str | None = None
+    #: A redo's previous ok row (its output columns and fingerprint): kept current if the redo fails.
+    previous: dict[str, Any] | None = None
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -104,6 +108,7 @@ class RunOptions:
     executor: str = "local"
     ray_address: str | None = None
     concurrency: int | None = None
+    drop_previous: bool = False
 
 
 class Stage(ABC):
@@ -132,6 +137,12 @@ class Stage(ABC):
         """The typed output columns this stage adds to its ledger (if it keeps one): the one
         source of the stage's column contract (stand-ins and tests import it, never copy it)."""
         return []
+
+    def fingerprint_settings(self) -> dict[str, Any]:
+        """The settings that change this stage's output (model id and revision, prompt hash,
+        decoding parameters...; not batch sizes, devices or paths of temp files). A row made under
+        other settings, or from other upstream rows, is stale (:mod:`pipeline.fingerprint`)."""
+        return {}
 
     def setup(self) -> None:
         """Load heavy things (models, clients) once per worker."""
@@ -173,6 +184,11 @@ class ItemStage(Stage):
 
 class WholeStage(Stage):
     """A stage that works on the run as a whole (ingest, export, publish)."""
+
+    def stale_count(self) -> int | None:
+        """How many of the items this stage last produced are stale now (e.g. exported clips whose
+        upstream rows changed since); None when the stage cannot tell. Shown by ``avcaps status``."""
+        return None
 
     @abstractmethod
     def run(self, options: RunOptions) -> dict[str, Any]:

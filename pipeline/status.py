@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun
+from pipeline.executors import KEPT_PREVIOUS
 from pipeline.registry import app, stage_classes
-from pipeline.selection import eligible_table, stage_ledger
+from pipeline.selection import eligible_table, expected_fingerprints, stage_ledger
 from pipeline.stage import STATUSES, ItemStage, RunContext, Stage
 
 if TYPE_CHECKING:
@@ -55,6 +56,17 @@ def _current(eligible: pa.Table, state: pa.Table) -> tuple[pa.Array, pa.Array]:
     return status, state["reason"].combine_chunks().take(idx)
 
 
+def _stale(eligible: pa.Table, state: pa.Table, expected: pa.Array) -> pa.Array:
+    """Per eligible clip: its row is ok but was made from other settings or upstream rows than a run
+    would use today (a null fingerprint, from before fingerprints, counts as current)."""
+    import pyarrow.compute as pc
+
+    idx = pc.index_in(eligible["clip_id"], value_set=state["clip_id"].combine_chunks())
+    ok = pc.equal(state["status"].combine_chunks().take(idx), "ok")
+    actual = state["fingerprint"].combine_chunks().take(idx)
+    return pc.and_(ok, pc.not_equal(actual, expected)).fill_null(False)
+
+
 def _by_group(groups: pa.Array, status: pa.Array, reason: pa.Array) -> dict[str, Any]:
     import pyarrow.compute as pc
 
@@ -84,14 +96,22 @@ def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
     ledger = stage_ledger(stage)
     if isinstance(stage, ItemStage):
         try:
-            eligible = eligible_table(stage, ctx, [group] if group else [])
+            # Stale upstream rows count here: their clips are this stage's work once redone.
+            eligible = eligible_table(stage, ctx, [group] if group else [], current_only=False)
         except AbortRun:  # upstream has not run: nothing is eligible yet
             entry["waiting_for_upstream"] = True
             return entry
-        status, reason = _current(eligible, ledger.latest_table(["status", "reason"]))
+        state = ledger.latest_table(["status", "reason", "fingerprint"])
+        status, reason = _current(eligible, state)
+        stale = _stale(eligible, state, expected_fingerprints(stage, eligible))
         entry.update(_counts(status, reason))
+        entry["stale"] = int(pc.sum(stale).as_py() or 0)
+        entry["redo_failed"] = int(pc.sum(pc.equal(reason, KEPT_PREVIOUS).fill_null(False)).as_py() or 0)
         if group and group in eligible.column_names:
-            entry["by_split"] = _by_group(eligible[group].combine_chunks(), status, reason)
+            groups = eligible[group].combine_chunks()
+            entry["by_split"] = _by_group(groups, status, reason)
+            for g, counts in entry["by_split"].items():
+                counts["stale"] = int(pc.sum(stale.filter(pc.equal(groups, g))).as_py() or 0)
     else:
         if ledger.exists():
             names = {f.name for f in cls.output_schema()}
@@ -104,6 +124,9 @@ def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
                     for v in sorted(per_split, key=lambda v: str(v["values"]))
                 }
         entry["done"] = stats_file.exists()
+        stale_count = stage.stale_count()
+        if stale_count is not None:
+            entry["stale"] = stale_count
     if stats_file.exists():
         stats = json.loads(stats_file.read_text())
         for key in ("last_run", "summary"):
@@ -120,7 +143,7 @@ def run_status(ctx: RunContext) -> dict[str, Any]:
 
 
 def format_table(status: dict[str, Any]) -> str:
-    head = f"{'stage':<14}{'ok':>9}{'failed_perm':>13}{'failed_trans':>14}{'pending':>9}  notes"
+    head = f"{'stage':<14}{'ok':>9}{'failed_perm':>13}{'failed_trans':>14}{'pending':>9}{'stale':>8}  notes"
     lines = [f"run folder: {status['workdir']}", head, "-" * len(head)]
     logs = []
     for st in status["stages"]:
@@ -131,12 +154,15 @@ def format_table(status: dict[str, Any]) -> str:
             notes.append("done" if st["done"] else "not run")
         if st["reasons"]:
             notes.append(", ".join(f"{k}={v}" for k, v in st["reasons"].items()))
+        if st.get("redo_failed"):
+            notes.append(f"{st['redo_failed']} failed redos kept their previous result")
+        stale = "" if st.get("stale") is None else st["stale"]
         last = st.get("last_run") or {}
         if last.get("exit_code"):
             notes.append(f"last run stopped (exit {last['exit_code']})")
         lines.append(
             f"{st['stage']:<14}{st['ok']:>9}{st['failed_permanent']:>13}"
-            f"{st['failed_transient']:>14}{st['pending']:>9}  {'; '.join(notes)}"
+            f"{st['failed_transient']:>14}{st['pending']:>9}{stale:>8}  {'; '.join(notes)}"
         )
         # A stage's own findings, worded by the stage (its extra_stats "notes").
         summary = st.get("summary") if isinstance(st.get("summary"), dict) else {}
@@ -149,7 +175,7 @@ def format_table(status: dict[str, Any]) -> str:
                 why = ", ".join(f"{k}={v}" for k, v in c["reasons"].items())
                 lines.append(
                     f"  {split:<12}{c['ok']:>9}{c['failed_permanent']:>13}"
-                    f"{c['failed_transient']:>14}{c['pending']:>9}  {why}"
+                    f"{c['failed_transient']:>14}{c['pending']:>9}{c.get('stale', ''):>8}  {why}"
                 )
         if st.get("log"):
             logs.append(f"  {st['stage']:<14}{st['log']}")

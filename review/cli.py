@@ -58,6 +58,9 @@ def status(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
         click.echo(f"clips with all {n} answers: {st['complete']} of {st['done']} reviewed")
     if st["set_aside"]:
         click.echo(f"answers set aside (unusable, see `avcaps review pull`): {st['set_aside']}")
+    if st["outdated_annotations"]:
+        n = st["outdated_annotations"]
+        click.echo(f"outdated annotations (made on an earlier merge of their clip; not used): {n}")
     click.echo(describe(st["agreement"]))
 
 

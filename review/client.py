@@ -218,6 +218,18 @@ class LabelStudio:
     def task(self, task_id: int) -> dict[str, Any]:
         return self.request("GET", f"/api/tasks/{task_id}/")  # type: ignore[no-any-return]
 
+    def update_task(self, task_id: int, data: dict[str, Any]) -> dict[str, Any]:
+        return self.request("PATCH", f"/api/tasks/{task_id}/", json={"data": data})  # type: ignore[no-any-return]
+
+    def predictions(self, task_id: int) -> list[dict[str, Any]]:
+        return self.request("GET", "/api/predictions/", params={"task": task_id})  # type: ignore[no-any-return]
+
+    def create_prediction(self, task_id: int, prediction: dict[str, Any]) -> dict[str, Any]:
+        return self.request("POST", "/api/predictions/", json={"task": task_id, **prediction})  # type: ignore[no-any-return]
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        self.request("DELETE", f"/api/predictions/{prediction_id}/")
+
     def annotations(self, task_id: int) -> list[dict[str, Any]]:
         return self.request("GET", f"/api/tasks/{task_id}/annotations/")  # type: ignore[no-any-return]
 

@@ -102,6 +102,7 @@ class PullReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     kept: int = 0
+    outdated: int = 0
     agreement: dict[str, Any] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
@@ -111,6 +112,11 @@ class PullReport:
         ]
         if self.kept:
             out.append(f"kept {self.kept} earlier reviews the server no longer gives (nothing is dropped)")
+        if self.outdated:
+            out.append(
+                f"{self.outdated} annotations were made on an earlier merge of their clip (outdated: kept "
+                "on the server, not taken as reviews of the current merge)"
+            )
         if self.rejected:
             out.append(f"rejected (excluded from the references): {', '.join(sorted(self.rejected))}")
         out += [f"disagreement: {d}" for d in self.disagreements]
@@ -157,7 +163,11 @@ def read_annotations(workdir: Path) -> pd.DataFrame:
 
 
 def _answers(
-    task: dict[str, Any], merged: list[str], users: dict[int, str], report: PullReport
+    task: dict[str, Any],
+    merged: list[str],
+    users: dict[int, str],
+    report: PullReport,
+    outdated: frozenset[int] = frozenset(),
 ) -> tuple[list[Vote], list[dict[str, Any]]]:
     """Each annotator's latest answer on ``task``: the usable ones as votes, and every one as a
     row of ``annotations.parquet`` (the set-aside ones with their problem, also reported)."""
@@ -166,6 +176,9 @@ def _answers(
     latest: dict[str, dict[str, Any]] = {}
     for ann in task.get("annotations") or []:
         if ann.get("was_cancelled"):
+            continue
+        if int(ann["id"]) in outdated:
+            report.outdated += 1
             continue
         who = users.get(int(ann.get("completed_by") or 0), f"user {ann.get('completed_by')}")
         key = (_ts(ann.get("updated_at")), int(ann["id"]))
@@ -219,13 +232,14 @@ def _review_row(
     users: dict[int, str],
     report: PullReport,
     edit_policy: EditPolicy,
+    outdated: frozenset[int] = frozenset(),
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     data = task.get("data") or {}
     cid = str(data.get("clip_id") or "")
     if not cid:
         return None, []
     merged = [str(c) for c in data.get("merged_captions") or []]
-    votes, answers = _answers(task, merged, users, report)
+    votes, answers = _answers(task, merged, users, report, outdated)
     if not votes:
         return None, answers
     d = decide(votes, merged, edit_policy)
@@ -287,11 +301,15 @@ def pull(ctx: RunContext) -> PullReport:
         project = remembered_project(client, folder)
         project_id = int(project["id"])
         users = {int(u["id"]): str(u.get("email") or u.get("username")) for u in client.users()}
+        outdated = outdated_annotations(ctx.workdir)
         fresh: dict[str, dict[str, Any]] = {}
         answers: dict[str, list[dict[str, Any]]] = {}
+        shown: dict[str, list[str]] = {}  # what each clip's task shows now
         for task in client.iter_tasks(project_id, full=True):
             report.tasks += 1
-            row, rows = _review_row(task, project_id, users, report, edit_policy)
+            data = task.get("data") or {}
+            shown[str(data.get("clip_id") or "")] = [str(c) for c in data.get("merged_captions") or []]
+            row, rows = _review_row(task, project_id, users, report, edit_policy, outdated)
             if row is not None:
                 prev = fresh.get(row["clip_id"])
                 if prev is None or row["updated_at"] >= prev["updated_at"]:
@@ -303,16 +321,25 @@ def pull(ctx: RunContext) -> PullReport:
         client.close()
     rows = list(fresh.values())
     for rec in read_reviews(ctx.workdir).to_dict("records"):
-        if rec["clip_id"] not in fresh:
-            rows.append(_clean(rec, ("final_captions", "merged_captions")))
-            report.kept += 1
+        rec = _clean(rec, ("final_captions", "merged_captions"))
+        if rec["clip_id"] in fresh:
+            continue
+        if rec["clip_id"] in shown and shown[rec["clip_id"]] != rec["merged_captions"]:
+            continue  # a review of the clip's earlier merge: outdated, never its current review
+        if rec.get("ls_annotation_id") is not None and int(rec["ls_annotation_id"]) in outdated:
+            continue  # made before the task was updated (its merge or media changed)
+        rows.append(rec)
+        report.kept += 1
     rows.sort(key=lambda r: r["clip_id"])
     # The answers of a clip that kept its earlier review are the earlier ones too (with the
     # set-aside answers of this pull beside them), so the figures match the references.
+    kept_ids = {r["clip_id"] for r in rows}
     kept_answers = [
         _clean(rec, ("captions",))
         for rec in read_annotations(ctx.workdir).to_dict("records")
         if rec["clip_id"] not in fresh
+        and rec["clip_id"] in kept_ids
+        and rec["ls_annotation_id"] not in outdated
     ]
     new_answers = [a for cid, rs in answers.items() for a in rs if cid in fresh or not a["usable"]]
     seen = {(a["clip_id"], a["ls_annotation_id"]) for a in new_answers}
@@ -326,6 +353,14 @@ def pull(ctx: RunContext) -> PullReport:
     report.rejected = [r["clip_id"] for r in rows if r["verdict"] == "rejected"]
     report.agreement = agreement_figures(ctx.workdir)
     return report
+
+
+def outdated_annotations(workdir: Path) -> frozenset[int]:
+    """Ids of the annotations made on an earlier merge of their clip (recorded by the push when it
+    updated the task)."""
+    pushed = stage_ledger(ReviewStage, workdir).latest_table(["ls_outdated_annotations"])
+    ids = pushed["ls_outdated_annotations"].combine_chunks().flatten().drop_null()
+    return frozenset(int(i) for i in ids.to_pylist())
 
 
 def votes_by_clip(workdir: Path) -> dict[str, list[Vote]]:
@@ -382,6 +417,7 @@ def review_status(ctx: RunContext) -> dict[str, Any]:
         "annotators_per_task": per_task,
         "complete": int((n_votes >= per_task).sum()) if done else 0,
         "set_aside": int((~answers["usable"].fillna(False).astype(bool)).sum()) if len(answers) else 0,
+        "outdated_annotations": len(outdated_annotations(workdir)),
         "agreement": agreement_figures(workdir),
         "reviews_file": str(workdir / STAGE_DIR / REVIEWS_FILE),
     }

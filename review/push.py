@@ -178,6 +178,10 @@ def remembered_project(client: LabelStudio, folder: Path) -> dict[str, Any]:
     return project
 
 
+# The form of a task (its data keys, the prediction): part of the push rows' fingerprint.
+TASK_FORMAT = 1
+
+
 class ReviewStage(ItemStage):
     number = 5
     name = "review"
@@ -188,7 +192,13 @@ class ReviewStage(ItemStage):
     def output_schema(cls) -> list[pa.Field]:
         import pyarrow as pa
 
-        return [pa.field("ls_task_id", pa.int64()), pa.field("ls_project_id", pa.int64())]
+        return [
+            pa.field("ls_task_id", pa.int64()),
+            pa.field("ls_project_id", pa.int64()),
+            # Annotations made on an earlier version of the task (its merge changed since): kept on
+            # the server, never taken as the review of the current merge (review pull skips them).
+            pa.field("ls_outdated_annotations", pa.list_(pa.int64())),
+        ]
 
     @property
     def cfg(self) -> ReviewConfig:
@@ -198,6 +208,10 @@ class ReviewStage(ItemStage):
 
     def select(self, table: pd.DataFrame) -> Any:
         return table["split"].isin(self.cfg.splits)
+
+    def fingerprint_settings(self) -> dict[str, Any]:
+        # A task shows the merge as a prediction of this model_version; the task's form is ours.
+        return {"model_version": self.cfg.model_version, "task_format": TASK_FORMAT}
 
     # -- setup: one project per run folder, storage attached, existing tasks listed --------------
     def setup(self) -> None:
@@ -215,10 +229,12 @@ class ReviewStage(ItemStage):
             self.project_id = self._ensure_project(guide)
             self._ensure_storage(media)
         self.existing: dict[str, int] = {}
+        self.existing_data: dict[str, dict[str, Any]] = {}
         for task in self.client.iter_tasks(self.project_id):
             cid = (task.get("data") or {}).get("clip_id")
-            if cid:
-                self.existing.setdefault(str(cid), int(task["id"]))
+            if cid and str(cid) not in self.existing:
+                self.existing[str(cid)] = int(task["id"])
+                self.existing_data[str(cid)] = task.get("data") or {}
 
     def teardown(self) -> None:
         client = getattr(self, "client", None)
@@ -309,9 +325,6 @@ class ReviewStage(ItemStage):
         results: list[Result] = []
         todo: list[tuple[str, dict[str, Any]]] = []
         for item in batch:
-            if item.clip_id in self.existing:
-                results.append(self._ok(item.clip_id, self.existing[item.clip_id]))
-                continue
             try:
                 task = build_task(item.clip_id, item.data, self.workdir, self.root, self.cfg.model_version)
             except FileNotFoundError as exc:
@@ -325,17 +338,45 @@ class ReviewStage(ItemStage):
                 )
                 results.append(Result.failed(item.clip_id, err))
                 continue
+            previous = item.previous or {}
+            outdated = list(previous.get("ls_outdated_annotations") or [])
+            if item.clip_id in self.existing:
+                task_id = self.existing[item.clip_id]
+                # The task shows something else now: other data, or the same paths with other
+                # content behind them (a stale redo: an upstream result changed).
+                was = previous.get("fingerprint")
+                changed = was is not None and was != item.fingerprint
+                if changed or self.existing_data.get(item.clip_id) != task["data"]:
+                    outdated = self._update(task_id, task, outdated)
+                    self.existing_data[item.clip_id] = task["data"]
+                results.append(self._ok(item.clip_id, task_id, outdated))
+                continue
             todo.append((item.clip_id, task))
         if todo:
             with push_lock(self.workdir, self.cfg.lock_timeout_s):
                 ids = self.client.import_tasks(self.project_id, [task for _, task in todo])
-            for (cid, _), task_id in zip(todo, ids, strict=True):
+            for (cid, task), task_id in zip(todo, ids, strict=True):
                 self.existing[cid] = task_id
-                results.append(self._ok(cid, task_id))
+                self.existing_data[cid] = task["data"]
+                results.append(self._ok(cid, task_id, []))
         return results
 
-    def _ok(self, clip_id: str, task_id: int) -> Result:
-        return Result.ok(clip_id, ls_task_id=task_id, ls_project_id=self.project_id)
+    def _update(self, task_id: int, task: dict[str, Any], outdated: list[int]) -> list[int]:
+        """The clip's merge changed since its task was pushed: the task gets the new data and
+        prediction, and the annotations made on the old merge become outdated (kept, not used)."""
+        self.client.update_task(task_id, task["data"])
+        for pred in self.client.predictions(task_id):
+            if pred.get("model_version") == self.cfg.model_version:
+                self.client.delete_prediction(int(pred["id"]))
+        for pred in task["predictions"]:
+            self.client.create_prediction(task_id, pred)
+        made = [int(a["id"]) for a in self.client.annotations(task_id)]
+        return sorted(set(outdated) | set(made))
+
+    def _ok(self, clip_id: str, task_id: int, outdated: list[int]) -> Result:
+        return Result.ok(
+            clip_id, ls_task_id=task_id, ls_project_id=self.project_id, ls_outdated_annotations=outdated
+        )
 
     def extra_stats(self, state: pd.DataFrame) -> dict[str, Any]:
         info = read_project_file(self.folder)

@@ -164,6 +164,11 @@ class KeyframesStage(ItemStage):
     def cfg(self) -> KeyframesConfig:
         return self.config.keyframes  # type: ignore[attr-defined,no-any-return]
 
+    def fingerprint_settings(self) -> dict[str, Any]:
+        cfg = self.cfg
+        keys = ("frames", "frame_max_side", "jpeg_quality", "sample_rate", "audio_format", "black_luma")
+        return {k: getattr(cfg, k) for k in (*keys, "flat_std", "silent_dbfs")}
+
     @classmethod
     def output_schema(cls) -> list[pa.Field]:
         import pyarrow as pa

@@ -406,6 +406,8 @@ class ManifestStage(WholeStage):
         import pyarrow as pa
         import pyarrow.compute as pc
 
+        from pipeline.fingerprint import content_fingerprints
+
         picked = clips.take(pc.index_in(chosen, value_set=clips["clip_id"].combine_chunks()))
         n = picked.num_rows
         empty = pa.array([""] * n, pa.string())
@@ -426,6 +428,10 @@ class ManifestStage(WholeStage):
             "audio_captions": picked["audio_captions"],
             "audiocap_ids": picked["audiocap_ids"],
         }
+        # Each clip row's fingerprint is of its content: a rebuilt table that changes a clip's
+        # captions (or times, or split) makes everything made from it stale.
+        content = ["clip_id", "youtube_id", "start_s", "end_s", "split", "audio_captions", "audiocap_ids"]
+        columns["fingerprint"] = content_fingerprints(pa.table({c: columns[c] for c in content}), content)
         return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
     def _previous_summary(self) -> dict[str, Any]:

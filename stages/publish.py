@@ -3,7 +3,8 @@
 Verifies the export against its ``SHA256SUMS`` (no partial or edited file goes up), refuses an
 export whose test split has unreviewed items unless forced, then with ``huggingface_hub``: creates
 the dataset repo if missing (private by default), uploads the folder in one commit (``upload_folder``
-for exports over ``large_upload_bytes``: huggingface_hub's resumable multi-commit upload), and tags
+for exports over ``large_upload_bytes``: huggingface_hub's resumable multi-commit upload) that also
+deletes every file of the repo the export no longer has (the repo equals the export), and tags
 the commit. The token comes from the environment variable named by ``token_env`` (``HF_TOKEN``)
 and is never printed. ``dry_run`` prints exactly what would be uploaded and touches nothing.
 """
@@ -11,6 +12,7 @@ and is never printed. ``dry_run`` prints exactly what would be uploaded and touc
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,15 @@ from pipeline.config import StrictModel
 from pipeline.errors import AbortRun
 from pipeline.io import file_digest
 from pipeline.stage import RunOptions, WholeStage
+
+log = logging.getLogger("avcaps")
+# Files the Hub keeps in every repo, never ours to delete.
+KEEP_ON_HUB = frozenset({".gitattributes"})
+
+
+def glob_escape(path: str) -> str:
+    """``path`` as an fnmatch pattern matching only itself (upload_folder takes patterns)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
 
 
 class PublishConfig(StrictModel):
@@ -158,7 +169,7 @@ class PublishStage(WholeStage):
 
     def upload(self, plan: UploadPlan, token: str) -> str:
         """Create the repo if missing, upload, tag; returns the commit id. Errors name the step."""
-        from huggingface_hub import CommitOperationAdd, HfApi
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
         cfg = self.cfg
         assert cfg.repo_id
@@ -166,9 +177,18 @@ class PublishStage(WholeStage):
         step = "create the repo"
         try:
             api.create_repo(cfg.repo_id, repo_type="dataset", private=cfg.private, exist_ok=True)
+            # The repo must equal the export: a file of an earlier export that this one no longer
+            # has (a shard of a split that now has fewer, a dropped config) would be loaded by the
+            # card's data/<config>/<split>-* patterns beside the new ones. It goes in the same commit.
+            step = "list the repo's files"
+            ours = {f.path for f in plan.files}
+            gone = sorted(set(api.list_repo_files(cfg.repo_id, repo_type="dataset")) - ours - KEEP_ON_HUB)
+            if gone:
+                log.info("publish: %d file(s) on the Hub are no longer in the export: deleted", len(gone))
             step = "upload"
             if plan.total_bytes <= cfg.large_upload_bytes:
-                ops = [CommitOperationAdd(f.path, str(plan.folder / f.path)) for f in plan.files]
+                ops: list[Any] = [CommitOperationAdd(f.path, str(plan.folder / f.path)) for f in plan.files]
+                ops += [CommitOperationDelete(path) for path in gone]
                 info = api.create_commit(
                     cfg.repo_id, ops, commit_message=cfg.commit_message, repo_type="dataset"
                 )
@@ -178,6 +198,7 @@ class PublishStage(WholeStage):
                     folder_path=plan.folder,
                     repo_type="dataset",
                     commit_message=cfg.commit_message,
+                    delete_patterns=[glob_escape(path) for path in gone] or None,
                 )
             step = "tag the commit"
             commit = str(info.oid)  # type: ignore[union-attr]

@@ -90,6 +90,9 @@ class CaptionStage(ItemStage):
     def cfg(self) -> CaptionConfig:
         return self.config.caption  # type: ignore[attr-defined,no-any-return]
 
+    def fingerprint_settings(self) -> dict[str, Any]:
+        return {"settings_hash": settings_hash(self.cfg)}
+
     @classmethod
     def output_schema(cls) -> list[pa.Field]:
         import pyarrow as pa

@@ -255,6 +255,16 @@ class DownloadStage(ItemStage):
     def cfg(self) -> DownloadConfig:
         return self.config.download  # type: ignore[attr-defined,no-any-return]
 
+    def fingerprint_settings(self) -> dict[str, Any]:
+        # What the saved clip is made of: its size cap, cut and encoding (not politeness or timeouts).
+        cfg = self.cfg
+        return {
+            "max_height": cfg.max_height,
+            "keyframe_interval_s": cfg.keyframe_interval_s,
+            "encode_preset": cfg.encode_preset,
+            "require_audio": cfg.require_audio,
+        }
+
     @classmethod
     def output_schema(cls) -> list[pa.Field]:
         import pyarrow as pa

@@ -142,6 +142,12 @@ def render_card(stats: dict[str, Any], cfg: ExportConfig) -> str:
         if unreviewed
         else ""
     )
+    stale = stats.get("stale_items", 0)
+    if stale:
+        flagged += (
+            f"\n**{stale} clips are stale** (`stale: true`): made with settings or from upstream results "
+            "that changed since, and exported as they were. Rebuild them before reporting results.\n"
+        )
     # Several annotators per clip: how much they agreed (review/policy.py says how it is measured).
     agreement = ""
     if reviewed and stats.get("review_agreement"):
@@ -183,7 +189,8 @@ Columns: `clip_id` (`<youtube_id>_<start_ms>_<end_ms>`), `youtube_id`, `start_ti
 `caption_sources`, `audio_captions` (original AudioCaps), `audiocap_ids`, `visual_caption`,
 `frame_captions`, `merged_captions` (raw LLM merges), `review_verdict` (accept / edited /
 unreviewed on merged splits, null elsewhere), `variant`, `video_path`, `frame_path`,
-`frame_time_s`, `audio_path`, quality flags `flag_black_frame` / `flag_silent`, and provenance
+`frame_time_s`, `audio_path`, quality flags `flag_black_frame` / `flag_silent`, `stale` (true only in
+an export asked to include stale clips), and provenance
 (`caption_model`, `caption_revision`, `merge_model`, `merge_backend`, `merge_prompt_hash`).
 {media}
 

@@ -19,6 +19,11 @@ class ExportConfig(StrictModel):
         False,
         description="Include test clips without a review, with their raw merges flagged 'unreviewed'.",
     )
+    include_stale: bool = Field(
+        False,
+        description="Export clips whose rows are stale (made with settings or upstream results changed "
+        "since), flagged in the `stale` column; by default the export stops and names the stage to rerun.",
+    )
     pull_reviews: bool = Field(
         True,
         description="First pull the latest reviews from Label Studio when the run has a review project; "

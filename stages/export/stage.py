@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun
-from pipeline.io import atomic_write_text, file_digest
-from pipeline.selection import stage_ledger, to_python
-from pipeline.stage import RunOptions, Stage, WholeStage
+from pipeline.io import atomic_path, atomic_write_text, file_digest
+from pipeline.selection import expected_table, stage_ledger, stale_ids, to_python
+from pipeline.stage import RunContext, RunOptions, Stage, WholeStage
 from pipeline.text import squash_spaces
-from review.pull import REVIEWS_FILE, agreement_figures, pull
+from review.pull import REVIEWS_FILE, agreement_figures, outdated_annotations, pull
 from review.push import PROJECT_FILE, ReviewStage
 from stages.caption.stage import CaptionStage
 from stages.download.stage import DownloadStage
@@ -64,6 +64,7 @@ DOWNLOAD, KEYFRAMES, CAPTION, MERGE, REVIEW = (
     ReviewStage,
 )
 log = logging.getLogger("avcaps")
+INPUTS_FILE = "exported.parquet"  # in DIR/06-export: what each exported clip was made from
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 ACCEPTED = ("accept", "edited")
 VERDICTS = (*ACCEPTED, "rejected")
@@ -97,6 +98,7 @@ def row_schema(embed_media: bool) -> pa.Schema:
         pa.field("audio_path", pa.string()),
         pa.field("flag_black_frame", pa.bool_()),
         pa.field("flag_silent", pa.bool_()),
+        pa.field("stale", pa.bool_()),  # made from settings or upstream results changed since
         pa.field("caption_model", pa.string()),
         pa.field("caption_revision", pa.string()),
         pa.field("merge_model", pa.string()),
@@ -126,9 +128,14 @@ class RunTables:
     clips: pd.DataFrame
     stages: dict[type[Stage], pd.DataFrame | None]
     reviews: pd.DataFrame | None
+    stale: dict[type[Stage], set[str]] = field(default_factory=dict)  # ok rows made from other inputs
+    outdated_reviews: int = 0
+    outdated_annotations: frozenset[int] = frozenset()
 
     @classmethod
-    def read(cls, workdir: Path) -> RunTables:
+    def read(cls, workdir: Path, ctx: RunContext | None = None) -> RunTables:
+        """The run folder's ledgers; with ``ctx`` (whose settings say what is current), which of
+        their ok rows are stale."""
         clips = _latest(ManifestStage, workdir)
         if clips is None:
             raise AbortRun(
@@ -137,7 +144,16 @@ class RunTables:
             )
         clips = clips[clips["status"] == "ok"]
         stages = {s: _latest(s, workdir) for s in (DOWNLOAD, KEYFRAMES, CAPTION, MERGE, REVIEW)}
-        return cls(clips, stages, read_reviews(workdir / REVIEW.dirname() / REVIEWS_FILE))
+        stale = {s: stale_ids(s, ctx) for s in stages} if ctx is not None else {}
+        tables = cls(clips, stages, read_reviews(workdir / REVIEW.dirname() / REVIEWS_FILE), stale)
+        tables.outdated_annotations = outdated_annotations(workdir)
+        if tables.reviews is not None:
+            # A review of an earlier merge of its clip (the merge was redone since) is no review of
+            # the current merge: it is left out, and counted.
+            current = current_reviews(tables)
+            tables.outdated_reviews = len(tables.reviews) - len(current)
+            tables.reviews = tables.reviews.loc[[c for c in tables.reviews.index if c in current]]
+        return tables
 
     def ok_ids(self, stage: type[Stage]) -> set[str]:
         df = self.stages[stage]
@@ -187,6 +203,7 @@ class Plan:
     availability: dict[str, dict[str, Any]] = field(default_factory=dict)
     review: dict[str, int] = field(default_factory=dict)
     merged_splits: list[str] = field(default_factory=list)
+    stale: set[str] = field(default_factory=set)  # exported anyway (export.include_stale), flagged
 
 
 def _missing(tables: RunTables, stage: type[Stage], expected: set[str]) -> int:
@@ -194,23 +211,26 @@ def _missing(tables: RunTables, stage: type[Stage], expected: set[str]) -> int:
     return len(expected) if df is None else len(expected - set(df.index))
 
 
-def plan_export(tables: RunTables, allow_unreviewed: bool) -> Plan:
+def plan_export(tables: RunTables, allow_unreviewed: bool, include_stale: bool = False) -> Plan:
     """Check that every upstream stage is done, and pick the clips to export per split.
 
     A stage that has not answered for an item it should have raises :class:`AbortRun` naming the
     stage and the count; failed items are excluded and counted by reason (the card reports them).
+    A clip whose row in a stage it goes through is stale (made with other settings or from other
+    upstream rows) stops the export the same way, unless ``include_stale`` (it is then flagged). A
+    review made on an earlier merge of its clip is no review of the current one.
     """
     clips = tables.clips
     problems: list[str] = []
     plan = Plan()
     splits = [s for s in HF_SPLITS if s in set(clips["split"])]
     merged = tables.ok_ids(MERGE)
-    reviews = tables.reviews
-    reviewed = set() if reviews is None else set(reviews.index)
+    reviewed = current_reviews(tables)
     for split in splits:
         ids = set(clips.index[clips["split"] == split])
         avail: dict[str, Any] = {"clips": len(ids)}
         current = ids
+        through = [DOWNLOAD, KEYFRAMES, CAPTION]
         for stage in (DOWNLOAD, KEYFRAMES, CAPTION):
             n = _missing(tables, stage, current)
             if n:
@@ -224,7 +244,8 @@ def plan_export(tables: RunTables, allow_unreviewed: bool) -> Plan:
                 problems.append(_missing_line(MERGE, n, len(current), split))
             avail["failed_merge"] = tables.failed(MERGE, current)
             current = current & merged
-            unreviewed = current - reviewed
+            through += [MERGE, REVIEW]
+            unreviewed = current - set(reviewed)
             if unreviewed and not allow_unreviewed:
                 problems.append(
                     _missing_line(REVIEW, len(unreviewed), len(current), split)
@@ -240,11 +261,19 @@ def plan_export(tables: RunTables, allow_unreviewed: bool) -> Plan:
                 problems.append(_missing_line(MERGE, n, len(current), split))
             avail["failed_merge"] = tables.failed(MERGE, current)
             current = current & merged
+            through.append(MERGE)
+        for stage in through:
+            stale = current & tables.stale.get(stage, set())
+            if stale and not include_stale:
+                problems.append(
+                    f"stage {stage.dirname()}: {len(stale)} of {len(current)} {split} item(s) are stale "
+                    "(made with other settings or from older upstream results): run "
+                    f"`avcaps run {stage.number}` (or export them flagged: --set export.include_stale=true)"
+                )
+            plan.stale |= stale
         if split == "test" or val_merged:
             plan.merged_splits.append(split)
-            verdicts = {
-                cid: (str(reviews.at[cid, "verdict"]) if cid in reviewed else UNREVIEWED) for cid in current
-            }
+            verdicts = {cid: reviewed.get(cid, UNREVIEWED) for cid in current}
             counts = {v: sum(1 for x in verdicts.values() if x == v) for v in (*VERDICTS, UNREVIEWED)}
             if split == "test":
                 plan.review = counts
@@ -254,9 +283,30 @@ def plan_export(tables: RunTables, allow_unreviewed: bool) -> Plan:
         avail["exported"] = len(current)
         plan.availability[split] = avail
         plan.ids[split] = sorted(current)
+    plan.stale &= {c for ids in plan.ids.values() for c in ids}
     if problems:
         raise AbortRun("upstream stages are not done:\n  " + "\n  ".join(problems))
     return plan
+
+
+def current_reviews(tables: RunTables) -> dict[str, str]:
+    """Verdict per clip, for reviews of the clip's current merge only (a review of an earlier merge,
+    before the merge was redone, is not a review of this one)."""
+    reviews, merges = tables.reviews, tables.stages[MERGE]
+    if reviews is None:
+        return {}
+    out = {}
+    for cid, row in zip(reviews.index, reviews.to_dict("records"), strict=True):
+        if to_python(row.get("ls_annotation_id")) in tables.outdated_annotations:
+            continue  # made before its task was updated with a redone merge
+        if merges is not None and cid in merges.index and "merged_captions" in row:
+            reviewed = [str(c) for c in (to_python(row["merged_captions"]) or [])]
+            if reviewed and reviewed != [
+                str(c) for c in (to_python(merges.at[cid, "merged_captions"]) or [])
+            ]:
+                continue
+        out[str(cid)] = str(row["verdict"])
+    return out
 
 
 def _missing_line(stage: type[Stage], n: int, of: int, split: str) -> str:
@@ -348,7 +398,11 @@ def build_rows(
                 )
                 row["review_verdict"] = None
             row.update(
-                caption=refs[0] if refs else "", captions=refs, caption_sources=sources, variant=variant
+                caption=refs[0] if refs else "",
+                captions=refs,
+                caption_sources=sources,
+                variant=variant,
+                stale=cid in plan.stale,
             )
             rows.append(row)
         out[split] = rows
@@ -503,13 +557,54 @@ class ExportStage(WholeStage):
         for line in report.lines():
             log.info("review pull: %s", line)
 
+    def _record_inputs(self, tables: RunTables, plan: Plan) -> None:
+        """What each exported clip was made from (the fingerprint of the last stage it went
+        through), so ``avcaps status`` can tell how many exported clips are stale since."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = []
+        for split, ids in plan.ids.items():
+            stage = MERGE if split in plan.merged_splits else CAPTION
+            df = tables.stages[stage]
+            for cid in ids:
+                fp = to_python(df.at[cid, "fingerprint"]) if df is not None and cid in df.index else None
+                rows.append({"clip_id": cid, "stage": stage.dirname(), "fingerprint": fp})
+        schema = pa.schema([("clip_id", pa.string()), ("stage", pa.string()), ("fingerprint", pa.string())])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / INPUTS_FILE) as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+
+    def stale_count(self) -> int | None:
+        """Exported clips whose last stage's row would be made differently now (settings or
+        upstream results changed since the export)."""
+        import pyarrow.parquet as pq
+
+        path = self.folder / INPUTS_FILE
+        if not path.exists():
+            return None
+        exported = pq.read_table(path).to_pylist()
+        expected: dict[str, dict[str, str]] = {}
+        for stage in {r["stage"] for r in exported}:
+            cls = MERGE if stage == MERGE.dirname() else CAPTION
+            try:
+                table = expected_table(cls, self.ctx).to_pydict()
+            except AbortRun:
+                table = {"clip_id": [], "expected": []}
+            expected[stage] = dict(zip(table["clip_id"], table["expected"], strict=True))
+        return sum(
+            1
+            for r in exported
+            if r["fingerprint"] is not None and expected[r["stage"]].get(r["clip_id"]) != r["fingerprint"]
+        )
+
     def run(self, options: RunOptions) -> dict[str, Any]:
         cfg = self.cfg
         workdir = self.ctx.workdir
         if cfg.pull_reviews and (self.ctx.stage_dir(REVIEW) / PROJECT_FILE).exists():
             self._pull_reviews()
-        tables = RunTables.read(workdir)
-        plan = plan_export(tables, cfg.allow_unreviewed)
+        tables = RunTables.read(workdir, self.ctx)
+        plan = plan_export(tables, cfg.allow_unreviewed, cfg.include_stale)
         proper: frozenset[str] = frozenset()
         if cfg.proper_nouns_from_corpus:
             proper = proper_nouns_from(c for caps in tables.clips["audio_captions"] for c in to_python(caps))
@@ -549,6 +644,8 @@ class ExportStage(WholeStage):
                 "unreviewed_test_items": sum(
                     1 for r in first.get("test", []) if r["review_verdict"] == UNREVIEWED
                 ),
+                "stale_items": len(plan.stale),
+                "outdated_reviews": tables.outdated_reviews,
                 "excluded_media_missing": dict(sorted(excluded.items())),
                 "variants": cfg.variants,
                 "default_variant": cfg.default_variant
@@ -570,6 +667,7 @@ class ExportStage(WholeStage):
             validate_card(tmp / "README.md", tmp)
             write_checksums(tmp)
             swap_in(tmp, dest)
+            self._record_inputs(tables, plan)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)

@@ -132,6 +132,23 @@ class MergeStage(ItemStage):
     def cfg(self) -> MergeConfig:
         return self.stage_config  # type: ignore[return-value]
 
+    def fingerprint_settings(self) -> dict[str, Any]:
+        # What decides the merged text: the model and how it is asked (prompt, decoding) and what
+        # the gate lets through; not where it is served from, how many requests fly, or timeouts.
+        cfg = self.cfg
+        keys = ("mode", "backend", "model", "reasoning_effort", "structured_output", "max_new_tokens")
+        keys += (
+            "retry_max_new_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "max_words",
+            "max_chars",
+            "min_words",
+        )
+        keys += ("min_audio_overlap", "min_visual_overlap", "max_invented", "max_quality_retries")
+        return {**{k: getattr(cfg, k) for k in keys}, "prompt": self.prompt.sha256, "gate": GATE_VERSION}
+
     @cached_property
     def prompt(self) -> Prompt:
         return Prompt.load(self.cfg.prompt_file or DEFAULT_PROMPT)

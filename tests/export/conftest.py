@@ -104,6 +104,7 @@ class FakeHub:
 
         self.requests: list[dict[str, Any]] = []
         self.refuse: dict[str, int] = {}
+        self.repos: dict[str, dict[str, bytes]] = {}  # repo -> path -> content, as commits left it
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -131,7 +132,7 @@ class FakeHub:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = do_PUT = _answer
+            do_GET = do_POST = do_PUT = do_DELETE = _answer
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -141,9 +142,16 @@ class FakeHub:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def reply(self, path: str, body: bytes) -> dict[str, Any]:
+    def reply(self, path: str, body: bytes) -> Any:
+        import base64
         import json
 
+        if "/tree/" in path:  # list_repo_files: the repo's files as the commits left them
+            repo = path.split("/api/datasets/")[1].split("/tree/")[0]
+            return [
+                {"type": "file", "path": p, "size": len(b), "oid": "0" * 40}
+                for p, b in sorted(self.repos.get(repo, {}).items())
+            ]
         if path == "/api/repos/create":
             req = json.loads(body)
             return {"url": f"{self.url}/datasets/{req['organization']}/{req['name']}"}
@@ -154,8 +162,28 @@ class FakeHub:
             }
         if "/commit/" in path:
             repo = path.split("/api/datasets/")[1].split("/commit/")[0]
+            files = self.repos.setdefault(repo, {".gitattributes": b"*.parquet filter=lfs\n"})
+            for line in body.decode().splitlines():
+                entry = json.loads(line)
+                if entry["key"] == "file":
+                    files[entry["value"]["path"]] = base64.b64decode(entry["value"]["content"])
+                elif entry["key"] == "deletedFile":
+                    files.pop(entry["value"]["path"], None)
             return {"commitOid": "c" * 40, "commitUrl": f"{self.url}/datasets/{repo}/commit/{'c' * 40}"}
         return {}
+
+    def deleted_files(self) -> list[str]:
+        """Paths deleted by commit requests, in order."""
+        import json
+
+        out = []
+        for req in self.requests:
+            if "/commit/" in req["path"]:
+                for line in req["body"].decode().splitlines():
+                    entry = json.loads(line)
+                    if entry["key"] == "deletedFile":
+                        out.append(entry["value"]["path"])
+        return out
 
     def committed_files(self) -> dict[str, bytes]:
         """Path -> content of every file sent in commit requests."""

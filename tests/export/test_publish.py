@@ -56,7 +56,7 @@ def test_upload_creates_private_repo_commits_once_and_tags(
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     summary = publish(exported, "publish.repo_id=me/avcaps", f"publish.endpoint={fake_hub.url}")
-    paths = [r["path"] for r in fake_hub.requests]
+    paths = [r["path"] for r in fake_hub.requests if "/tree/" not in r["path"]]
     assert paths[0] == "/api/repos/create"
     assert json.loads(fake_hub.requests[0]["body"]) == {
         "name": "avcaps",
@@ -74,6 +74,34 @@ def test_upload_creates_private_repo_commits_once_and_tags(
     out = capsys.readouterr()
     assert TOKEN not in out.out + out.err
     assert TOKEN not in (exported / "07-publish" / "stats.json").read_text()
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_a_republish_with_fewer_shards_deletes_the_old_ones(
+    exported: Path,
+    publish: Publish,
+    export: Callable[..., Path],
+    fake_hub: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    large: bool,
+) -> None:
+    """The Hub repo equals the export: the card loads data/<config>/<split>-*.parquet, so a shard of an
+    earlier export left on the Hub would duplicate rows for every user."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    hub = ["publish.repo_id=me/avcaps", f"publish.endpoint={fake_hub.url}"]
+    if large:
+        hub.append("publish.large_upload_bytes=1")
+    export(exported, "export.max_shard_bytes=600")  # many small shards
+    publish(exported, *hub)
+    first = set(fake_hub.repos["me/avcaps"])
+    assert any("-00001-of-" in p for p in first)
+    export(exported)  # one shard per split again
+    publish(exported, *hub)
+    now = fake_hub.repos["me/avcaps"]
+    assert set(now) - {".gitattributes"} == set(_export_files(exported))
+    deleted = fake_hub.deleted_files()
+    assert deleted and set(deleted) == first - set(now) and all("-of-" in p for p in deleted)
+    assert sum("/commit/" in r["path"] for r in fake_hub.requests) == 2  # deleted in the upload's commit
 
 
 def test_large_export_uses_the_folder_upload(

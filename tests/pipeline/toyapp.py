@@ -36,6 +36,7 @@ class ToySection(StageConfig):
     sleep_s: float = 0.0
     only_split: str | None = None
     write_file: bool = Field(True, description="Write a media file per ok item (off: pure engine cost).")
+    flavour: str = Field("plain", description="A setting that changes the output (fingerprinted).")
 
 
 class ToyConfig(StrictModel):
@@ -58,6 +59,9 @@ class ToyStage(ItemStage):
     def select(self, table: Any) -> Any:
         only = self.stage_config.only_split  # type: ignore[attr-defined]
         return None if only is None else table["split"] == only
+
+    def fingerprint_settings(self) -> dict[str, Any]:
+        return {"flavour": self.stage_config.flavour}  # type: ignore[attr-defined]
 
     def setup(self) -> None:
         cfg = self.stage_config
@@ -101,4 +105,6 @@ class ToyStage(ItemStage):
             path = self.ctx.media_dir / "toy" / f"{it.clip_id}.txt"
             atomic_write_text(path, it.data["audio_captions"][0], self.ctx.tmp_dir)
             rel = str(path.relative_to(self.ctx.workdir))
-        return Result.ok(it.clip_id, toy_out=f"{it.data['split']}:{it.attempt}", toy_file=rel)
+        flavour = self.stage_config.flavour  # type: ignore[attr-defined]
+        out = f"{it.data['split']}:{it.attempt}" + ("" if flavour == "plain" else f":{flavour}")
+        return Result.ok(it.clip_id, toy_out=out, toy_file=rel)
