@@ -34,8 +34,8 @@ _CORPUS = [
 SPECIAL = {"bos": "</s>", "eos": "</s>", "pad": "<pad>", "unk": "<unk>", "image": "<image>"}
 
 
-def _fast_tokenizer(tok: Any) -> Any:
-    """OPT-style special tokens, left padding, and the ``<image>`` token of BLIP-2."""
+def _fast_tokenizer(tok: Any, image_token: bool = True) -> Any:
+    """OPT-style special tokens, left padding, and (``image_token``) the ``<image>`` token of BLIP-2."""
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
@@ -46,13 +46,14 @@ def _fast_tokenizer(tok: Any) -> Any:
         unk_token=SPECIAL["unk"],
         padding_side="left",
     )
-    # Registered as an added special token (as in the real checkpoint), so it is never split and
-    # Blip2Processor finds it already in the vocabulary.
-    fast.add_special_tokens({"additional_special_tokens": [SPECIAL["image"]]})
+    if image_token:
+        # Registered as an added special token (as in the real checkpoint), so it is never split and
+        # Blip2Processor finds it already in the vocabulary.
+        fast.add_special_tokens({"additional_special_tokens": [SPECIAL["image"]]})
     return fast
 
 
-def _train_tokenizer(vocab_size: int = 200) -> Any:
+def _train_tokenizer(vocab_size: int = 200, image_token: bool = True) -> Any:
     """A BPE tokenizer in OPT's layout: ``</s>`` is both BOS and EOS, and BOS is prepended.
 
     Metaspace (``▁word``) rather than OPT's byte-level pre-tokenizer: every token of this small
@@ -63,9 +64,10 @@ def _train_tokenizer(vocab_size: int = 200) -> Any:
     tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk"]))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
+    specials = ["<s>", SPECIAL["pad"], SPECIAL["eos"], SPECIAL["unk"]]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<s>", SPECIAL["pad"], SPECIAL["eos"], SPECIAL["unk"], SPECIAL["image"]],
+        special_tokens=specials + ([SPECIAL["image"]] if image_token else []),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
@@ -75,10 +77,12 @@ def _train_tokenizer(vocab_size: int = 200) -> Any:
         pair=f"{SPECIAL['bos']} $A $B",
         special_tokens=[(SPECIAL["bos"], bos_id)],
     )
-    return _fast_tokenizer(tok)
+    return _fast_tokenizer(tok, image_token)
 
 
-def tiny_blip2_config(vocab_size: int, image_token_index: int, pad_id: int, bos_id: int, eos_id: int) -> Any:
+def tiny_blip2_config(
+    vocab_size: int, image_token_index: int | None, pad_id: int, bos_id: int, eos_id: int
+) -> Any:
     from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
 
     vision = Blip2VisionConfig(
@@ -166,6 +170,47 @@ def build_tiny_blip2(dest: Path | str, seed: int = 0) -> Path:
             json.dumps({"what": "tiny random-weight BLIP-2 stand-in; captions are meaningless"}) + "\n"
         )
         done.write_text("ok\n")
+    return dest
+
+
+def build_tiny_blip2_legacy(dest: Path | str, spare_rows: int = 4, seed: int = 0) -> Path:
+    """A tiny random BLIP-2 saved as checkpoints were before BLIP-2 had an ``<image>`` token (early
+    revisions of ``Salesforce/blip2-opt-2.7b``): no ``image_token_index`` in the config, no
+    ``processor_config.json`` (so no ``num_query_tokens``), no ``<image>`` in the tokenizer.
+
+    ``Blip2Processor`` adds ``<image>`` at load time, with the id after the last token. The
+    embedding has ``spare_rows`` rows beyond the tokenizer, as OPT-2.7b has (50,272 rows for
+    50,265 tokens): with some, the new id has a row already; with 0, the model must grow one.
+    Not cached: a new folder each call (tests edit copies of it).
+    """
+    import torch
+    from transformers import Blip2ForConditionalGeneration, BlipImageProcessor
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(vocab_size=196, image_token=False)
+    config = tiny_blip2_config(
+        vocab_size=len(tokenizer) + spare_rows,
+        image_token_index=None,
+        pad_id=tokenizer.pad_token_id,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # as build_tiny_blip2: captions that depend on the image
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.5)
+        model.query_tokens.normal_(0.0, 1.0)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    BlipImageProcessor(
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, do_convert_rgb=True
+    ).save_pretrained(dest)
+    (dest / "STANDIN.json").write_text(
+        json.dumps({"what": "tiny random-weight BLIP-2 in the pre-<image>-token layout"}) + "\n"
+    )
     return dest
 
 

@@ -1,7 +1,13 @@
 """BLIP-2 loaded once: uint8 frames in, cleaned captions out (used by the stage and the benchmark).
 
-``generate`` runs on chunks of ``gen_batch_size`` images, halved on CUDA out-of-memory (and kept
+The model runs on chunks of ``gen_batch_size`` images, halved on CUDA out-of-memory (and kept
 halved, counted in ``oom_events``); pixels travel as uint8 and are normalized on the device.
+
+Decoding (``caption.decoder``): ``generate`` (default) calls transformers' ``generate``; ``fast``
+uses :mod:`stages.caption.fast` (fixed-shape cache, the step compiled as a CUDA graph on CUDA,
+the next chunk's vision half overlapped), which gives the same tokens (checked on CPU in
+``tests/caption/test_caption_fast.py``); its GPU speed has not been measured yet, so it is not
+the default.
 
 Text cleaning (:func:`clean_caption`): special tokens dropped, control and format characters
 removed (not turned into spaces, unlike the merge gate's cleaner), whitespace collapsed, and a
@@ -24,6 +30,8 @@ from stages.caption.config import CaptionConfig
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+    from stages.caption.fast import FastDecoder
 
 log = logging.getLogger("avcaps")
 
@@ -112,6 +120,10 @@ class Captioner:
         self.decoding = Decoding(
             cfg.num_beams, cfg.max_new_tokens, cfg.repetition_penalty, cfg.min_new_tokens
         )
+        self.fast: FastDecoder | None = None
+        self.chunks_per_call = 1
+        if cfg.decoder == "fast":
+            self._start_fast()
 
     def _load(self, cfg: CaptionConfig) -> tuple[Any, str | None]:
         from transformers import Blip2ForConditionalGeneration, Blip2Processor
@@ -195,7 +207,9 @@ class Captioner:
             )
         self.input_ids = ids.to(self.device)
         self.attention_mask = enc["attention_mask"].to(self.device)
-        eos = self.model.generation_config.eos_token_id
+        # generate() stops on the language model's generation config (BLIP-2's own
+        # generation_config.json does not reach it), so the EOS that marks an uncut caption is its.
+        eos = self.model.language_model.generation_config.eos_token_id
         if eos is None:
             eos = self.model.config.text_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -236,13 +250,36 @@ class Captioner:
         return x.to(self.dtype)
 
     # -- generation ----------------------------------------------------------------------------
-    def _generate(self, frames: list[np.ndarray], decoding: Decoding) -> list[tuple[str, bool]]:
-        """One generate() call: (decoded text, cut at max_new_tokens) per frame."""
+    def _start_fast(self) -> None:
+        """The fast decoder (``caption.decoder: fast``), after the prompt is known."""
+        from stages.caption.fast import FastDecoder, UnsupportedDecoding, settings_for
+
+        gc = self.model.language_model.generation_config
+        try:  # both settings the stage uses, so a refusal comes now and not mid-run
+            for decoding in (self.decoding, self.decoding.retry()):
+                settings_for(gc, decoding.kwargs())
+        except UnsupportedDecoding as exc:
+            raise AbortRun(f"caption.decoder=fast cannot reproduce generate() here: {exc}") from exc
+        compile_on = self.cfg.compile if self.cfg.compile is not None else self.device.type == "cuda"
+        # reduce-overhead: inductor kernels replayed as one CUDA graph per step (on CUDA);
+        # dynamic=False: one specialised graph per batch shape, never a symbolic-shape one.
+        options = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False} if compile_on else None
+        self.fast = FastDecoder(self.model, self.input_ids, options)
+        # Give generate() several chunks per call, so the image half of chunk k+1 can run while
+        # chunk k decodes (CaptionStage.process groups this many chunks before it calls).
+        self.chunks_per_call = 4
+
+    def _simulated_oom(self, n: int) -> None:
+        import torch
+
+        if self.cfg.simulate_oom_above is not None and n > self.cfg.simulate_oom_above:
+            raise torch.OutOfMemoryError(f"simulated: {n} images > caption.simulate_oom_above")
+
+    def _generate_ids(self, frames: list[np.ndarray], decoding: Decoding) -> torch.Tensor:
+        """One generate() call: the new token ids ``[n, T]`` (on the CPU)."""
         import torch
 
         n = len(frames)
-        if self.cfg.simulate_oom_above is not None and n > self.cfg.simulate_oom_above:
-            raise torch.OutOfMemoryError(f"simulated: {n} images > caption.simulate_oom_above")
         if self.cfg.static_cache and n < self.gen_batch:
             frames = frames + [frames[-1]] * (self.gen_batch - n)  # one shape for compiled graphs
         pixels = self.pixel_values(frames)
@@ -259,23 +296,66 @@ class Captioner:
                 **kw,
             )
         # OPT is decoder-only: its output starts with the prompt (image tokens, BOS, prompt text).
-        new = out[:n, self.input_ids.shape[1] :].cpu()
+        return out[:n, self.input_ids.shape[1] :].cpu()
+
+    def _fast_ids(self, features: torch.Tensor, n: int, decoding: Decoding) -> torch.Tensor:
+        """The fast decoder on one chunk: rows padded to ``gen_batch`` with copies of the last
+        image (one shape for the captured step), the padding dropped from the result."""
+        import torch
+
+        from stages.caption.fast import settings_for
+
+        assert self.fast is not None
+        settings = settings_for(self.model.language_model.generation_config, decoding.kwargs())
+        if n < self.gen_batch:
+            pad = features[-1:].expand(self.gen_batch - n, *features.shape[1:])
+            features = torch.cat([features, pad])
+        return self.fast.decode(features, settings)[:n].cpu()
+
+    def _texts(self, new: torch.Tensor) -> list[tuple[str, bool]]:
+        """(decoded text, cut at max_new_tokens) per row of new token ids."""
+        import torch
+
         texts = self.processor.batch_decode(new, skip_special_tokens=True)
         cut = (~torch.isin(new, self.eos_tensor).any(dim=1)).tolist()  # no EOS: stopped by max_new_tokens
         return list(zip(texts, cut, strict=True))
 
-    def generate(self, frames: list[np.ndarray], decoding: Decoding | None = None) -> list[str]:
-        """Cleaned captions for ``frames``, in chunks of the current batch size, halving on OOM."""
+    def _generate(self, frames: list[np.ndarray], decoding: Decoding) -> list[tuple[str, bool]]:
+        """One generate() call: (decoded text, cut at max_new_tokens) per frame."""
+        self._simulated_oom(len(frames))
+        return self._texts(self._generate_ids(frames, decoding))
+
+    def _chunk_ids(self, frames: list[np.ndarray], decoding: Decoding) -> list[torch.Tensor]:
+        """New token ids of ``frames``, one tensor per chunk of the current batch size, halving
+        the batch on CUDA out-of-memory. With the fast decoder the image half of the next chunk
+        is started before this chunk decodes (on CUDA it runs alongside, on a side stream)."""
         import torch
 
-        decoding = decoding or self.decoding
-        out: list[str] = []
+        out: list[torch.Tensor] = []
+        ahead: tuple[tuple[int, int], Any] | None = None  # ((start, size), Pending) of the next chunk
         i = 0
         while i < len(frames):
-            chunk = frames[i : i + self.gen_batch]
+            size = self.gen_batch
+            chunk = frames[i : i + size]
             try:
-                raw = self._generate(chunk, decoding)
+                self._simulated_oom(len(chunk))
+                if self.fast is None:
+                    ids = self._generate_ids(chunk, decoding)
+                else:
+                    if ahead is not None and ahead[0] == (i, size):
+                        features = ahead[1].result()
+                    else:
+                        features = self.fast.features(self.pixel_values(chunk))
+                    ahead = None
+                    nxt = frames[i + size : i + 2 * size]
+                    if nxt:
+                        pending = self.fast.features_ahead(lambda nxt=nxt: self.pixel_values(nxt))
+                        ahead = ((i + size, size), pending)
+                    ids = self._fast_ids(features, len(chunk), decoding)
             except torch.OutOfMemoryError:
+                ahead = None
+                if self.fast is not None:
+                    self.fast.release(compiled=True)
                 if self.gen_batch == 1:
                     raise
                 before = self.gen_batch
@@ -287,8 +367,25 @@ class Captioner:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
-            out.extend(clean_caption(text, cut) for text, cut in raw)
+            out.append(ids)
             i += len(chunk)
+        return out
+
+    def token_ids(self, frames: list[np.ndarray], decoding: Decoding | None = None) -> list[list[int]]:
+        """The new token ids of each frame up to and with its first EOS (all of them when it has
+        none): what both decoders must agree on, whatever padding follows."""
+        rows: list[list[int]] = []
+        for ids in self._chunk_ids(frames, decoding or self.decoding):
+            for row in ids.tolist():
+                end = next((k for k, t in enumerate(row) if t in self.eos_ids), None)
+                rows.append(row if end is None else row[: end + 1])
+        return rows
+
+    def generate(self, frames: list[np.ndarray], decoding: Decoding | None = None) -> list[str]:
+        """Cleaned captions for ``frames``, in chunks of the current batch size, halving on OOM."""
+        out: list[str] = []
+        for ids in self._chunk_ids(frames, decoding or self.decoding):
+            out.extend(clean_caption(text, cut) for text, cut in self._texts(ids))
         return out
 
     def caption(self, frames: list[np.ndarray]) -> list[str]:

@@ -32,14 +32,29 @@ class CaptionConfig(StageConfig):
     max_new_tokens: int = Field(30, gt=0, description="Caption length cap in tokens.")
     min_new_tokens: int = Field(0, ge=0, description="Tokens generated before EOS is allowed.")
     repetition_penalty: float = Field(1.0, gt=0, description="1.0 = none.")
-    gen_batch_size: int = Field(64, gt=0, description="Images per generate() call; halved on OOM.")
+    gen_batch_size: int = Field(64, gt=0, description="Images per model call; halved on OOM.")
     loader_workers: int = Field(4, gt=0, description="Threads decoding and resizing JPEGs ahead.")
     caption_frame: Literal["middle", "first", "last"] | int = Field(
         "middle", description="Which frame's caption becomes visual_caption (or a frame index)."
     )
     dedup_frames: bool = Field(True, description="Caption identical frames (equal pixels) once.")
-    static_cache: bool = Field(False, description="Static KV cache (fixed shapes; pads the last chunk).")
-    compile: bool = Field(False, description="torch.compile the decode step (with static_cache, CUDA).")
+    decoder: Literal["generate", "fast"] = Field(
+        "generate",
+        description=(
+            "generate: transformers' generate(). fast: the fixed-shape decode loop of "
+            "stages/caption/fast.py (same tokens, checked on CPU; its GPU speed is not measured yet)."
+        ),
+    )
+    static_cache: bool = Field(
+        False, description="decoder=generate: static KV cache (fixed shapes; pads the last chunk)."
+    )
+    compile: bool | None = Field(
+        None,
+        description=(
+            "torch.compile the decode step. decoder=fast: as a CUDA graph (mode reduce-overhead); "
+            "default on with CUDA, off on CPU. decoder=generate: needs static_cache; default off."
+        ),
+    )
     # Quality signal (issue 18): a CLIP score of each frame caption against its keyframe.
     score: bool = Field(True, description="Score every frame caption against its keyframe with CLIP.")
     clip_model: str = Field(CLIP_MODEL, description="CLIP model: Hub id or local folder.")
@@ -54,7 +69,11 @@ class CaptionConfig(StageConfig):
     )
 
     @model_validator(mode="after")
-    def _compile_needs_static_cache(self) -> CaptionConfig:
-        if self.compile and not self.static_cache:
+    def _decoder_options(self) -> CaptionConfig:
+        if self.decoder == "generate" and self.compile and not self.static_cache:
             raise ValueError("compile: true needs static_cache: true (a dynamic cache is not compiled)")
+        if self.decoder == "fast" and self.static_cache:
+            raise ValueError("static_cache is for decoder: generate (decoder: fast always uses one)")
+        if self.decoder == "fast" and self.device_map:
+            raise ValueError("decoder: fast runs the model on one device; it cannot use device_map")
         return self

@@ -7,16 +7,17 @@ revision, dtype, a hash of every setting that changes the text, library versions
 
 How it keeps the accelerator busy: JPEG decoding and resizing run in a thread pool that works
 ahead while the model generates; identical frames (a still-image video gives N equal keyframes)
-are captioned once; pixels travel as uint8 and are normalized on the device; ``generate`` runs on
+are captioned once; pixels travel as uint8 and are normalized on the device; the model runs on
 chunks of ``gen_batch_size`` images, halved on CUDA out-of-memory (and kept halved, counted in
 ``stats.json``). The prompt is the same for every image, so a batch needs no text padding, and
 the caption of an image does not depend on its neighbours (``tests/caption`` checks it).
 
-The model and its text cleaning are :mod:`stages.caption.captioner`; the settings
-:mod:`stages.caption.config`. An empty caption is retried once with different decoding
-(``min_new_tokens`` and a repetition penalty); still empty, the clip fails with reason
-``empty_caption``. After captioning, :meth:`CaptionStage.score` adds a CLIP score per frame
-caption (keyframe i <-> caption i, :mod:`stages.scoring`) unless ``caption.score`` is off.
+The model and its text cleaning are :mod:`stages.caption.captioner`, the fixed-shape decoder of
+``caption.decoder: fast`` :mod:`stages.caption.fast`, the settings :mod:`stages.caption.config`.
+An empty caption is retried once with different decoding (``min_new_tokens`` and a repetition
+penalty); still empty, the clip fails with reason ``empty_caption``. After captioning,
+:meth:`CaptionStage.score` adds a CLIP score per frame caption (keyframe i <-> caption i,
+:mod:`stages.scoring`) unless ``caption.score`` is off.
 """
 
 from __future__ import annotations
@@ -221,7 +222,7 @@ class CaptionStage(ItemStage):
                     continue
                 self.unique_frames += 1
                 pending[key] = frame
-                if len(pending) >= self.captioner.gen_batch:
+                if len(pending) >= self.captioner.gen_batch * self.captioner.chunks_per_call:
                     flush()
             if pending:
                 flush()

@@ -1,19 +1,24 @@
-"""Stage 3 throughput: the stage's own code path vs. the naive one-image-at-a-time loop.
+"""Stage 3 throughput: ``caption.decoder`` generate vs fast side by side, and the naive loop.
 
 Builds the ``Salesforce/blip2-opt-2.7b`` architecture (config written in code, no download) with
 random weights, bf16 on the GPU; with no GPU, a mid-size variant (the real widths, 2 layers per
 tower) in fp32 on the CPU. Writes distinct 224x224 JPEGs to disk and captions them:
 
-- **stage**: ``CaptionStage.process`` on batches of items, exactly as the runner calls it (thread
-  pool decoding ahead, uint8 transfer, chunks of ``gen_batch_size``, text cleaning);
+- **generate** / **fast**: ``CaptionStage.process`` on batches of items, exactly as the runner
+  calls it (thread pool decoding ahead, uint8 transfer, chunks of ``gen_batch_size``, text
+  cleaning), with ``caption.decoder`` = ``generate`` (transformers' ``generate``) or ``fast``
+  (``stages/caption/fast.py``: static cache, the step compiled as a CUDA graph on CUDA, the next
+  chunk's image half on a side stream); ``--fast-eager`` adds fast without compiling;
 - **naive**: per image, ``PIL.Image.open`` + ``Blip2Processor`` + ``generate`` with batch 1.
 
-Both with exactly 20 new tokens (``min_new_tokens = max_new_tokens = 20``), greedy and beam 5.
-Reports images/s, the speed-up and the GPU memory peak. Run on a GPU box (figures go to
-BENCHMARKS.md with the card's name)::
+All with exactly 20 new tokens (``min_new_tokens = max_new_tokens = 20``), greedy and beam 5.
+Per row: images/s, the speed-up over naive, milliseconds per decode step (both decoders alike:
+one chunk with 20 new tokens minus one with 1, over 19, fastest of a few runs), the GPU memory
+peak of the stage run (``torch.cuda.max_memory_allocated``; none on CPU) and how many captions
+equal generate's. Run on a GPU box (figures go to BENCHMARKS.md with the card's name)::
 
-    python tests/benchmarks/bench_caption.py --images 4096 --greedy-batches 256 512 1024 \\
-        --beam-batches 64 128 --json-out bench_caption.json
+    python tests/benchmarks/bench_caption.py --images 4096 --greedy-batches 256 \\
+        --beam-batches 64 --json-out bench_caption.json
 
 ``make bench`` runs it with the defaults for the machine it is on.
 """
@@ -86,22 +91,8 @@ def peak_gib(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def run_stage_path(
-    model: Any,
-    processor: Any,
-    workdir: Path,
-    rels: list[str],
-    device: str,
-    beams: int,
-    gen_batch: int,
-    args: Any,
-) -> dict[str, Any]:
-    from pipeline.stage import Item, RunContext
-    from stages.caption.captioner import Captioner
-    from stages.caption.stage import CaptionStage
-    from stages.config import RunConfig
-
-    settings = {
+def stage_settings(device: str, beams: int, gen_batch: int, path: str, args: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {
         "model": "random-weights-blip2-opt-2.7b-architecture",
         "device": device,
         "num_beams": beams,
@@ -110,38 +101,94 @@ def run_stage_path(
         "gen_batch_size": gen_batch,
         "batch_size": gen_batch * args.chunks_per_call,
         "loader_workers": args.workers,
-        "static_cache": args.static_cache,
-        "compile": args.compile,
     }
+    if path == "generate":
+        settings |= {"decoder": "generate", "static_cache": args.static_cache, "compile": args.compile}
+    else:  # fast: compiled as a CUDA graph on CUDA (the default); fast-eager: not compiled
+        settings |= {"decoder": "fast", "compile": False if path == "fast-eager" else None}
+    return settings
+
+
+def run_stage_path(
+    model: Any,
+    processor: Any,
+    workdir: Path,
+    rels: list[str],
+    device: str,
+    beams: int,
+    gen_batch: int,
+    path: str,
+    args: Any,
+) -> tuple[dict[str, Any], list[list[str]]]:
+    from pipeline.stage import Item, RunContext
+    from stages.caption.captioner import Captioner
+    from stages.caption.stage import CaptionStage
+    from stages.config import RunConfig
+
+    settings = stage_settings(device, beams, gen_batch, path, args)
     cfg = RunConfig.model_validate({"workdir": str(workdir), "caption": settings})
     stage = CaptionStage(RunContext(workdir, cfg))
     stage.start(Captioner(cfg.caption, model=model, processor=processor))
     items = [Item(f"bench{i:06d}", {"frame_paths": [rel], "middle_frame": 0}) for i, rel in enumerate(rels)]
+    captions: list[list[str]] = []
     try:
-        stage.process(items[:gen_batch])  # warm-up: allocator, kernels, compiled graphs
+        # Warm-up: allocator, kernels, compiled graphs (two chunks: the fast path's overlap of
+        # the next chunk's image half runs too).
+        stage.process(items[: 2 * gen_batch])
         peak_reset(device)
         t0 = time.perf_counter()
         ok = 0
         size = cfg.caption.batch_size
         for i in range(0, len(items), size):
-            ok += sum(r.status == "ok" for r in stage.process(items[i : i + size]))
+            results = stage.process(items[i : i + size])
+            ok += sum(r.status == "ok" for r in results)
+            captions.extend(r.outputs.get("frame_captions", []) for r in results)
         sync(device)
         seconds = time.perf_counter() - t0
+        peak = peak_gib(device)
         final_batch = stage.captioner.gen_batch
+        step_ms = decode_step_ms(stage.captioner, workdir, rels, device, beams, args.step_reps)
     finally:
         stage.teardown()
     if ok != len(items):
         raise RuntimeError(f"only {ok} of {len(items)} images captioned")
-    return {
-        "path": "stage",
+    row = {
+        "path": path,
         "beams": beams,
         "gen_batch": gen_batch,
         "gen_batch_final": final_batch,
         "images": len(items),
         "seconds": round(seconds, 3),
         "img_per_s": round(len(items) / seconds, 2),
-        "peak_gib": peak_gib(device),
+        "ms_per_decode_step": step_ms,
+        "peak_gib": peak,
     }
+    return row, captions
+
+
+def decode_step_ms(cap: Any, workdir: Path, rels: list[str], device: str, beams: int, reps: int) -> float:
+    """Time per decode step, the same way for both decoders: one chunk with 20 new tokens and
+    with 1 (the first token comes from the prefill, so no step runs), (t20 - t1) / 19. The image
+    half and the prefill cancel out. The fast decoder's compiled step for this shape is already
+    recorded by the stage run (20 tokens go first: a 1-token run makes a new cache)."""
+    from stages.caption.captioner import Decoding
+
+    frames = [cap.load_frame(workdir / rel) for rel in rels[: cap.gen_batch]]
+
+    def timed(tokens: int) -> float:
+        decoding = Decoding(beams, tokens, 1.0, tokens)
+        cap.generate(frames, decoding)  # warm-up for this length
+        runs = []
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            cap.generate(frames, decoding)
+            sync(device)
+            runs.append(time.perf_counter() - t0)
+        return min(runs)  # other work on the machine only ever adds time
+
+    t20 = timed(20)
+    return round(1000 * (t20 - timed(1)) / 19, 2)
 
 
 def run_naive(
@@ -199,6 +246,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_naive = args.naive_images or (64 if gpu else 2)
     greedy = args.greedy_batches or ([256, 512] if gpu else [8])
     beam = args.beam_batches or ([64] if gpu else [4])
+    paths = list(args.decoders) + (["fast-eager"] if args.fast_eager else [])
+    if "generate" in paths:  # first: the reference the others' captions are compared with
+        paths.remove("generate")
+        paths.insert(0, "generate")
+    args.step_reps = args.step_reps or (3 if gpu else 2)
     t_build = time.perf_counter()
     model, processor = build_model(layers, device)
     params = sum(p.numel() for p in model.parameters())
@@ -211,8 +263,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "architecture": f"blip2-opt-2.7b ({layers}: {params / 1e9:.3f} B params, {model.dtype})",
         "build_s": round(time.perf_counter() - t_build, 1),
         "new_tokens": 20,
-        "static_cache": args.static_cache,
-        "compile": args.compile,
+        "generate_static_cache": args.static_cache,
+        "generate_compile": args.compile,
         "runs": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -223,10 +275,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["runs"].append(naive)
             print(json.dumps(naive), flush=True)
             for size in sizes:
-                res = run_stage_path(model, processor, workdir, rels, device, beams, size, args)
-                res["speedup_vs_naive"] = round(res["img_per_s"] / naive["img_per_s"], 1)
-                report["runs"].append(res)
-                print(json.dumps(res), flush=True)
+                reference: list[list[str]] | None = None
+                for path in paths:
+                    res, caps = run_stage_path(
+                        model, processor, workdir, rels, device, beams, size, path, args
+                    )
+                    if path == "generate":
+                        reference = caps
+                    if reference is not None:
+                        same = sum(a == b for a, b in zip(caps, reference, strict=True))
+                        res["same_captions_as_generate"] = f"{same}/{len(caps)}"
+                    res["speedup_vs_naive"] = round(res["img_per_s"] / naive["img_per_s"], 1)
+                    report["runs"].append(res)
+                    print(json.dumps(res), flush=True)
     print(format_report(report))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
@@ -237,14 +298,20 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"bench_caption {report['date']} on {report['machine']}; {report['architecture']}; "
         f"torch {report['torch']}, transformers {report['transformers']}; 20 new tokens",
-        "| decoding | path | images per generate() | images | img/s | vs naive | GPU peak GiB |",
-        "|---|---|---|---|---|---|---|",
+        "| decoding | path | images per chunk | images | img/s | vs naive | ms per decode step "
+        "| GPU peak GiB | captions = generate's |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(value: Any) -> str:
+        return "-" if value is None else str(value)
+
     for r in report["runs"]:
         dec = "greedy" if r["beams"] == 1 else f"beam {r['beams']}"
         lines.append(
             f"| {dec} | {r['path']} | {r['gen_batch']} | {r['images']} | {r['img_per_s']} | "
-            f"{r.get('speedup_vs_naive', 1.0)}x | {r['peak_gib'] if r['peak_gib'] is not None else '-'} |"
+            f"{r.get('speedup_vs_naive', 1.0)}x | {cell(r.get('ms_per_decode_step'))} | "
+            f"{cell(r['peak_gib'])} | {cell(r.get('same_captions_as_generate'))} |"
         )
     return "\n".join(lines)
 
@@ -264,8 +331,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--layers", choices=["full", "mid"], default=None, help="Default: full on GPU, mid on CPU."
     )
-    p.add_argument("--static-cache", action="store_true", help="caption.static_cache=true.")
-    p.add_argument("--compile", action="store_true", help="caption.compile=true (with --static-cache).")
+    p.add_argument(
+        "--decoders",
+        nargs="+",
+        choices=["generate", "fast"],
+        default=["generate", "fast"],
+        help="caption.decoder values to run side by side (default both).",
+    )
+    p.add_argument(
+        "--fast-eager", action="store_true", help="Also run decoder=fast with compile=false (no CUDA graph)."
+    )
+    p.add_argument(
+        "--step-reps",
+        type=int,
+        default=None,
+        help="Timed repeats of the decode-step measure, fastest kept (GPU 3, CPU 2).",
+    )
+    p.add_argument("--static-cache", action="store_true", help="decoder=generate: caption.static_cache=true.")
+    p.add_argument(
+        "--compile", action="store_true", help="decoder=generate: caption.compile=true (with --static-cache)."
+    )
     p.add_argument("--json-out", default=None, help="Also write the report as JSON here.")
     return p.parse_args(argv)
 

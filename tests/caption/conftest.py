@@ -61,6 +61,33 @@ def mute_blip2(tiny_blip2: Path, tmp_path_factory: pytest.TempPathFactory) -> An
     return build
 
 
+@pytest.fixture(scope="session")
+def ending_blip2(tiny_blip2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with EOS made likely enough that captions end at different lengths.
+
+    The tiny model never emits EOS, so every caption runs to ``max_new_tokens``. Here the final
+    layer norm's bias is moved along EOS's output row: EOS wins when the hidden state leans its
+    way, which depends on the image and the step: on 22 images with 10 new tokens, some captions
+    end after 1-9 tokens and some run to the cap, greedy and beam 3/5 alike, and a chunk of the
+    soonest-ending images ends every search before the cap.
+    """
+    import torch
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    dest = tmp_path_factory.getbasetemp() / "blip2-ending"
+    if dest.exists():
+        return dest
+    model = Blip2ForConditionalGeneration.from_pretrained(tiny_blip2)
+    proc = Blip2Processor.from_pretrained(tiny_blip2)
+    decoder = model.language_model.model.decoder
+    eos_row = model.language_model.get_output_embeddings().weight[proc.tokenizer.eos_token_id]
+    with torch.no_grad():
+        decoder.final_layer_norm.bias.add_(5.5 * eos_row / eos_row.norm())
+    model.save_pretrained(dest)
+    proc.save_pretrained(dest)
+    return dest
+
+
 def write_frame(path: Path, seed: int, size: tuple[int, int] = (96, 64)) -> None:
     """A JPEG with random blocks (distinct per seed, so captions differ per image)."""
     rng = np.random.default_rng(seed)
