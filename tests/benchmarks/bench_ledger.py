@@ -16,9 +16,10 @@ What it measures, each as the real CLI in a fresh process (wall seconds and peak
    ``BENCH_LEDGER_SHARD_ITEMS``-item (default 200,000) table: wall time, and exactly one ok row
    per item in the end.
 
+``BENCH_LEDGER_STEPS=scale`` (or ``concurrency``) runs one half.
 ``BENCH_LEDGER_REPO=/path/to/checkout`` runs the same steps with another checkout's code (the
-"before" column of BENCHMARKS.md comes from the commit before the ledger rewrite). Record the
-printed table in BENCHMARKS.md with the date, the machine and the command.
+"before" column of BENCHMARKS.md comes from the commit before the ledger rewrite). Rows print as
+they are measured; record them in BENCHMARKS.md with the date, the machine and the command.
 """
 
 from __future__ import annotations
@@ -186,9 +187,12 @@ def concurrency(tmp: Path) -> list[tuple[str, str]]:
         for i in range(SHARDS)
     ]
     codes = [p.wait() for p in procs]
-    for i, rc in enumerate(codes):
-        assert rc == 0, (tmp / f"shard-{i}.err").read_text()[-2000:]
     wall = time.monotonic() - t0
+    # A shard that crashed is a result too (the ledger before the rewrite lost shards this way):
+    # report its last error line instead of stopping the benchmark.
+    errors = {
+        i: (tmp / f"shard-{i}.err").read_text().strip().splitlines()[-1:] for i, rc in enumerate(codes) if rc
+    }
     ok_rows, ok_items = ledger_rows(tmp / "run-shards", "01-toy")
     status = timed(["status", "--config", str(cfg), "--json"])
     counts = json.loads(status["stdout"]) if status["rc"] == 0 else {}
@@ -198,6 +202,7 @@ def concurrency(tmp: Path) -> list[tuple[str, str]]:
             f"{wall:.1f} s, exit codes {sorted(set(codes))}, ok rows {ok_rows:,} for {ok_items:,} items, "
             f"{parts(tmp / 'run-shards', '01-toy')} part files after",
         ),
+        *[(f"  shard {i} failed", " ".join(line)[:300]) for i, line in errors.items()],
         (
             "  status afterwards",
             f"{status['wall_s']} s" + (f", pending {counts['stages'][1]['pending']}" if counts else ""),
@@ -206,9 +211,14 @@ def concurrency(tmp: Path) -> list[tuple[str, str]]:
 
 
 def test_ledger_scale(tmp_path: Path) -> None:
-    rows = [("code", str(REPO)), *scale(tmp_path), *concurrency(tmp_path)]
-    width = max(len(k) for k, _ in rows)
-    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    steps = os.environ.get("BENCH_LEDGER_STEPS", "scale,concurrency").split(",")
+    rows = [("code", str(REPO))]
+    print(f"\n{'code':<60}  {REPO}", flush=True)
+    for name, step in (("scale", scale), ("concurrency", concurrency)):
+        if name in steps:
+            for k, v in step(tmp_path):
+                rows.append((k, v))
+                print(f"{k:<60}  {v}", flush=True)  # as it is measured: a crash later keeps it
 
 
 if __name__ == "__main__":
