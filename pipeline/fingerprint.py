@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -30,9 +30,11 @@ def digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=_DIGEST).hexdigest()
 
 
-def settings_fingerprint(stage: Stage) -> str:
-    """The stage's name and the settings it declares, hashed (keys sorted, JSON)."""
-    settings = stage.fingerprint_settings()
+def settings_fingerprint(stage: Stage, settings: dict[str, Any] | None = None) -> str:
+    """The stage's name and the settings it declares, hashed (keys sorted, JSON); ``settings``:
+    others than it declares now (what an earlier version of the stage declared, to recognise the
+    rows it made)."""
+    settings = stage.fingerprint_settings() if settings is None else settings
     return digest(json.dumps({"stage": stage.dirname(), **settings}, sort_keys=True, default=str))
 
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun
 from pipeline.executors import LocalExecutor, summarize_exception
@@ -36,6 +36,9 @@ from pipeline.selection import (
 )
 from pipeline.stage import ItemStage, RunContext, RunOptions, Stage, WholeStage
 from pipeline.status import stage_status
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("avcaps")
 # Compaction is considered every this many commits of a run (it only merges small parts).
@@ -75,6 +78,21 @@ def make_executor(stage: ItemStage, options: RunOptions) -> Any:
     raise AbortRun(f"unknown executor {options.executor!r}; valid: local, ray")
 
 
+def ordered(stage: ItemStage, upstream: pa.Table) -> pa.Table:
+    """``upstream`` in the order the stage asks for (:meth:`ItemStage.order`), or as it is."""
+    import pyarrow as pa
+
+    idx = stage.order(upstream) if upstream.num_rows else None
+    if idx is None:
+        return upstream
+    idx = pa.array(idx, type=pa.int64())
+    if len(idx) != upstream.num_rows or len(set(idx.to_pylist())) != upstream.num_rows:
+        raise AbortRun(
+            f"stage {stage.dirname()}: order() must give a permutation of its {upstream.num_rows} rows"
+        )
+    return upstream.take(idx)
+
+
 def run_item_stage(stage: ItemStage, options: RunOptions, report: RunReport | None = None) -> RunReport:
     """Run the pending items of ``stage``; ``report`` (filled as the run goes) is returned."""
     from tqdm import tqdm
@@ -82,7 +100,7 @@ def run_item_stage(stage: ItemStage, options: RunOptions, report: RunReport | No
     cfg = stage.stage_config
     report = report or RunReport(stage.dirname())
     ledger = stage_ledger(stage)
-    upstream = selected(stage, upstream_ok(type(stage), stage.ctx))
+    upstream = ordered(stage, selected(stage, upstream_ok(type(stage), stage.ctx)))
     state = ledger.latest_table(["status", "attempts", "fingerprint"])
     expected = expected_fingerprints(stage, upstream)
     pending = select_pending(upstream["clip_id"].combine_chunks(), state, options, cfg.max_attempts, expected)
@@ -161,7 +179,7 @@ def dry_run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions, n: int
     stage = cls(ctx)
     if not isinstance(stage, ItemStage) or cls.dry_run is ItemStage.dry_run:
         raise AbortRun(f"stage {cls.dirname()} offers no dry run")
-    upstream = selected(stage, upstream_ok(cls, ctx))
+    upstream = ordered(stage, selected(stage, upstream_ok(cls, ctx)))
     state = stage_ledger(stage).latest_table(["status", "attempts"])
     limited = RunOptions(**{**options.__dict__, "limit": n})
     max_attempts = stage.stage_config.max_attempts

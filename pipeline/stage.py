@@ -171,6 +171,13 @@ class ItemStage(Stage):
         Vectorized, because it runs over every clip of the run at every start and status."""
         return None  # every clip
 
+    def order(self, table: pa.Table) -> Any:
+        """Optional: in which order a run works on the clips (and ``--limit`` takes them): row
+        indices of ``table`` (every clip the stage applies to: ok upstream, kept by :meth:`select`,
+        with all upstream columns), first to last, or None for clip-table order. Batches follow
+        it; shards keep it among their own clips; retries of a pass come after the pass."""
+        return None
+
     @abstractmethod
     def process(self, batch: list[Item]) -> list[Result]:
         """Map a batch of items to one result per item (any order)."""

@@ -1,8 +1,9 @@
 """What an annotator sees: the labeling config, the instructions, and the task payloads.
 
 A task shows the clip's middle keyframe, plays its audio, shows the audio caption(s) and the visual
-caption, and holds the LLM merge prefilled (as a prediction) in an editable text area, one line per
-merged caption. The verdict (accept / edited / rejected) is required; a comment is optional. The
+caption, the merge's CLAP/CLIP scores with their run percentiles and its risk (:mod:`review.risk`),
+and holds the LLM merge prefilled (as a prediction) in an editable text area, one line per merged
+caption. The verdict (accept / edited / rejected) is required; a comment is optional. The
 instructions link to the annotator guide (:mod:`review.guide`).
 """
 
@@ -33,6 +34,8 @@ LABEL_CONFIG = """<View>
       <Text name="audio_captions" value="$audio_captions_text"/>
       <Header value="Visual caption (BLIP-2, keyframe)" size="5"/>
       <Text name="visual_caption" value="$visual_caption"/>
+      <Header value="Quality scores (CLAP: audio, CLIP: keyframe; percentile over this run)" size="6"/>
+      <Text name="scores" value="$scores_text"/>
     </View>
   </View>
   <Header value="Merged caption(s): edit if needed, one per line" size="5"/>
@@ -104,8 +107,10 @@ def build_task(
     workdir: Path,
     document_root: Path,
     model_version: str,
+    display: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One task (with the merge as a prediction) for the clip; ``data`` follows the column contract.
+    """One task (with the merge as a prediction) for the clip; ``data`` follows the column contract;
+    ``display``: the score keys of :func:`review.risk.RunScores.task_fields` (none: unscored).
 
     Raises :class:`FileNotFoundError` naming the missing media file, :class:`KeyError` naming the
     missing column.
@@ -133,6 +138,11 @@ def build_task(
         "merged_captions": merged,
         "merge_model": str(data.get("merge_model") or ""),
     }
+    if display is None:
+        from review.risk import scores_text
+
+        display = {"risk": None, "scores": {}, "scores_text": scores_text({}, None, 0, 0, 0)}
+    task_data.update(display)
     prediction = {"model_version": model_version, "score": 1.0, "result": [text_result(merged)]}
     return {"data": task_data, "predictions": [prediction]}
 

@@ -179,7 +179,11 @@ def remembered_project(client: LabelStudio, folder: Path) -> dict[str, Any]:
 
 
 # The form of a task (its data keys, the prediction): part of the push rows' fingerprint.
-TASK_FORMAT = 1
+# 2: the merge's CLAP/CLIP scores, their run percentiles and the clip's risk (review/risk.py).
+TASK_FORMAT = 2
+# Earlier forms: a task pushed in one of them, whose merge and media are the same, is brought to
+# the current form in place; its annotations stay valid (only review.risk.DISPLAY_KEYS differ).
+OLDER_TASK_FORMATS: tuple[int, ...] = (1,)
 
 
 class ReviewStage(ItemStage):
@@ -209,9 +213,17 @@ class ReviewStage(ItemStage):
     def select(self, table: pd.DataFrame) -> Any:
         return table["split"].isin(self.cfg.splits)
 
-    def fingerprint_settings(self) -> dict[str, Any]:
+    def fingerprint_settings(self, task_format: int | None = None) -> dict[str, Any]:
         # A task shows the merge as a prediction of this model_version; the task's form is ours.
-        return {"model_version": self.cfg.model_version, "task_format": TASK_FORMAT}
+        fmt = TASK_FORMAT if task_format is None else task_format
+        return {"model_version": self.cfg.model_version, "task_format": fmt}
+
+    def order(self, table: pa.Table) -> Any:
+        """Riskiest merges first (review/risk.py): Label Studio lists tasks and serves them to
+        annotators by id, and ids follow the import order."""
+        from review.risk import RunScores
+
+        return RunScores(table).order()
 
     # -- setup: one project per run folder, storage attached, existing tasks listed --------------
     def setup(self) -> None:
@@ -223,6 +235,7 @@ class ReviewStage(ItemStage):
                 f"the run's media folder {media} is not under the Label Studio document root {self.root} "
                 "(review.document_root): the server could not serve it"
             )
+        self._read_scores()
         self.client = connect(self.config)
         with push_lock(self.workdir, self.cfg.lock_timeout_s):
             guide = self._write_guide(media)
@@ -235,6 +248,23 @@ class ReviewStage(ItemStage):
             if cid and str(cid) not in self.existing:
                 self.existing[str(cid)] = int(task["id"])
                 self.existing_data[str(cid)] = task.get("data") or {}
+
+    def _read_scores(self) -> None:
+        """The run's scores (percentiles over every clip this stage applies to, what
+        :meth:`order` ranks too), and the fingerprint of each clip's merge row, which tells a task
+        of an older form apart from a task of another merge."""
+        from pipeline.fingerprint import chain, settings_fingerprint
+        from pipeline.selection import UPSTREAM_FP, eligible_table
+        from review.risk import SCORE_COLUMNS, RunScores
+
+        table = eligible_table(self, self.ctx, SCORE_COLUMNS)
+        self.scores = RunScores(table)
+        ids = table["clip_id"].to_pylist()
+        self.older_fps: dict[str, set[str]] = {cid: set() for cid in ids}
+        for fmt in OLDER_TASK_FORMATS:
+            old = settings_fingerprint(self, self.fingerprint_settings(fmt))
+            for cid, fp in zip(ids, chain(old, table[UPSTREAM_FP]).to_pylist(), strict=True):
+                self.older_fps[cid].add(fp)
 
     def teardown(self) -> None:
         client = getattr(self, "client", None)
@@ -260,9 +290,11 @@ class ReviewStage(ItemStage):
 
     def _settings(self, guide_url: str) -> dict[str, Any]:
         """The project settings stage 5 owns (kept up to date on an existing project)."""
-        from review.labeling import instructions
+        from review.labeling import LABEL_CONFIG, instructions
 
         return {
+            # An older project gets the current form (the scores view); its tasks are updated to it.
+            "label_config": LABEL_CONFIG,
             "expert_instruction": instructions(guide_url),
             "maximum_annotations": self.cfg.annotators_per_task,
             "overlap_cohort_percentage": 100,  # every task gets annotators_per_task annotators
@@ -298,12 +330,9 @@ class ReviewStage(ItemStage):
             if changed:
                 self.client.update_project(int(project["id"]), **changed)
         else:
-            from review.labeling import LABEL_CONFIG
-
             project = self.client.create_project(
                 title=title,
                 description=f"Human review of the merged captions of run {self.workdir.resolve()}",
-                label_config=LABEL_CONFIG,
                 show_instruction=True,
                 show_collab_predictions=True,
                 model_version=self.cfg.model_version,
@@ -321,12 +350,18 @@ class ReviewStage(ItemStage):
     # -- process: one import call per batch ------------------------------------------------------
     def process(self, batch: list[Item]) -> list[Result]:
         from review.labeling import build_task
+        from review.risk import DISPLAY_KEYS
 
         results: list[Result] = []
         todo: list[tuple[str, dict[str, Any]]] = []
         for item in batch:
             try:
-                task = build_task(item.clip_id, item.data, self.workdir, self.root, self.cfg.model_version)
+                display = self.scores.task_fields(
+                    item.clip_id, len(item.data["audio_captions"]), len(item.data["merged_captions"])
+                )
+                task = build_task(
+                    item.clip_id, item.data, self.workdir, self.root, self.cfg.model_version, display
+                )
             except FileNotFoundError as exc:
                 results.append(
                     Result.failed(item.clip_id, PermanentError("missing_media", f"{item.clip_id}: {exc}"))
@@ -342,12 +377,20 @@ class ReviewStage(ItemStage):
             outdated = list(previous.get("ls_outdated_annotations") or [])
             if item.clip_id in self.existing:
                 task_id = self.existing[item.clip_id]
-                # The task shows something else now: other data, or the same paths with other
-                # content behind them (a stale redo: an upstream result changed).
+                # The task shows something else to review now: other data, or the same paths
+                # with other content behind them (a stale redo: an upstream result changed). A task
+                # of an older form of the same merge, or whose scores alone changed, is refreshed
+                # in place: what was reviewed is what it shows, so its annotations stay valid.
                 was = previous.get("fingerprint")
-                changed = was is not None and was != item.fingerprint
-                if changed or self.existing_data.get(item.clip_id) != task["data"]:
+                older_form = was in self.older_fps.get(item.clip_id, set())
+                changed = was is not None and was != item.fingerprint and not older_form
+                shown = self.existing_data.get(item.clip_id) or {}
+                reviewed = {k: v for k, v in shown.items() if k not in DISPLAY_KEYS}
+                if changed or reviewed != {k: v for k, v in task["data"].items() if k not in DISPLAY_KEYS}:
                     outdated = self._update(task_id, task, outdated)
+                    self.existing_data[item.clip_id] = task["data"]
+                elif shown != task["data"]:
+                    self.client.update_task(task_id, task["data"])
                     self.existing_data[item.clip_id] = task["data"]
                 results.append(self._ok(item.clip_id, task_id, outdated))
                 continue

@@ -25,7 +25,14 @@ from review.push import ReviewStage
 from stages.download.stage import DownloadStage
 from stages.keyframes import KeyframesStage
 from stages.merge.stage import MergeStage
-from standins.run_history import UPSTREAM, Failure, clip_histories, commit_histories, ok_outputs
+from standins.run_history import (
+    UPSTREAM,
+    Failure,
+    clip_histories,
+    commit_histories,
+    deterministic_scores,
+    ok_outputs,
+)
 
 FULL = Path("manifests/audiocaps.yaml")
 # Visual captions cycled over the clips: plain, an acronym start, an empty one, a proper noun.
@@ -107,16 +114,19 @@ def _write_media(workdir: Path, cid: str, i: int) -> None:
             tmp.write_bytes(data)
 
 
-def _outputs(cid: str, clip: dict[str, Any], i: int) -> dict[type[Stage], dict[str, Any]]:
+def _outputs(cid: str, clip: dict[str, Any], i: int, scored: bool) -> dict[type[Stage], dict[str, Any]]:
     visual = VISUAL_CAPTIONS[i % len(VISUAL_CAPTIONS)]
+    merged = [f"{a} while {visual or 'nothing is seen'}" for a in clip["audio_captions"]]
+    n_audio = len(clip["audio_captions"])
     return ok_outputs(
         cid,
         clip["youtube_id"],
         [f"media/frames/{cid}/{k}.jpg" for k in range(3)],
         f"media/audio/{cid}.wav",
         visual,
-        [f"{a} while {visual or 'nothing is seen'}" for a in clip["audio_captions"]],
+        merged,
         flag_silent=i % 5 == 0,
+        scores=deterministic_scores(i, 3, n_audio, len(merged)) if scored else None,
     )
 
 
@@ -131,6 +141,8 @@ def build_contract_run(
     verdicts: Mapping[Pick, str | None] | None = None,
     review_default: str | None = "accept",
     overrides: list[str] | None = None,
+    scores: bool = False,
+    unscored: set[Pick] | None = None,
 ) -> ContractRun:
     """Write stages 1-5 for the sampled clips, as a real run leaves them.
 
@@ -138,8 +150,10 @@ def build_contract_run(
     sampling); ``failures``: clip -> how it ends failed (:data:`DEFAULT_FAILURES` when None; the
     later stages have no row for it); ``skip``: stage -> clips with no row at all (a stage not done
     yet; ``ReviewStage``: no review); ``verdicts``: clip -> verdict for merged clips (None: no
-    review row), the others get ``review_default``. Clips are ``(split, j)`` picks; a pick beyond
-    its split's sample is ignored.
+    review row), the others get ``review_default``; ``scores``: stages 3 and 4 write their score
+    columns (:func:`standins.run_history.deterministic_scores`), except for the ``unscored`` clips
+    (rows from before scoring existed). Clips are ``(split, j)`` picks; a pick beyond its split's
+    sample is ignored.
     """
     import pandas as pd
 
@@ -164,6 +178,7 @@ def build_contract_run(
             run.failed[cid] = failure
     skipped = {stage: {resolve(p) for p in picks} for stage, picks in (skip or {}).items()}
     chosen = {resolve(p): v for p, v in (verdicts or {}).items()}
+    no_scores = {resolve(p) for p in (unscored or set())}
     position = {
         cid: j for split in {r["split"] for r in run.clips.values()} for j, cid in enumerate(run.ids(split))
     }
@@ -172,7 +187,7 @@ def build_contract_run(
     reviews = []
     for i, cid in enumerate(sorted(run.clips)):
         clip = run.clips[cid]
-        outputs = _outputs(cid, clip, i)
+        outputs = _outputs(cid, clip, i, scores and cid not in no_scores)
         stages = [s for s in UPSTREAM if s is not MergeStage or clip["split"] in merge_splits]
         # A stage not done yet for this clip: no row there, nor in any later stage.
         done = next((k for k, s in enumerate(stages) if cid in skipped.get(s, set())), len(stages))

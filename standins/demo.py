@@ -81,11 +81,13 @@ def review_server(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
 
 @prepare("caption")
 def prepare_caption(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
-    """A tiny random BLIP-2, built once under the run folder, loaded by path like a real one."""
+    """A tiny random BLIP-2, CLIP and CLAP, built once under the run folder, loaded by path like
+    real ones (CLIP scores stage 3's captions; CLIP and CLAP score stage 4's merges)."""
     from standins.blip2 import build_tiny_blip2
+    from standins.scorers import scorer_overrides
 
     path = build_tiny_blip2(workdir / "models" / "blip2-tiny")
-    return [f"caption.model={path.resolve()}"]
+    return [f"caption.model={path.resolve()}", *scorer_overrides(workdir / "models")]
 
 
 @prepare("download")

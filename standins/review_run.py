@@ -59,10 +59,11 @@ def write_media(workdir: Path, clip_id: str, index: int, frames: int = 3) -> tup
 
 def write_contract_run(workdir: Path, clips: list[dict[str, Any]], share_media: bool = False) -> None:
     """Media and ledgers of stages 0-4 for ``clips`` (dicts with clip_id, split, audio_captions,
-    visual_caption, merged_captions) plus :data:`UPSTREAM_FAILED`. Every clip is merged whatever
-    its split (as with ``merge.splits`` covering it), so what keeps a clip out of stage 5 is either
-    its upstream failure or stage 5's own ``review.splits``. ``share_media`` points every clip at
-    the first clip's files (scale tests)."""
+    visual_caption, merged_captions, and optionally merge_scores: stage 4's score columns) plus
+    :data:`UPSTREAM_FAILED`. Every clip is merged whatever its split (as with ``merge.splits``
+    covering it), so what keeps a clip out of stage 5 is either its upstream failure or stage 5's
+    own ``review.splits``. ``share_media`` points every clip at the first clip's files (scale
+    tests)."""
     from pipeline.selection import stage_ledger
     from stages.manifest import ManifestStage
 
@@ -102,7 +103,10 @@ def write_contract_run(workdir: Path, clips: list[dict[str, Any]], share_media: 
                 "audiocap_ids": list(range(i * 10, i * 10 + len(clip["audio_captions"]))),
             }
         )
-        outputs = ok_outputs(cid, yt, frame_paths, audio, clip["visual_caption"], clip["merged_captions"])
+        scores = {MergeStage: clip["merge_scores"]} if clip.get("merge_scores") else None
+        outputs = ok_outputs(
+            cid, yt, frame_paths, audio, clip["visual_caption"], clip["merged_captions"], scores=scores
+        )
         histories.append(
             clip_histories(
                 cid,

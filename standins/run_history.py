@@ -93,10 +93,15 @@ def ok_outputs(
     visual_caption: str,
     merged_captions: list[str],
     flag_silent: bool = False,
+    scores: Mapping[type[Stage], dict[str, Any]] | None = None,
 ) -> dict[type[Stage], dict[str, Any]]:
-    """A clip's ok outputs in stages 1-4: every column of each stage's schema, plausible values."""
+    """A clip's ok outputs in stages 1-4: every column of each stage's schema, plausible values.
+
+    ``scores``: the quality-signal columns (``stages/scores.py``) per stage, as a run with scoring
+    on writes them (:func:`deterministic_scores`); without them those columns are null, as in a run
+    with scoring off or rows from before scoring existed."""
     n = len(frame_paths)
-    return {
+    out = {
         DownloadStage: {
             "video_path": video_path(Path("media"), clip_id).as_posix(),
             "video_duration_s": 10.0,
@@ -141,6 +146,38 @@ def ok_outputs(
             "merge_backend": "transformers",
             "merge_model": "standin/tiny-gpt-oss",
             "merge_checks": "{}",
+        },
+    }
+    for stage, cols in (scores or {}).items():
+        out[stage].update(cols)
+    return out
+
+
+def deterministic_scores(
+    i: int, n_frames: int, n_audio: int, n_merged: int
+) -> dict[type[Stage], dict[str, Any]]:
+    """Score columns of clip number ``i`` as stages 3 and 4 write them: cosines in the range real
+    CLIP/CLAP give (about 0.1-0.4), spread over clips by ``i`` so the ranks are known in advance
+    (the ``k``-th caption of clip ``i`` scores ``base(i) + 0.001 k``; base rises with ``(7 i) mod 23``)."""
+    import json
+
+    def base(salt: int) -> float:
+        return round(0.10 + 0.01 * ((7 * i + salt) % 23), 4)
+
+    return {
+        CaptionStage: {
+            "visual_clip_score": [base(0) + 0.001 * k for k in range(n_frames)],
+            "clip_model": "standin/tiny-clip@r0",
+        },
+        MergeStage: {
+            "merge_clap_score": [base(1) + 0.001 * k for k in range(n_merged)],
+            "merge_clip_score": [base(5) + 0.001 * k for k in range(n_merged)],
+            "source_audio_clap_score": [base(2) + 0.001 * k for k in range(n_audio)],
+            "source_audio_clip_score": [base(3) + 0.001 * k for k in range(n_audio)],
+            "source_visual_clap_score": base(4),
+            "source_visual_clip_score": base(6),
+            "merge_score_tries": 1,
+            "score_models": json.dumps({"clap": "standin/tiny-clap@r0", "clip": "standin/tiny-clip@r0"}),
         },
     }
 

@@ -1,5 +1,6 @@
 """Fixtures shared by several test folders: the real Label Studio server (review and end-to-end
-tests), started once per session."""
+tests), started once per session; the tiny random CLIP and CLAP scorers (stages 3 and 4), built
+once per session."""
 
 from __future__ import annotations
 
@@ -36,3 +37,24 @@ def ls_server(tmp_path_factory: pytest.TempPathFactory, ls_root: Path) -> Iterat
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def scorer_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the tiny random CLIP (``clip-tiny``) and CLAP (``clap-tiny``), built once."""
+    from standins.scorers import build_tiny_clap, build_tiny_clip
+
+    root = tmp_path_factory.mktemp("scorers")
+    build_tiny_clip(root / "clip-tiny")
+    build_tiny_clap(root / "clap-tiny")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(scorer_models: Path) -> Path:
+    return scorer_models / "clip-tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_clap(scorer_models: Path) -> Path:
+    return scorer_models / "clap-tiny"

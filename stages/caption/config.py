@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.config import StageConfig
+from stages.scoring import CLIP_MODEL, CLIP_REVISION
 
 # A commit of https://huggingface.co/Salesforce/blip2-opt-2.7b widely pinned in public code.
 DEFAULT_REVISION = "51572668da0eb669e01a189dc22abe6088589a24"
@@ -54,6 +55,13 @@ class CaptionConfig(StageConfig):
             "default on with CUDA, off on CPU. decoder=generate: needs static_cache; default off."
         ),
     )
+    # Quality signal (issue 18): a CLIP score of each frame caption against its keyframe.
+    score: bool = Field(True, description="Score every frame caption against its keyframe with CLIP.")
+    clip_model: str = Field(CLIP_MODEL, description="CLIP model: Hub id or local folder.")
+    clip_revision: str | None = Field(
+        CLIP_REVISION, description="Hub commit of the CLIP model (ignored for a local folder)."
+    )
+    clip_batch_size: int = Field(64, gt=0, description="Images (and texts) per CLIP forward.")
     simulate_oom_above: int | None = Field(
         None,
         gt=0,

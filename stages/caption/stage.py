@@ -15,7 +15,9 @@ the caption of an image does not depend on its neighbours (``tests/caption`` che
 The model and its text cleaning are :mod:`stages.caption.captioner`, the fixed-shape decoder of
 ``caption.decoder: fast`` :mod:`stages.caption.fast`, the settings :mod:`stages.caption.config`.
 An empty caption is retried once with different decoding (``min_new_tokens`` and a repetition
-penalty); still empty, the clip fails with reason ``empty_caption``.
+penalty); still empty, the clip fails with reason ``empty_caption``. After captioning,
+:meth:`CaptionStage.score` adds a CLIP score per frame caption (keyframe i <-> caption i,
+:mod:`stages.scoring`) unless ``caption.score`` is off.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from pipeline.errors import PermanentError, TransientError
 from pipeline.stage import Item, ItemStage, Resources, Result
 from stages.caption.captioner import CLEANING_VERSION, Captioner, FrameError
 from stages.caption.config import CaptionConfig
+from stages.scores import VISUAL_CLIP, caption_score_fields
+from stages.scoring import ClipScorer, ScoreError, ScorerSpec, cosine
 
 if TYPE_CHECKING:
     import numpy as np
@@ -91,7 +95,22 @@ class CaptionStage(ItemStage):
         return self.config.caption  # type: ignore[attr-defined,no-any-return]
 
     def fingerprint_settings(self) -> dict[str, Any]:
-        return {"settings_hash": settings_hash(self.cfg)}
+        # The scorer is part of what a row holds: another CLIP model makes the rows stale.
+        return {
+            "settings_hash": settings_hash(self.cfg),
+            "clip": self.clip_spec().ident() if self.cfg.score else None,
+        }
+
+    def clip_spec(self) -> ScorerSpec:
+        cfg = self.cfg
+        return ScorerSpec(
+            cfg.clip_model,
+            cfg.clip_revision,
+            cfg.device,
+            cfg.dtype,
+            cfg.clip_batch_size,
+            cfg.local_files_only,
+        )
 
     @classmethod
     def output_schema(cls) -> list[pa.Field]:
@@ -106,15 +125,21 @@ class CaptionStage(ItemStage):
             pa.field("caption_settings_hash", pa.string()),
             pa.field("caption_versions", pa.string()),
             pa.field("caption_gen_batch", pa.int32()),
+            *caption_score_fields(),
         ]
 
     def setup(self) -> None:
-        self.start(Captioner(self.cfg))
+        captioner = Captioner(self.cfg)
+        self.start(captioner, ClipScorer(self.clip_spec()) if self.cfg.score else None)
 
-    def start(self, captioner: Captioner) -> None:
-        """Take a loaded captioner (``setup`` loads one; the benchmark passes its own)."""
+    def start(self, captioner: Captioner, scorer: ClipScorer | None = None) -> None:
+        """Take a loaded captioner and scorer (``setup`` loads them; the benchmark passes its own;
+        without a scorer the score columns stay empty)."""
         self.captioner = captioner
         self.pool = ThreadPoolExecutor(self.cfg.loader_workers, thread_name_prefix="caption-load")
+        self.scorer = scorer
+        if scorer is not None:
+            scorer.pool = self.pool  # JPEGs are read ahead in the same threads
         self.provenance = {
             "caption_model": self.cfg.model,
             "caption_revision": self.captioner.revision,
@@ -129,6 +154,7 @@ class CaptionStage(ItemStage):
         pool = getattr(self, "pool", None)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        self.__dict__.pop("scorer", None)
         cap = self.__dict__.pop("captioner", None)
         if cap is not None:
             self.oom_events = cap.oom_events
@@ -229,7 +255,44 @@ class CaptionStage(ItemStage):
                     **self.provenance,
                 )
             )
+        if self.scorer is not None:
+            try:
+                results = self.score(batch, results)
+            except torch.OutOfMemoryError as exc:
+                err = TransientError("cuda_oom", f"CUDA out of memory in CLIP scoring: {exc}")
+                return [Result.failed(item.clip_id, err) for item in batch]
         return results
+
+    def score(self, batch: list[Item], results: list[Result]) -> list[Result]:
+        """Add ``visual_clip_score`` (keyframe i <-> frame caption i) to the ok results: every
+        distinct frame and caption of the batch embedded once, in batches. A frame the scorer
+        cannot read fails its clip (with the captions kept on the row), not the batch."""
+        assert self.scorer is not None
+        ok = {r.clip_id: r for r in results if r.status == "ok"}
+        paths = {
+            item.clip_id: [self.ctx.workdir / p for p in item.data["frame_paths"]]
+            for item in batch
+            if item.clip_id in ok
+        }
+        images = self.scorer.image_embeds(p for ps in paths.values() for p in ps)
+        texts = self.scorer.text_embeds(c for r in ok.values() for c in r.outputs["frame_captions"])
+        out: list[Result] = []
+        for r in results:
+            if r.clip_id not in ok:
+                out.append(r)
+                continue
+            embs = [images[p] for p in paths[r.clip_id]]
+            bad = next((e for e in embs if isinstance(e, ScoreError)), None)
+            if bad is not None:
+                err = PermanentError(bad.reason, f"clip {r.clip_id}: CLIP cannot score its keyframe: {bad}")
+                out.append(Result.failed(r.clip_id, err, **r.outputs))
+                continue
+            caps = r.outputs["frame_captions"]
+            scores = [cosine(e, texts[c]) for e, c in zip(embs, caps, strict=True)]  # type: ignore[arg-type]
+            out.append(
+                Result.ok(r.clip_id, **r.outputs, **{VISUAL_CLIP: scores, "clip_model": self.scorer.ident})
+            )
+        return out
 
     def extra_stats(self, state: pd.DataFrame) -> dict[str, Any]:
         out: dict[str, Any] = {"settings_hash": settings_hash(self.cfg)}

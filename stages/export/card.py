@@ -89,7 +89,77 @@ def _reasons(d: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
 
 
-def render_card(stats: dict[str, Any], cfg: ExportConfig) -> str:
+def _num(x: Any) -> str:
+    return "n/a" if x is None else f"{x:g}"
+
+
+def scores_section(stats: dict[str, Any]) -> str:
+    """The card's "Quality scores" section: what was scored, by what, and the visual filter."""
+    from stages.export.scores import SCORE_COLUMNS, percentile_name
+
+    sc = stats.get("scores") or {}
+    cols = sc.get("columns") or {}
+    rows = [
+        [
+            f"`{name}`",
+            f"`{percentile_name(name)}`",
+            what,
+            cols.get(name, {}).get("clips", 0),
+            cols.get(name, {}).get("values", 0),
+            _num(cols.get(name, {}).get("median")),
+        ]
+        for name, _, what in SCORE_COLUMNS
+    ]
+    scored = any(r[4] for r in rows)
+    vf = stats.get("visual_filter") or {}
+    threshold = vf.get("min_visual_clip_percentile")
+    splits = vf.get("splits") or {}
+    if threshold is None:
+        filt = (
+            "No visual caption was filtered (`export.min_visual_clip_percentile` off): "
+            "`visual_caption_dropped` is false everywhere."
+        )
+    else:
+        per = (
+            "; ".join(
+                f"{split}: **{c['dropped']} of {c['visual_captions']}** visual captions dropped"
+                + (f" ({c['unscored']} without a score, kept)" if c["unscored"] else "")
+                for split, c in splits.items()
+            )
+            or "no split is built by a variant"
+        )
+        filt = (
+            f"`export.min_visual_clip_percentile` = {threshold:g}: a visual caption whose "
+            f"`visual_caption_clip_percentile` is below it is left out of the references of the "
+            f"variant-built splits (the clip keeps its audio caption(s); `random` picks the audio "
+            f"caption, `concat` and `and` give it alone, `per_modality` has no visual reference; the "
+            f"`visual_caption` column keeps the caption and `visual_caption_dropped` is true). "
+            f"Captions without a score are never dropped. {per}."
+        )
+    models = ", ".join(f"`{m}`" for m in (sc.get("score_models") or [])) or "n/a"
+    clip_model = ", ".join(f"`{m}`" for m in (sc.get("clip_model") or [])) or "n/a"
+    head = (
+        "Every caption is scored against the clip's media: CLIP (keyframe <-> text) and CLAP "
+        "(audio <-> text) cosine similarities, so a merge can be compared with what it merged. Raw "
+        "cosines are not comparable across models, so each column also comes as a **percentile** "
+        f"(0-100, the share of values at or below it; 100 = best) over this export: every exported "
+        f"clip once ({sc.get('clips', 0)} clips, all splits), per column, lists flattened (one value "
+        "per caption). A clip without scores (scoring off in its run, or rows made before scoring "
+        "existed) has nulls, counted nowhere."
+    )
+    if not scored:
+        return f"{head}\n\n**No clip in this export has scores.**\n\n{filt}\n"
+    table = _table(["raw column", "percentile column", "what", "clips", "values", "median (raw)"], rows)
+    return f"{head}\n\nScorers: stage 3 CLIP {clip_model}; stage 4 {models}.\n\n{table}\n\n{filt}\n"
+
+
+def figures_section(figures: list[Any]) -> str:
+    if not figures:
+        return "No figures in this export (`export.figures` off).\n"
+    return "\n".join(f"![{f.title}]({f.path})\n\n*{f.title}.*\n" for f in figures)
+
+
+def render_card(stats: dict[str, Any], cfg: ExportConfig, figures: list[Any] | None = None) -> str:
     meta = yaml.safe_dump(card_metadata(stats, cfg), sort_keys=False, allow_unicode=True)
     prov = stats["provenance"]
     review = stats["review"]
@@ -190,8 +260,13 @@ Columns: `clip_id` (`<youtube_id>_<start_ms>_<end_ms>`), `youtube_id`, `start_ti
 `frame_captions`, `merged_captions` (raw LLM merges), `review_verdict` (accept / edited /
 unreviewed on merged splits, null elsewhere), `variant`, `video_path`, `frame_path`,
 `frame_time_s`, `audio_path`, quality flags `flag_black_frame` / `flag_silent`, `stale` (true only in
-an export asked to include stale clips), and provenance
-(`caption_model`, `caption_revision`, `merge_model`, `merge_backend`, `merge_prompt_hash`).
+an export asked to include stale clips), provenance
+(`caption_model`, `caption_revision`, `merge_model`, `merge_backend`, `merge_prompt_hash`), and the
+quality scores (see "Quality scores"): `visual_clip_score` (per frame caption),
+`visual_caption_clip_score`, `merge_clap_score` and `merge_clip_score` (per merged caption),
+`source_audio_clap_score` and `source_audio_clip_score` (per audio caption),
+`source_visual_clap_score`, `source_visual_clip_score`, each with its `*_percentile` column,
+`visual_caption_dropped`, and the scorers `clip_model`, `score_models`.
 {media}
 
 ## Counts and availability
@@ -215,6 +290,12 @@ merged splits, audio and visual captions merged by an LLM, then reviewed by peop
   {review.get("edited", 0)} edited, {review.get("rejected", 0)} rejected (excluded);
   {review.get("unreviewed", 0)} not reviewed{" (included, flagged)" if unreviewed else " (excluded)"}.
 {agreement}
+## Quality scores
+
+{scores_section(stats)}
+## Figures
+
+{figures_section(figures or [])}
 ## Statistics (as in the paper's Table 2)
 
 Tokenization: {stats["tokenization"]}.

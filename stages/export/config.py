@@ -40,6 +40,17 @@ class ExportConfig(StrictModel):
         description="`and` variant: keep the capital of words seen capitalised mid-caption, never lowercase.",
     )
     pretty_name: str = Field("AudioVisualCaps", description="Dataset name in the card.")
+    min_visual_clip_percentile: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Drop visual captions whose CLIP percentile over the export is below this from the "
+        "references of the variant-built splits (train; validation unless merged): the clip keeps its "
+        "audio caption(s), as with an empty visual caption. Clips without a score are kept. null = off.",
+    )
+    figures: bool = Field(
+        True, description="Write the card's PNG figures (figures/*.png, matplotlib) and link them."
+    )
 
     @field_validator("variants")
     @classmethod

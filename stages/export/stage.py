@@ -40,11 +40,19 @@ from pipeline.stage import RunContext, RunOptions, Stage, WholeStage
 from pipeline.text import squash_spaces
 from review.pull import REVIEWS_FILE, agreement_figures, outdated_annotations, pull
 from review.push import PROJECT_FILE, ReviewStage
-from stages.caption.stage import CaptionStage
+from stages.caption.stage import CaptionStage, pick_frame
 from stages.download.stage import DownloadStage
 from stages.export.caption_stats import TOKENIZATION, caption_stats
 from stages.export.card import render_card, validate_card
 from stages.export.config import ExportConfig
+from stages.export.scores import (
+    DROPPED,
+    add_percentiles,
+    apply_visual_filter,
+    raw_scores,
+    score_fields,
+    score_summary,
+)
 from stages.export.variants import build_variant, proper_nouns_from
 from stages.keyframes import KeyframesStage
 from stages.manifest import ManifestStage
@@ -104,6 +112,8 @@ def row_schema(embed_media: bool) -> pa.Schema:
         pa.field("merge_model", pa.string()),
         pa.field("merge_backend", pa.string()),
         pa.field("merge_prompt_hash", pa.string()),
+        # Quality scores: raw, run percentiles, the visual-caption filter (stages/export/scores.py).
+        *score_fields(),
     ]
     metadata = None
     if embed_media:
@@ -326,13 +336,29 @@ def _str_list(value: Any) -> list[str]:
     return [squash_spaces(v) for v in (value or []) if squash_spaces(v)]
 
 
-def base_row(tables: RunTables, cid: str) -> dict[str, Any]:
-    """Everything about a clip except its references (same in every config)."""
+def _cells(tables: RunTables, stage: type[Stage], cid: str) -> dict[str, Any]:
+    df = tables.stages[stage]
+    if df is None or cid not in df.index:
+        return {}
+    return {k: to_python(v) for k, v in df.loc[cid].items()}
+
+
+def base_row(tables: RunTables, cid: str, caption_frame: str | int = "middle") -> dict[str, Any]:
+    """Everything about a clip except its references (same in every config); its scores are raw
+    here (percentiles come from the whole export: :func:`~stages.export.scores.add_percentiles`)."""
     clip = {k: to_python(v) for k, v in tables.clips.loc[cid].items()}
     frames = _cell(tables, KEYFRAMES, cid, "frame_paths") or []
     times = _cell(tables, KEYFRAMES, cid, "frame_times_s") or []
     middle = _cell(tables, KEYFRAMES, cid, "middle_frame")
     mid = middle if isinstance(middle, int) and 0 <= middle < len(frames) else None
+    caption_row = _cells(tables, CAPTION, cid)
+    n_caps = len(caption_row.get("frame_captions") or [])
+    scores = raw_scores(
+        caption_row,
+        _cells(tables, MERGE, cid),
+        clip,
+        pick_frame(caption_frame, n_caps, middle if isinstance(middle, int) else None) if n_caps else None,
+    )
     return {
         "clip_id": cid,
         "youtube_id": clip["youtube_id"],
@@ -355,6 +381,7 @@ def base_row(tables: RunTables, cid: str) -> dict[str, Any]:
         "merge_model": _cell(tables, MERGE, cid, "merge_model"),
         "merge_backend": _cell(tables, MERGE, cid, "merge_backend"),
         "merge_prompt_hash": _cell(tables, MERGE, cid, "merge_prompt_hash"),
+        **scores,
     }
 
 
@@ -391,7 +418,8 @@ def build_rows(
                 refs, sources = build_variant(
                     variant,
                     row["audio_captions"],
-                    row["visual_caption"],
+                    # A visual caption dropped by export.min_visual_clip_percentile: as if empty.
+                    "" if row.get(DROPPED) else row["visual_caption"],
                     clip_id=cid,
                     seed=cfg.seed,
                     proper_nouns=proper_nouns,
@@ -609,10 +637,16 @@ class ExportStage(WholeStage):
         if cfg.proper_nouns_from_corpus:
             proper = proper_nouns_from(c for caps in tables.clips["audio_captions"] for c in to_python(caps))
         schema = row_schema(cfg.embed_media)
-        bases = {cid: base_row(tables, cid) for ids in plan.ids.values() for cid in ids}
+        caption_frame = self.config.caption.caption_frame  # type: ignore[attr-defined]
+        bases = {cid: base_row(tables, cid, caption_frame) for ids in plan.ids.values() for cid in ids}
         excluded: dict[str, str] = {}
         if cfg.embed_media:
             drop_missing_media(plan, bases, workdir, excluded)
+        # Percentiles over every exported clip (each once), then the visual-caption filter.
+        exported = [bases[cid] for ids in plan.ids.values() for cid in ids]
+        add_percentiles(exported)
+        variant_splits = set(plan.ids) - set(plan.merged_splits)
+        visual_filter = apply_visual_filter(exported, variant_splits, cfg.min_visual_clip_percentile)
         rows_by_variant = {v: build_rows(tables, plan, v, cfg, proper, bases) for v in cfg.variants}
         dest = workdir / cfg.folder
         tmp = workdir / f".tmp-export-{uuid.uuid4().hex[:8]}"
@@ -655,6 +689,19 @@ class ExportStage(WholeStage):
                 "embed_media": cfg.embed_media,
                 "merged_splits": [HF_SPLITS[s] for s in plan.merged_splits],
                 "provenance": provenance(all_rows),
+                "scores": {
+                    "population": "every exported clip once (all splits), per column, lists flattened",
+                    "clips": len(exported),
+                    "columns": score_summary(exported),
+                    "score_models": sorted(
+                        {str(r["score_models"]) for r in exported if r.get("score_models")}
+                    ),
+                    "clip_model": sorted({str(r["clip_model"]) for r in exported if r.get("clip_model")}),
+                },
+                "visual_filter": {
+                    "min_visual_clip_percentile": cfg.min_visual_clip_percentile,
+                    "splits": {HF_SPLITS[s]: c for s, c in sorted(visual_filter.items())},
+                },
                 "files": files,
                 **compute_statistics(rows_by_variant, plan),
             }
@@ -663,7 +710,12 @@ class ExportStage(WholeStage):
             )
             licence = self.config.manifest.csv_dir / "LICENSE"  # type: ignore[attr-defined]
             atomic_write_text(tmp / "LICENSE", license_text(licence))
-            atomic_write_text(tmp / "README.md", render_card(statistics, cfg))
+            figures = []
+            if cfg.figures:
+                from stages.export.figures import write_figures
+
+                figures = write_figures(tmp, exported, set(plan.merged_splits), statistics)
+            atomic_write_text(tmp / "README.md", render_card(statistics, cfg, figures))
             validate_card(tmp / "README.md", tmp)
             write_checksums(tmp)
             swap_in(tmp, dest)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.config import StageConfig
 from stages.merge.gate import GateSettings
+from stages.scoring import CLAP_MODEL, CLAP_REVISION, CLIP_MODEL, CLIP_REVISION
 
 
 class MergeConfig(StageConfig):
@@ -63,6 +64,37 @@ class MergeConfig(StageConfig):
         0.25, ge=0, le=1, description="Largest share of the merge's content words found in neither caption."
     )
     max_quality_retries: int = Field(2, ge=0, description="New-seed retries of an answer failing the gate.")
+
+    # Quality signals (issue 18): CLAP (audio) and CLIP (middle keyframe) scores of each merge and
+    # of what it merged, and the optional keep-the-best rule on the CLAP score.
+    score: bool = Field(True, description="Score merges and source captions with CLAP and CLIP.")
+    clap_model: str = Field(CLAP_MODEL, description="CLAP model: Hub id or local folder.")
+    clap_revision: str | None = Field(CLAP_REVISION, description="Hub commit of the CLAP model.")
+    clip_model: str = Field(CLIP_MODEL, description="CLIP model: Hub id or local folder.")
+    clip_revision: str | None = Field(CLIP_REVISION, description="Hub commit of the CLIP model.")
+    score_device: str = Field("auto", description="Scorers' device: auto (cuda if any), cpu, cuda:N.")
+    score_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Scorers' dtype: auto is bfloat16 on CUDA, float32 on CPU."
+    )
+    score_batch_size: int = Field(64, gt=0, description="Inputs per scorer forward.")
+    score_local_files_only: bool = Field(False, description="Load the scorers from the local cache only.")
+    min_clap_percentile: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Off by default. A merge whose CLAP score ranks below this percentile of the "
+        "run's merge CLAP scores is asked again with a new seed; the best-scoring answer is kept.",
+    )
+    max_score_tries: int = Field(3, ge=1, description="Answers per merge the CLAP rule may ask for.")
+    score_min_population: int = Field(
+        200, ge=1, description="The CLAP rule fires only once this many merge scores are known."
+    )
+
+    @model_validator(mode="after")
+    def _rule_needs_scores(self) -> MergeConfig:
+        if self.min_clap_percentile is not None and not self.score:
+            raise ValueError("merge.min_clap_percentile needs merge.score: true")
+        return self
 
     @property
     def retry_budget(self) -> int:

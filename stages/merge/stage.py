@@ -16,6 +16,13 @@ one is asked again with a new seed up to ``max_quality_retries`` times, then the
 clip transiently (``llm_*``), so the runner retries it later. The raw answers and every check are
 kept on the row for audit. ``dry_run`` (``avcaps run 4 --dry-run N``) prints the requests as sent
 and the gate's verdicts, writing nothing.
+
+Scores (``merge.score``, :mod:`stages.scoring`): each merge, each source audio caption and the
+visual caption are scored against the clip's audio (CLAP) and middle keyframe (CLIP), both from
+stage 2. With ``merge.min_clap_percentile`` set, a merge whose CLAP score ranks below that
+percentile of the run's merge CLAP scores is asked again with a new seed, up to
+``max_score_tries`` answers, and the best-scoring answer that passes the gate is kept
+(AudioSetCaps' scheme; :meth:`MergeStage._keep_best` defines the population).
 """
 
 from __future__ import annotations
@@ -33,8 +40,21 @@ from pipeline.stage import Item, ItemStage, Resources, Result
 from stages.merge.backends import Backend, ChatRequest, make_backend
 from stages.merge.config import MergeConfig, gate_settings
 from stages.merge.gate import GATE_VERSION, GateSettings, Verdict, check_answer
+from stages.scores import (
+    MERGE_CLAP,
+    MERGE_CLIP,
+    SOURCE_AUDIO_CLAP,
+    SOURCE_AUDIO_CLIP,
+    SOURCE_VISUAL_CLAP,
+    SOURCE_VISUAL_CLIP,
+    merge_score_fields,
+)
+from stages.scoring import ClapScorer, ClipScorer, ScoreError, ScorerSpec, cosine
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
     import pandas as pd
     import pyarrow as pa
 
@@ -117,6 +137,8 @@ class _Job:
     raw: str = ""
     error: ItemError | None = None
     tokens: tuple[int, int] = (0, 0)
+    clap: float | None = None  # CLAP score of the kept answer
+    score_tries: int = 1  # answers the CLAP rule asked for (the first included)
 
 
 class MergeStage(ItemStage):
@@ -127,6 +149,9 @@ class MergeStage(ItemStage):
     resources: ClassVar[Resources] = Resources(cpus=1.0)
 
     backend: Backend | None = None
+    clap: ClapScorer | None = None
+    clip: ClipScorer | None = None
+    loader: ThreadPoolExecutor | None = None
 
     @property
     def cfg(self) -> MergeConfig:
@@ -147,7 +172,44 @@ class MergeStage(ItemStage):
             "min_words",
         )
         keys += ("min_audio_overlap", "min_visual_overlap", "max_invented", "max_quality_retries")
-        return {**{k: getattr(cfg, k) for k in keys}, "prompt": self.prompt.sha256, "gate": GATE_VERSION}
+        out = {k: getattr(cfg, k) for k in keys}
+        return {**out, "prompt": self.prompt.sha256, "gate": GATE_VERSION, "scores": self.score_settings()}
+
+    def score_settings(self) -> dict[str, Any] | None:
+        """The scorers and the CLAP rule: another model changes the scores, the rule the merges."""
+        cfg = self.cfg
+        if not cfg.score:
+            return None
+        out: dict[str, Any] = {"clap": self.clap_spec().ident(), "clip": self.clip_spec().ident()}
+        if cfg.min_clap_percentile is not None:
+            out |= {
+                "min_clap_percentile": cfg.min_clap_percentile,
+                "max_score_tries": cfg.max_score_tries,
+                "score_min_population": cfg.score_min_population,
+            }
+        return out
+
+    def clap_spec(self) -> ScorerSpec:
+        cfg = self.cfg
+        return ScorerSpec(
+            cfg.clap_model,
+            cfg.clap_revision,
+            cfg.score_device,
+            cfg.score_dtype,
+            cfg.score_batch_size,
+            cfg.score_local_files_only,
+        )
+
+    def clip_spec(self) -> ScorerSpec:
+        cfg = self.cfg
+        return ScorerSpec(
+            cfg.clip_model,
+            cfg.clip_revision,
+            cfg.score_device,
+            cfg.score_dtype,
+            cfg.score_batch_size,
+            cfg.score_local_files_only,
+        )
 
     @cached_property
     def prompt(self) -> Prompt:
@@ -169,6 +231,7 @@ class MergeStage(ItemStage):
             pa.field("merge_backend", pa.string()),
             pa.field("merge_model", pa.string()),
             pa.field("merge_checks", pa.string()),
+            *merge_score_fields(),
         ]
 
     selection_columns = ("split",)
@@ -181,6 +244,13 @@ class MergeStage(ItemStage):
         self.backend = make_backend(self.cfg)
         try:
             self.backend.preflight()  # no item is tried against a backend that cannot answer
+            if self.cfg.score:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self.loader = ThreadPoolExecutor(4, thread_name_prefix="merge-score-load")
+                self.clap = ClapScorer(self.clap_spec(), pool=self.loader)
+                self.clip = ClipScorer(self.clip_spec(), pool=self.loader)
+                self.population = self._committed_clap_scores()
         except BaseException:
             self.teardown()
             raise
@@ -189,6 +259,29 @@ class MergeStage(ItemStage):
         if self.backend is not None:
             self.backend.close()
             self.backend = None
+        self.clap = self.clip = None
+        if self.loader is not None:
+            self.loader.shutdown(wait=True, cancel_futures=True)
+            self.loader = None
+
+    def _committed_clap_scores(self) -> list[float]:
+        """The merge CLAP scores of the run's current ok rows made with this CLAP model."""
+        import pyarrow.compute as pc
+
+        from pipeline.selection import stage_ledger
+
+        ledger = stage_ledger(type(self), self.ctx.workdir)
+        if not ledger.exists():
+            return []
+        table = ledger.latest_table(["status", MERGE_CLAP, "score_models"])
+        table = table.filter(pc.equal(table["status"], "ok"))
+        assert self.clap is not None
+        mine = [
+            bool(m) and json.loads(m).get("clap") == self.clap.ident
+            for m in table["score_models"].to_pylist()
+        ]
+        values = pc.list_flatten(table.filter(mine)[MERGE_CLAP]).to_pylist()
+        return [float(v) for v in values if v is not None]
 
     def _jobs(self, idx: int, item: Item) -> list[_Job]:
         audio = item.data.get("audio_captions")
@@ -220,7 +313,27 @@ class MergeStage(ItemStage):
                 jobs += self._jobs(i, item)
             except ItemError as exc:
                 results[i] = Result.failed(item.clip_id, exc)
-        todo = jobs
+        self._ask(jobs)
+        by_clip: dict[int, list[_Job]] = {}
+        for job in jobs:
+            by_clip.setdefault(job.clip, []).append(job)
+        scores: dict[int, dict[str, Any] | ItemError] = {}
+        if self.clap is not None:
+            import torch
+
+            try:
+                scores = self._score(batch, by_clip)
+            except torch.OutOfMemoryError as exc:
+                err = TransientError("cuda_oom", f"CUDA out of memory in CLAP/CLIP scoring: {exc}")
+                return [Result.failed(item.clip_id, err) for item in batch]
+        for i, clip_jobs in by_clip.items():
+            results[i] = self._result(batch[i], clip_jobs, scores.get(i))
+        return [results[i] for i in range(len(batch))]
+
+    def _ask(self, todo: list[_Job]) -> None:
+        """Ask the backend for every job, with a bigger budget for a cut-off answer (once) and a
+        new seed for one failing the gate (``max_quality_retries``)."""
+        assert self.backend is not None
         while todo:
             requests = [self._request(j) for j in todo]
             answers = self.backend.generate(requests)
@@ -242,14 +355,138 @@ class MergeStage(ItemStage):
                     job.k += 1
                     again.append(job)
             todo = again
-        by_clip: dict[int, list[_Job]] = {}
-        for job in jobs:
-            by_clip.setdefault(job.clip, []).append(job)
-        for i, clip_jobs in by_clip.items():
-            results[i] = self._result(batch[i], clip_jobs)
-        return [results[i] for i in range(len(batch))]
 
-    def _result(self, item: Item, jobs: list[_Job]) -> Result:
+    def _media(
+        self, batch: list[Item], clips: list[int]
+    ) -> dict[int, tuple[np.ndarray, np.ndarray] | ScoreError]:
+        """(CLAP audio embedding, CLIP embedding of the middle keyframe) of each clip, from
+        stage 2's ``audio_path`` and ``frame_paths[middle_frame]``, or why there is none."""
+        assert self.clap is not None and self.clip is not None
+        out: dict[int, tuple[np.ndarray, np.ndarray] | ScoreError] = {}
+        audio: dict[int, Path] = {}
+        image: dict[int, Path] = {}
+        for i in clips:
+            data = batch[i].data
+            frames = data.get("frame_paths") or []
+            if not data.get("audio_path") or not frames:
+                out[i] = ScoreError("score_no_media", "stage 2 gave no audio_path or no frame_paths")
+                continue
+            mid = data.get("middle_frame")
+            k = mid if isinstance(mid, int) and 0 <= mid < len(frames) else len(frames) // 2
+            audio[i] = self.ctx.workdir / data["audio_path"]
+            image[i] = self.ctx.workdir / frames[k]
+        audio_emb = self.clap.audio_embeds(audio.values())
+        image_emb = self.clip.image_embeds(image.values())
+        for i in audio:
+            a, v = audio_emb[audio[i]], image_emb[image[i]]
+            bad = a if isinstance(a, ScoreError) else v if isinstance(v, ScoreError) else None
+            out[i] = bad or (a, v)  # type: ignore[assignment]
+        return out
+
+    def _score(
+        self, batch: list[Item], by_clip: dict[int, list[_Job]]
+    ) -> dict[int, dict[str, Any] | ItemError]:
+        """The score columns of each clip (or the error that left it unscored); with the CLAP rule
+        on, low-scoring merges are asked again first (:meth:`_keep_best`)."""
+        assert self.clap is not None and self.clip is not None
+        media = self._media(batch, list(by_clip))
+        answered = [
+            j
+            for jobs in by_clip.values()
+            for j in jobs
+            if j.verdict and j.verdict.ok and j.error is None and isinstance(media[j.clip], tuple)
+        ]
+        first = self.clap.text_embeds(j.verdict.caption for j in answered)  # type: ignore[union-attr]
+        for j in answered:
+            j.clap = cosine(media[j.clip][0], first[j.verdict.caption])  # type: ignore[index,union-attr]
+            j.tries[-1]["clap_score"] = j.clap
+        if self.cfg.min_clap_percentile is not None:
+            self._keep_best(answered, media)
+            self.population += [j.clap for j in answered if j.clap is not None]
+
+        texts: list[str] = []
+        for jobs in by_clip.values():
+            texts += [j.verdict.caption for j in jobs if j.verdict and j.verdict.ok]
+            texts += [*batch[jobs[0].clip].data["audio_captions"], batch[jobs[0].clip].data["visual_caption"]]
+        clap_t, clip_t = self.clap.text_embeds(texts), self.clip.text_embeds(texts)
+        models = json.dumps({"clap": self.clap.ident, "clip": self.clip.ident})
+        out: dict[int, dict[str, Any] | ItemError] = {}
+        for i, jobs in by_clip.items():
+            m = media[i]
+            if isinstance(m, ScoreError):
+                msg = f"{batch[i].clip_id}: cannot score the merge: {m.message}"
+                out[i] = PermanentError(m.reason, msg)
+                continue
+            a, v = m
+            merged = [j.verdict.caption if j.verdict and j.verdict.ok else None for j in jobs]
+            sources = batch[i].data["audio_captions"]
+            visual = batch[i].data["visual_caption"]
+            out[i] = {
+                MERGE_CLAP: [cosine(a, clap_t[c]) if c else None for c in merged],
+                MERGE_CLIP: [cosine(v, clip_t[c]) if c else None for c in merged],
+                SOURCE_AUDIO_CLAP: [cosine(a, clap_t[c]) for c in sources],
+                SOURCE_AUDIO_CLIP: [cosine(v, clip_t[c]) for c in sources],
+                SOURCE_VISUAL_CLAP: cosine(a, clap_t[visual]),
+                SOURCE_VISUAL_CLIP: cosine(v, clip_t[visual]),
+                "merge_score_tries": max(j.score_tries for j in jobs),
+                "score_models": models,
+            }
+        return out
+
+    def _keep_best(self, answered: list[_Job], media: dict[int, Any]) -> None:
+        """The CLAP rule: a merge scoring below ``min_clap_percentile`` is asked again with a new
+        seed (one try each, no gate retries) until an answer passes the gate and ranks at or above
+        the percentile, or ``max_score_tries`` answers were asked; the best-scoring one is kept.
+
+        The population a score is ranked in: the merge CLAP scores of the run's current ok rows
+        made with the same CLAP model (read when the worker starts), those this worker made since,
+        and the first answers of this batch. Raw cosines mean nothing across models, and no fixed
+        reference exists for a new model; the run's own scores are what the percentiles published
+        on the rows refer to (:func:`stages.scores.percentile_ranks`). Below
+        ``score_min_population`` scores the rule does not fire: a percentile of a handful of
+        values is noise. A rerun in another order can therefore decide differently near the
+        threshold; ``merge_score_tries`` and ``merge_checks`` record what was decided.
+        """
+        import numpy as np
+
+        cfg = self.cfg
+        assert self.backend is not None and self.clap is not None and cfg.min_clap_percentile is not None
+        pop = np.sort(np.asarray(self.population + [j.clap for j in answered], dtype="float64"))
+        if len(pop) < cfg.score_min_population:
+            return
+
+        def low(j: _Job) -> bool:
+            rank = 100.0 * np.searchsorted(pop, j.clap, side="right") / len(pop)
+            return bool(rank < cfg.min_clap_percentile)
+
+        todo = [j for j in answered if low(j)]
+        while todo := [j for j in todo if j.score_tries < cfg.max_score_tries and low(j)]:
+            for j in todo:
+                j.k += 1  # a seed no earlier try of this merge used
+                j.score_tries += 1
+            requests = [ChatRequest(j.messages, cfg.seed + j.k, cfg.max_new_tokens) for j in todo]
+            answers = self.backend.generate(requests)
+            passed = []
+            for j, req, ans in zip(todo, requests, answers, strict=True):
+                sent = {"seed": req.seed, "max_tokens": req.max_tokens, "score_retry": True}
+                if isinstance(ans, ItemError):  # the kept answer stands
+                    j.tries.append({**sent, "error": f"{ans.reason}: {ans.message}"[:RAW_KEEP]})
+                    continue
+                v = check_answer(ans.text, j.audio, j.visual, self.gate, ans.finish_reason)
+                j.tokens = (j.tokens[0] + ans.prompt_tokens, j.tokens[1] + ans.completion_tokens)
+                j.tries.append({**sent, **v.as_dict(), "raw": ans.text[:RAW_KEEP]})
+                if v.ok:
+                    passed.append((j, v, ans.text))
+            emb = self.clap.text_embeds(v.caption for _, v, _ in passed)
+            for j, v, text in passed:
+                score = cosine(media[j.clip][0], emb[v.caption])
+                j.tries[-1]["clap_score"] = score
+                if j.clap is None or score > j.clap:
+                    j.clap, j.verdict, j.raw = score, v, text
+
+    def _result(
+        self, item: Item, jobs: list[_Job], scores: dict[str, Any] | ItemError | None = None
+    ) -> Result:
         assert self.backend is not None
         checks = {
             "prompt_version": self.prompt.version,
@@ -262,6 +499,8 @@ class MergeStage(ItemStage):
                     "n_tries": len(j.tries),
                     "prompt_tokens": j.tokens[0],
                     "completion_tokens": j.tokens[1],
+                    "clap_score": j.clap,
+                    "score_tries": j.score_tries,
                     "tries": j.tries,
                 }
                 for j in jobs
@@ -276,6 +515,8 @@ class MergeStage(ItemStage):
             "merge_model": self.backend.model,
             "merge_checks": json.dumps(checks, ensure_ascii=False),
         }
+        if isinstance(scores, dict):
+            outputs |= scores
         errors = [j.error for j in jobs if j.error is not None]
         transient = [e for e in errors if isinstance(e, TransientError)]
         if transient or errors:
@@ -290,6 +531,8 @@ class MergeStage(ItemStage):
                 f"after {len(j.tries)} tries; last answer: {j.raw[:200]!r}"
             )
             return Result.failed(item.clip_id, PermanentError(f"gate_{reason}", msg), **outputs)
+        if isinstance(scores, ItemError):  # merged, but the scorers could not read the clip's media
+            return Result.failed(item.clip_id, scores, **outputs)
         return Result.ok(item.clip_id, **outputs)
 
     def dry_run(self, batch: list[Item]) -> Iterator[str]:

@@ -191,6 +191,15 @@ def test_demo_runs_without_system_ffmpeg_or_java(tmp_path: Path, bare_env: dict[
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     downloads = stage_ledger(DownloadStage, workdir).latest()
     assert (downloads["status"] == "ok").sum() == 12
+    from stages.caption.stage import CaptionStage
+    from stages.merge.stage import MergeStage
+
+    captions = stage_ledger(CaptionStage, workdir).latest().query("status == 'ok'")
+    merges = stage_ledger(MergeStage, workdir).latest().query("status == 'ok'")
+    assert (
+        len(captions) and captions["visual_clip_score"].map(len).eq(captions["frame_captions"].map(len)).all()
+    )
+    assert len(merges) and merges["merge_clap_score"].notna().all() and merges["score_models"].notna().all()
     assert (workdir / "export" / "SHA256SUMS").is_file()
     out = proc.stdout
     assert "$ avcaps perturb --run" in out and "$ avcaps eval" in out and "$ avcaps robustness" in out

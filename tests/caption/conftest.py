@@ -111,18 +111,22 @@ def make_items(workdir: Path, n_clips: int, frames: int = 3, seed: int = 0) -> l
     return items
 
 
-def make_stage(workdir: Path, model: Path, **caption: Any) -> CaptionStage:
-    settings = {"model": str(model), "num_beams": 1, "max_new_tokens": 8, "loader_workers": 2} | caption
+def make_stage(workdir: Path, model: Path, clip: Path | None = None, **caption: Any) -> CaptionStage:
+    """A caption stage on ``model``; scoring with the CLIP at ``clip`` (none: scoring off)."""
+    settings = {"model": str(model), "num_beams": 1, "max_new_tokens": 8, "loader_workers": 2}
+    settings |= {"clip_model": str(clip)} if clip is not None else {"score": False}
+    settings |= caption
     cfg = RunConfig.model_validate({"workdir": str(workdir), "caption": settings})
     return CaptionStage(RunContext(workdir, cfg))
 
 
 @pytest.fixture
-def stage_factory(tiny_blip2: Path) -> Iterator[Any]:
+def stage_factory(tiny_blip2: Path, tiny_clip: Path) -> Iterator[Any]:
+    """Caption stages set up on the tiny BLIP-2, scoring with the tiny CLIP (as a real run does)."""
     made: list[CaptionStage] = []
 
     def factory(workdir: Path, model: Path | None = None, **caption: Any) -> CaptionStage:
-        st = make_stage(workdir, model or tiny_blip2, **caption)
+        st = make_stage(workdir, model or tiny_blip2, tiny_clip, **caption)
         st.setup()
         made.append(st)
         return st

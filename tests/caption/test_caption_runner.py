@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from pipeline.ledger import Ledger
+from stages.scoring import local_fingerprint
 
 N_CLIPS = 30
 
@@ -22,12 +23,13 @@ def avcaps(args: list[str], env: dict[str, str], **kw: Any) -> subprocess.Popen[
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, **kw)
 
 
-def write_config(tmp_path: Path, model: Path) -> Path:
+def write_config(tmp_path: Path, model: Path, clip: Path) -> Path:
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
         f"workdir: {tmp_path / 'run'}\n"
         "caption:\n"
         f"  model: {model}\n"
+        f"  clip_model: {clip}\n"
         "  batch_size: 1\n"
         "  num_beams: 2\n"
         "  max_new_tokens: 12\n"
@@ -38,12 +40,17 @@ def write_config(tmp_path: Path, model: Path) -> Path:
 
 @pytest.mark.slow
 def test_resume_after_kill_finishes_each_clip_exactly_once(
-    tmp_path: Path, tiny_blip2: Path, items_factory: Any, upstream_ledgers: Any, upstream_app: dict[str, str]
+    tmp_path: Path,
+    tiny_blip2: Path,
+    tiny_clip: Path,
+    items_factory: Any,
+    upstream_ledgers: Any,
+    upstream_app: dict[str, str],
 ) -> None:
     workdir = tmp_path / "run"
     items = items_factory(workdir, n_clips=N_CLIPS, frames=2)
     upstream_ledgers(workdir, items)
-    cfg = write_config(tmp_path, tiny_blip2)
+    cfg = write_config(tmp_path, tiny_blip2, tiny_clip)
     args = ["run", "caption", "--config", str(cfg), "--no-progress"]
     ledger_dir = workdir / "03-caption" / "ledger"
 
@@ -73,7 +80,12 @@ def test_resume_after_kill_finishes_each_clip_exactly_once(
 
 
 def test_runner_run_status_and_stats(
-    tmp_path: Path, tiny_blip2: Path, items_factory: Any, upstream_ledgers: Any, upstream_app: dict[str, str]
+    tmp_path: Path,
+    tiny_blip2: Path,
+    tiny_clip: Path,
+    items_factory: Any,
+    upstream_ledgers: Any,
+    upstream_app: dict[str, str],
 ) -> None:
     import json
 
@@ -86,12 +98,16 @@ def test_runner_run_status_and_stats(
     items = items_factory(workdir, n_clips=5, frames=3)
     (workdir / items[2]["frame_paths"][0]).write_bytes(b"\xff\xd8 broken")
     upstream_ledgers(workdir, items)
-    ctx = load_context(write_config(tmp_path, tiny_blip2), None, ("caption.batch_size=2",))
+    ctx = load_context(write_config(tmp_path, tiny_blip2, tiny_clip), None, ("caption.batch_size=2",))
     report = run_stage(find_stage("caption"), ctx, RunOptions(progress=False))
     assert report.counts == {"ok": 4, "failed_permanent": 1}
     state = Ledger(workdir / "03-caption" / "ledger").latest()
     assert state.loc[items[2].clip_id, "reason"] == "corrupt_frame"
     assert state.loc[items[0].clip_id, "visual_caption"] == state.loc[items[0].clip_id, "frame_captions"][1]
+    # The CLIP scores reach the ledger through the runner: one per frame caption, as float32.
+    ok = state[state["status"] == "ok"]
+    assert all(len(s) == 3 and all(-1 <= x <= 1 for x in s) for s in ok["visual_clip_score"])
+    assert set(ok["clip_model"]) == {f"{tiny_clip}@{local_fingerprint(tiny_clip)}"}
     stats = json.loads((workdir / "03-caption" / "stats.json").read_text())
     assert stats["summary"]["frames_captioned"] == 12  # frames after the broken one are skipped
     again = run_stage(find_stage("caption"), ctx, RunOptions(progress=False))

@@ -273,6 +273,8 @@ def test_realistic_run(
     ls_server: LabelStudioServer,
     ls_root: Path,
     tiny_blip2: Path,
+    tiny_clip: Path,
+    tiny_clap: Path,
     dog_chat_model: Path,
     tmp_path: Path,
 ) -> None:
@@ -300,7 +302,13 @@ def test_realistic_run(
                 "read_timeout_s": 10,
                 "socket_timeout_s": 10,
             },
-            caption={"model": str(tiny_blip2), "num_beams": 1, "max_new_tokens": 8, "batch_size": 16},
+            caption={
+                "model": str(tiny_blip2),
+                "clip_model": str(tiny_clip),
+                "num_beams": 1,
+                "max_new_tokens": 8,
+                "batch_size": 16,
+            },
             merge={
                 "backend": "transformers",
                 "model": str(dog_chat_model),
@@ -312,6 +320,8 @@ def test_realistic_run(
                 # "dog dog ..." keeps 1 of the 3 content words of "Dogs bark in the distance".
                 "min_audio_overlap": 0.3,
                 "max_quality_retries": 1,
+                "clip_model": str(tiny_clip),
+                "clap_model": str(tiny_clap),
             },
             review={"url": ls_server.url, "document_root": str(ls_root)},
         )

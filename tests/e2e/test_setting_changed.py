@@ -86,7 +86,13 @@ def export_files(workdir: Path) -> dict[str, bytes]:
 
 
 def test_a_changed_caption_setting_is_followed_through_to_the_export(
-    ls_server: LabelStudioServer, ls_root: Path, tiny_blip2: Path, dog_chat_model: Path, tmp_path: Path
+    ls_server: LabelStudioServer,
+    ls_root: Path,
+    tiny_blip2: Path,
+    dog_chat_model: Path,
+    tmp_path: Path,
+    tiny_clip: Path,
+    tiny_clap: Path,
 ) -> None:
     csv_dir = write_inputs(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "LABEL_STUDIO_API_KEY": CREDS.api_key}
@@ -103,7 +109,12 @@ def test_a_changed_caption_setting_is_followed_through_to_the_export(
                     "checksums": None,
                 },
                 "download": {"url_template": media.url_template(), "backoff_s": 0.2},
-                "caption": {"model": str(tiny_blip2), "num_beams": 1, "max_new_tokens": max_new_tokens},
+                "caption": {
+                    "model": str(tiny_blip2),
+                    "clip_model": str(tiny_clip),
+                    "num_beams": 1,
+                    "max_new_tokens": max_new_tokens,
+                },
                 "merge": {
                     "backend": "transformers",
                     "model": str(dog_chat_model),
@@ -112,6 +123,8 @@ def test_a_changed_caption_setting_is_followed_through_to_the_export(
                     "max_new_tokens": 24,
                     "min_visual_overlap": 0.0,
                     "max_quality_retries": 1,
+                    "clip_model": str(tiny_clip),
+                    "clap_model": str(tiny_clap),
                 },
                 "review": {"url": ls_server.url, "document_root": str(ls_root)},
             }

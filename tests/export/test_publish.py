@@ -7,6 +7,7 @@ visibility rules); the fake answers every file as a regular inline upload.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,13 @@ def test_upload_creates_private_repo_commits_once_and_tags(
         "type": "dataset",
     }
     assert sum("/commit/" in p for p in paths) == 1  # one commit
-    assert fake_hub.committed_files() == _export_files(exported)  # exactly the export, byte for byte
+    committed = fake_hub.committed_files()
+    assert committed == _export_files(exported)  # exactly the export, byte for byte
+    # The card's figures go up with it, at the relative paths the card links (what the Hub renders).
+    linked = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", committed["README.md"].decode())
+    figures = ["caption_lengths", "availability", "review_verdicts"]  # no scores in this run
+    assert linked == [f"figures/{name}.png" for name in figures]
+    assert all(committed[p].startswith(b"\x89PNG") for p in linked)
     tag = [r for r in fake_hub.requests if "/tag/" in r["path"]]
     assert len(tag) == 1 and tag[0]["path"].endswith("/tag/" + "c" * 40)
     assert json.loads(tag[0]["body"])["tag"] == summary["tag"]

@@ -100,11 +100,14 @@ class MergeRun:
 
 
 @pytest.fixture
-def merge_run(tmp_path: Path) -> Callable[..., MergeRun]:
+def merge_run(tmp_path: Path, tiny_clip: Path, tiny_clap: Path) -> Callable[..., MergeRun]:
     """``merge_run(n, merge={...})``: stage 0 run for real on ``n`` sampled AudioCaps test clips,
     stages 1-3 written as a real run leaves them (one clip gone from its source, one caption
-    retried after a CUDA OOM), and a config whose ``merge`` section is ``merge``."""
+    retried after a CUDA OOM) with stage 2's keyframe and audio files on disk, and a config whose
+    ``merge`` section is ``merge`` (scoring with the tiny CLIP and CLAP unless it says otherwise)."""
     import yaml
+
+    from standins.scorers import write_stage2_media
 
     def make(n: int = 4, merge: dict[str, object] | None = None) -> MergeRun:
         from pipeline.cli import load_context
@@ -124,7 +127,8 @@ def merge_run(tmp_path: Path) -> Callable[..., MergeRun]:
             "splits": {"test": "test.csv"},
             "sample_per_split": n + 1,
         }
-        cfg.write_text(yaml.safe_dump({"manifest": manifest, "merge": merge or {}}))
+        scorers = {"clip_model": str(tiny_clip), "clap_model": str(tiny_clap)}
+        cfg.write_text(yaml.safe_dump({"manifest": manifest, "merge": scorers | (merge or {})}))
         run_stage(ManifestStage, load_context(cfg, workdir, ()), RunOptions(progress=False))
         clips = Ledger(workdir / "00-manifest" / "ledger").latest()
         ids = sorted(clips.index)
@@ -139,6 +143,7 @@ def merge_run(tmp_path: Path) -> Callable[..., MergeRun]:
                 VISUALS[i % len(VISUALS)],
                 [],
             )
+            write_stage2_media(workdir, f"media/frames/{cid}/0.jpg", f"media/audio/{cid}.flac", seed=i)
             stages = {s: outs[s] for s in (DownloadStage, KeyframesStage, CaptionStage)}
             failure = Failure(DownloadStage, "private") if cid == gone else None
             histories.append(

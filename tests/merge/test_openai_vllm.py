@@ -31,6 +31,7 @@ def stage_for(tmp_path: Path, url: str, *extra: str) -> MergeStage:
         "merge.max_new_tokens=64",
         "merge.max_chars=120",
         "merge.concurrency=8",
+        "merge.score=false",  # these items carry no stage-2 media (tests/merge/test_scores.py scores)
         *extra,
     ]
     return MergeStage(RunContext(tmp_path / "run", load_config(RunConfig, cfg_file, overrides)))

@@ -100,6 +100,7 @@ merge:
   batch_size: 1
   commit_interval_s: 0  # a commit per batch: the kill test watches parts appear
   max_quality_retries: 4
+  score: false  # no stage-2 media in this run folder (tests/merge/test_scores.py scores merges)
   # A random-weight model writes word salad: only the structural checks can pass.
   min_audio_overlap: 0
   min_visual_overlap: 0

@@ -46,6 +46,7 @@ def tf_overrides(model: Path) -> list[str]:
         "merge.reasoning_effort=null",
         "merge.max_new_tokens=24",
         "merge.device=cpu",
+        "merge.score=false",  # these items carry no stage-2 media; tests/scores score merges
     ]
 
 

@@ -180,6 +180,29 @@ def test_limit(run: dict) -> None:
     assert len(latest(run)) == N + 4 and history(run)["clip_id"].is_unique
 
 
+def test_a_stage_orders_its_items(run: dict) -> None:
+    """ItemStage.order: batches, --limit and shards take the clips in the order the stage gives."""
+    from pipeline.errors import AbortRun
+
+    table_order = list(table_clips(run, "toy.order=table"))
+    toy(run, "toy.order=reverse", limit=5)
+    assert work(run) == table_order[::-1][:5]  # the last five clips of the table, last first
+    toy(run, "toy.order=reverse", shard=(0, 2))
+    shard = work(run)[5:]
+    assert shard == [c for c in table_order[::-1][5:] if c in set(shard)]  # the order holds in a shard
+    with pytest.raises(AbortRun, match=r"order\(\) must give a permutation of its"):
+        toy(run, "toy.order=broken", force=True)
+
+
+def table_clips(info: dict, *overrides: str) -> list[str]:
+    """The clips the toy stage applies to, in clip-table order."""
+    from pipeline.selection import selected, upstream_ok
+
+    c = ctx(info, *overrides)
+    stage = find_stage("toy")(c)
+    return selected(stage, upstream_ok(type(stage), c))["clip_id"].to_pylist()
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7])
 def test_shards_partition_the_items(run: dict, n: int) -> None:
     seen: list[str] = []

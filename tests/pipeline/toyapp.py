@@ -37,6 +37,7 @@ class ToySection(StageConfig):
     only_split: str | None = None
     write_file: bool = Field(True, description="Write a media file per ok item (off: pure engine cost).")
     flavour: str = Field("plain", description="A setting that changes the output (fingerprinted).")
+    order: str = Field("table", description="table | reverse | broken (not a permutation): ToyStage.order.")
 
 
 class ToyConfig(StrictModel):
@@ -62,6 +63,12 @@ class ToyStage(ItemStage):
 
     def fingerprint_settings(self) -> dict[str, Any]:
         return {"flavour": self.stage_config.flavour}  # type: ignore[attr-defined]
+
+    def order(self, table: pa.Table) -> Any:
+        how = self.stage_config.order  # type: ignore[attr-defined]
+        if how == "reverse":
+            return list(range(table.num_rows))[::-1]
+        return [0] * table.num_rows if how == "broken" else None
 
     def setup(self) -> None:
         cfg = self.stage_config

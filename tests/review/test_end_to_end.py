@@ -31,6 +31,7 @@ def test_pipeline_review_export(
 ) -> None:
     from standins.blip2 import build_tiny_blip2
     from standins.llm import build_tiny_chat_model
+    from standins.scorers import scorer_overrides
 
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", CREDS.api_key)
     monkeypatch.delenv("AVCAPS_APP", raising=False)
@@ -54,6 +55,7 @@ def test_pipeline_review_export(
                 *base,
                 f"download.url_template={media.url_template()}",
                 f"caption.model={blip2}",
+                *scorer_overrides(tmp_path / "scorers"),
                 "merge.backend=transformers",
                 f"merge.model={chat}",
                 "merge.device=cpu",

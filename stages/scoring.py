@@ -1,0 +1,318 @@
+"""CLIP (image <-> text) and CLAP (audio <-> text) scorers: loaded once per worker, batched.
+
+The models are the real transformers classes, ``CLIPModel`` + ``CLIPProcessor`` (default
+``openai/clip-vit-large-patch14``) and ``ClapModel`` + ``ClapProcessor`` (default
+``laion/larger_clap_general``), loaded with ``from_pretrained`` from a Hub id (at a pinned
+revision) or a local folder (the tests' and the demo's tiny stand-ins: ``standins/scorers.py``).
+A score is the raw cosine of the two L2-normalized projected embeddings (CLIP's logit scale and
+CLIPScore's ``2.5 * max(cos, 0)`` are left out: readers calibrate raw cosines as percentiles over
+the run, :func:`stages.scores.percentile_ranks`).
+
+Inputs are embedded once per distinct file or text and in chunks of ``batch_size``; a score is a
+dot product of two cached embeddings, so five merges of one clip cost one audio forward. An input
+that cannot be read gives a :class:`ScoreError` for that input only (the stage fails that clip).
+
+Audio: stage 2 writes 16 kHz mono; CLAP's feature extractor is built for its own rate (48 kHz for
+the LAION checkpoints) and refuses any other (it does not resample). The audio is resampled with
+soxr at HQ quality, the band-limited resampler stage 2 already uses (``stages.keyframes.resample``;
+cheaper than libswresample through PyAV here, BENCHMARKS.md), not by repeating samples, which
+would fold images of the 0-8 kHz band into 8-24 kHz where CLAP's mel bins (up to 14 kHz) would
+read them as sound. What stage 2 cut above 8 kHz stays missing: CLAP sees 16 kHz-band audio.
+A clip longer than CLAP's window (10 s) is cut to its middle 10 s rather than the feature
+extractor's random crop (``rand_trunc``), so a score is reproducible; a shorter one is
+repeat-padded by the feature extractor as in LAION's training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.errors import AbortRun
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+log = logging.getLogger("avcaps")
+
+CLIP_MODEL = "openai/clip-vit-large-patch14"
+# Commits of the Hub repositories widely pinned in public code.
+CLIP_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"
+CLAP_MODEL = "laion/larger_clap_general"
+CLAP_REVISION = "ada0c23a36c4e8582805bb38fec3905903f18b41"
+
+
+class ScoreError(Exception):
+    """One input a scorer could not read; ``reason`` is the ledger's failure reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """Which model and how to run it (device, dtype and batch size change no score beyond float
+    noise, so only ``model`` and ``revision`` belong in a stage's fingerprint)."""
+
+    model: str
+    revision: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 64
+    local_files_only: bool = False
+
+    def ident(self) -> str:
+        """``model@revision`` as the fingerprint and the ledger record it (before loading)."""
+        return (
+            f"{self.model}@{self.revision}" if self.revision and not Path(self.model).is_dir() else self.model
+        )
+
+
+def local_fingerprint(folder: Path) -> str:
+    """``local:<hash>`` of a local model folder's config files and file sizes (no weight read)."""
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+            if p.suffix == ".json":
+                h.update(p.read_bytes())
+    return "local:" + h.hexdigest()[:16]
+
+
+def _device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AbortRun(f"scorer device {name} asked for but no CUDA device is available")
+    return dev
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)  # type: ignore[no-any-return]
+
+
+def _embedding(out: Any) -> torch.Tensor:
+    """The projected embedding, L2-normalized, in float32 (transformers 5 returns a model output
+    whose ``pooler_output`` is the projection; older versions returned the tensor)."""
+    import torch
+
+    emb = out if isinstance(out, torch.Tensor) else out.pooler_output
+    emb = emb.float()
+    return emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class _Scorer:
+    """Shared loading, text embedding and chunking of the CLIP and CLAP scorers."""
+
+    what = "scorer"
+
+    def __init__(
+        self, spec: ScorerSpec, model: Any = None, processor: Any = None, pool: Executor | None = None
+    ) -> None:
+        """Load ``spec.model``; or take an already built ``model`` and ``processor`` (the
+        benchmark's random-weight full-size models). ``pool`` reads input files ahead."""
+        self.spec = spec
+        self.device = _device(spec.device)
+        self.dtype = _dtype(spec.dtype, self.device)
+        if model is None:
+            model, processor, self.revision = self._load(spec)
+        else:
+            self.revision = "in-memory"
+        self.model = model.to(self.device, dtype=self.dtype).eval()
+        self.processor = processor
+        self.pool = pool
+        self._texts: dict[str, np.ndarray] = {}
+
+    @property
+    def ident(self) -> str:
+        """``model@revision`` as loaded (a local folder's revision is a hash of its files)."""
+        return f"{self.spec.model}@{self.revision}" if self.revision else self.spec.model
+
+    def _classes(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _load(self, spec: ScorerSpec) -> tuple[Any, Any, str | None]:
+        model_cls, proc_cls = self._classes()
+        local = Path(spec.model).is_dir()
+        if not local and (spec.model.startswith((".", "/", "~")) or spec.model.count("/") > 1):
+            raise AbortRun(f"{self.what} model folder not found: {spec.model}")
+        hub: dict[str, Any] = (
+            {} if local else {"revision": spec.revision, "local_files_only": spec.local_files_only}
+        )
+        try:
+            processor = proc_cls.from_pretrained(spec.model, **hub)
+            model = model_cls.from_pretrained(spec.model, **hub, dtype=self.dtype)
+        except (OSError, ValueError) as exc:  # not on the Hub / no network / not such a folder
+            raise AbortRun(f"{self.what} model {spec.model!r} could not be loaded: {exc}") from exc
+        return model, processor, (local_fingerprint(Path(spec.model)) if local else spec.revision)
+
+    def _chunks(self, items: Sequence[Any]) -> Iterable[Sequence[Any]]:
+        n = self.spec.batch_size
+        for i in range(0, len(items), n):
+            yield items[i : i + n]
+
+    def _text_forward(self, batch: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def text_embeds(self, texts: Iterable[str]) -> dict[str, np.ndarray]:
+        """Normalized embeddings of ``texts`` (each distinct text embedded once, cached)."""
+        import torch
+
+        texts = list(texts)
+        if len(self._texts) > 100_000:  # a bounded cache: captions rarely repeat across batches
+            self._texts.clear()
+        todo = sorted({t for t in texts if t not in self._texts}, key=len)  # similar lengths pad less
+        tok = self.processor.tokenizer
+        for chunk in self._chunks(todo):
+            enc = tok(list(chunk), padding=True, truncation=True, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                emb = _embedding(self._text_forward(enc)).cpu().numpy()
+            self._texts.update(zip(chunk, emb, strict=True))
+        return {t: self._texts[t] for t in texts}
+
+    def _read_all(self, paths: Sequence[Path], read: Any) -> list[Any]:
+        """``read`` over ``paths`` (in the pool when there is one), a ScoreError kept per input."""
+
+        def safe(p: Path) -> Any:
+            try:
+                return read(p)
+            except ScoreError as exc:
+                return exc
+
+        if self.pool is None:
+            return [safe(p) for p in paths]
+        return list(self.pool.map(safe, paths))
+
+
+class ClipScorer(_Scorer):
+    """CLIP image <-> text: ``image_embeds`` of JPEG files and ``text_embeds`` of captions."""
+
+    what = "CLIP"
+
+    def _classes(self) -> tuple[Any, Any]:
+        from transformers import CLIPModel, CLIPProcessor
+
+        return CLIPModel, CLIPProcessor
+
+    def _text_forward(self, enc: dict[str, Any]) -> Any:
+        return self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+
+    @staticmethod
+    def read_image(path: Path) -> Any:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB")
+        except FileNotFoundError as exc:
+            raise ScoreError("score_missing_frame", f"{path}: file not found") from exc
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ScoreError("score_unreadable_frame", f"{path}: {exc}") from exc
+
+    def image_embeds(self, paths: Iterable[Path]) -> dict[Path, np.ndarray | ScoreError]:
+        """Normalized embeddings of the images at ``paths`` (each distinct path read once)."""
+        import torch
+
+        unique = list(dict.fromkeys(paths))
+        out: dict[Path, np.ndarray | ScoreError] = {}
+        for chunk in self._chunks(unique):
+            images = self._read_all(chunk, self.read_image)
+            good = [(p, im) for p, im in zip(chunk, images, strict=True) if not isinstance(im, ScoreError)]
+            out.update((p, im) for p, im in zip(chunk, images, strict=True) if isinstance(im, ScoreError))
+            if not good:
+                continue
+            pix = self.processor.image_processor(images=[im for _, im in good], return_tensors="pt")
+            pixel_values = pix["pixel_values"].to(self.device, dtype=self.dtype)
+            with torch.inference_mode():
+                emb = _embedding(self.model.get_image_features(pixel_values=pixel_values)).cpu().numpy()
+            out.update((p, e) for (p, _), e in zip(good, emb, strict=True))
+        return out
+
+
+class ClapScorer(_Scorer):
+    """CLAP audio <-> text: ``audio_embeds`` of audio files (any rate) and ``text_embeds``."""
+
+    what = "CLAP"
+
+    def __init__(
+        self, spec: ScorerSpec, model: Any = None, processor: Any = None, pool: Executor | None = None
+    ) -> None:
+        super().__init__(spec, model, processor, pool)
+        fe = self.processor.feature_extractor
+        self.rate = int(fe.sampling_rate)
+        self.window = int(fe.nb_max_samples)  # max_length_s * rate: what CLAP sees of a clip
+
+    def _classes(self) -> tuple[Any, Any]:
+        from transformers import ClapModel, ClapProcessor
+
+        return ClapModel, ClapProcessor
+
+    def _text_forward(self, enc: dict[str, Any]) -> Any:
+        return self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+
+    def read_audio(self, path: Path) -> np.ndarray:
+        """Mono float32 at CLAP's rate (soxr HQ), the middle ``window`` samples of a longer clip."""
+        import numpy as np
+        import soundfile as sf
+
+        from stages.keyframes import resample
+
+        try:
+            data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        except FileNotFoundError as exc:
+            raise ScoreError("score_missing_audio", f"{path}: file not found") from exc
+        except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as exc:
+            raise ScoreError("score_unreadable_audio", f"{path}: {exc}") from exc
+        if data.shape[0] == 0:
+            raise ScoreError("score_unreadable_audio", f"{path}: no audio samples")
+        mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+        audio = resample(np.ascontiguousarray(mono, dtype=np.float32), int(rate), self.rate)
+        if len(audio) > self.window:
+            start = (len(audio) - self.window) // 2
+            audio = audio[start : start + self.window]
+        return audio
+
+    def audio_embeds(self, paths: Iterable[Path]) -> dict[Path, np.ndarray | ScoreError]:
+        """Normalized embeddings of the audio files at ``paths`` (each distinct path read once)."""
+        import torch
+
+        unique = list(dict.fromkeys(paths))
+        out: dict[Path, np.ndarray | ScoreError] = {}
+        fe = self.processor.feature_extractor
+        for chunk in self._chunks(unique):
+            waves = self._read_all(chunk, self.read_audio)
+            good = [(p, w) for p, w in zip(chunk, waves, strict=True) if not isinstance(w, ScoreError)]
+            out.update((p, w) for p, w in zip(chunk, waves, strict=True) if isinstance(w, ScoreError))
+            if not good:
+                continue
+            feats = fe([w for _, w in good], sampling_rate=self.rate, return_tensors="pt")
+            kw = {"input_features": feats["input_features"].to(self.device, dtype=self.dtype)}
+            if "is_longer" in feats:
+                kw["is_longer"] = feats["is_longer"].to(self.device)
+            with torch.inference_mode():
+                emb = _embedding(self.model.get_audio_features(**kw)).cpu().numpy()
+            out.update((p, e) for (p, _), e in zip(good, emb, strict=True))
+        return out
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of two normalized embeddings, rounded to float32 as the ledgers store it."""
+    import numpy as np
+
+    return float(np.float32(np.dot(a.astype(np.float64), b.astype(np.float64))))
