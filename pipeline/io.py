@@ -120,3 +120,18 @@ def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
     file hash of the code base: checksum files, uploads and installed jars all use it."""
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, algorithm).hexdigest()
+
+
+def folder_fingerprint(folder: Path | str) -> str:
+    """``local:<hash>`` of a folder's file names and sizes plus its JSON files' bytes.
+
+    Cheap (no large file is read): what identifies a model saved with ``save_pretrained`` in a
+    local folder, where there is no Hub revision to record.
+    """
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            h.update(f"{p.name}:{p.stat().st_size}\n".encode())
+            if p.suffix == ".json":
+                h.update(p.read_bytes())
+    return "local:" + h.hexdigest()[:16]

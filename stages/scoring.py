@@ -25,7 +25,6 @@ repeat-padded by the feature extractor as in LAION's training.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun
+from pipeline.io import folder_fingerprint
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,17 +74,6 @@ class ScorerSpec:
         return (
             f"{self.model}@{self.revision}" if self.revision and not Path(self.model).is_dir() else self.model
         )
-
-
-def local_fingerprint(folder: Path) -> str:
-    """``local:<hash>`` of a local model folder's config files and file sizes (no weight read)."""
-    h = hashlib.sha256()
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith("."):
-            h.update(f"{p.name}:{p.stat().st_size}\n".encode())
-            if p.suffix == ".json":
-                h.update(p.read_bytes())
-    return "local:" + h.hexdigest()[:16]
 
 
 def _device(name: str) -> torch.device:
@@ -159,7 +148,7 @@ class _Scorer:
             model = model_cls.from_pretrained(spec.model, **hub, dtype=self.dtype)
         except (OSError, ValueError) as exc:  # not on the Hub / no network / not such a folder
             raise AbortRun(f"{self.what} model {spec.model!r} could not be loaded: {exc}") from exc
-        return model, processor, (local_fingerprint(Path(spec.model)) if local else spec.revision)
+        return model, processor, (folder_fingerprint(spec.model) if local else spec.revision)
 
     def _chunks(self, items: Sequence[Any]) -> Iterable[Sequence[Any]]:
         n = self.spec.batch_size

@@ -16,7 +16,6 @@ caption cut by ``max_new_tokens`` loses its trailing (probably partial) word.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import unicodedata
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun
+from pipeline.io import folder_fingerprint
 from stages.caption.config import CaptionConfig
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class Captioner:
             model = Blip2ForConditionalGeneration.from_pretrained(cfg.model, **hub, **load)
         except (OSError, ValueError) as exc:  # not on the Hub / no network / not a BLIP-2 folder
             raise AbortRun(f"caption.model {cfg.model!r} could not be loaded: {exc}") from exc
-        return model, (self._local_fingerprint(Path(cfg.model)) if local else cfg.revision)
+        return model, (folder_fingerprint(cfg.model) if local else cfg.revision)
 
     @staticmethod
     def _device(name: str) -> torch.device:
@@ -162,17 +162,6 @@ class Captioner:
         if name == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return getattr(torch, name)  # type: ignore[no-any-return]
-
-    @staticmethod
-    def _local_fingerprint(folder: Path) -> str:
-        """``local:<hash>`` of a local model folder's config and file sizes (cheap, no weight read)."""
-        h = hashlib.sha256()
-        for p in sorted(folder.iterdir()):
-            if p.is_file() and not p.name.startswith("."):
-                h.update(f"{p.name}:{p.stat().st_size}\n".encode())
-                if p.suffix == ".json":
-                    h.update(p.read_bytes())
-        return "local:" + h.hexdigest()[:16]
 
     def _prepare_text(self) -> None:
         """The prompt's token ids, once: image placeholders + BOS + prompt, as the processor makes them.

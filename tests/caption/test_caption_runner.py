@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from pipeline.io import folder_fingerprint
 from pipeline.ledger import Ledger
-from stages.scoring import local_fingerprint
 
 N_CLIPS = 30
 
@@ -107,7 +107,7 @@ def test_runner_run_status_and_stats(
     # The CLIP scores reach the ledger through the runner: one per frame caption, as float32.
     ok = state[state["status"] == "ok"]
     assert all(len(s) == 3 and all(-1 <= x <= 1 for x in s) for s in ok["visual_clip_score"])
-    assert set(ok["clip_model"]) == {f"{tiny_clip}@{local_fingerprint(tiny_clip)}"}
+    assert set(ok["clip_model"]) == {f"{tiny_clip}@{folder_fingerprint(tiny_clip)}"}
     stats = json.loads((workdir / "03-caption" / "stats.json").read_text())
     assert stats["summary"]["frames_captioned"] == 12  # frames after the broken one are skipped
     again = run_stage(find_stage("caption"), ctx, RunOptions(progress=False))
