@@ -76,18 +76,21 @@ class ScorerSpec:
         )
 
 
-def _device(name: str) -> torch.device:
+def torch_device(name: str, setting: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU; a CUDA device asked for on a machine without one
+    stops the run, naming the ``setting`` (the captioner and the scorers share this rule)."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AbortRun(f"scorer device {name} asked for but no CUDA device is available")
+        raise AbortRun(f"{setting}={name} but no CUDA device is available")
     return dev
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
+def torch_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on CUDA, float32 elsewhere."""
     import torch
 
     if name == "auto":
@@ -116,8 +119,8 @@ class _Scorer:
         """Load ``spec.model``; or take an already built ``model`` and ``processor`` (the
         benchmark's random-weight full-size models). ``pool`` reads input files ahead."""
         self.spec = spec
-        self.device = _device(spec.device)
-        self.dtype = _dtype(spec.dtype, self.device)
+        self.device = torch_device(spec.device, "scorer device")
+        self.dtype = torch_dtype(spec.dtype, self.device)
         if model is None:
             model, processor, self.revision = self._load(spec)
         else:

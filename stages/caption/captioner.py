@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import AbortRun
 from pipeline.io import folder_fingerprint
 from stages.caption.config import CaptionConfig
+from stages.scoring import torch_device, torch_dtype
 
 if TYPE_CHECKING:
     import numpy as np
@@ -97,8 +98,8 @@ class Captioner:
         import torch
 
         self.cfg = cfg
-        self.device = self._device(cfg.device)
-        self.dtype = self._dtype(cfg.dtype, self.device)
+        self.device = torch_device(cfg.device, "caption.device")
+        self.dtype = torch_dtype(cfg.dtype, self.device)
         if model is None:
             model, self.revision = self._load(cfg)
         else:
@@ -143,25 +144,6 @@ class Captioner:
         except (OSError, ValueError) as exc:  # not on the Hub / no network / not a BLIP-2 folder
             raise AbortRun(f"caption.model {cfg.model!r} could not be loaded: {exc}") from exc
         return model, (folder_fingerprint(cfg.model) if local else cfg.revision)
-
-    @staticmethod
-    def _device(name: str) -> torch.device:
-        import torch
-
-        if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise AbortRun(f"caption.device={name} but no CUDA device is available")
-        return dev
-
-    @staticmethod
-    def _dtype(name: str, device: torch.device) -> torch.dtype:
-        import torch
-
-        if name == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return getattr(torch, name)  # type: ignore[no-any-return]
 
     def _prepare_text(self) -> None:
         """The prompt's token ids, once: image placeholders + BOS + prompt, as the processor makes them.
