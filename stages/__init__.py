@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "perturb": "evalkit.cli:perturb",
     "robustness": "evalkit.cli:robustness",
     "review": "review.cli:review",
+    "sources": "stages.download.cli:sources",
 }
 # How to get a missing optional module (`avcaps` prints it after the module's name).
 MISSING_MODULE_HINT = "`make setup` installs every extra (or pip install -e '.[EXTRA]', see pyproject.toml)"

@@ -6,6 +6,7 @@ yt-dlp can report success on an empty, stream-less or truncated file, so a file 
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 from typing import Any
@@ -13,17 +14,19 @@ from typing import Any
 from pipeline.errors import PermanentError, TransientError
 
 
-def decode_media(path: Path) -> dict[str, Any]:
-    """Decode every frame and audio sample of ``path`` (PyAV); return what was found.
+def decode_media(path: Path | bytes, name: str | None = None) -> dict[str, Any]:
+    """Decode every frame and audio sample of ``path`` (a file, or media bytes held in memory:
+    a tar member, a dataset cell) with PyAV; return what was found. ``name`` names it in errors.
 
     A truncated or corrupt file raises or comes out short here, whatever its header claims.
     """
     import av
 
+    name = name or (path.name if isinstance(path, Path) else "media")
     found: dict[str, Any] = {"video_end_s": 0.0, "audio_end_s": 0.0, "has_audio": False}
-    with av.open(str(path)) as container:
+    with av.open(io.BytesIO(path) if isinstance(path, bytes) else str(path)) as container:
         if not container.streams.video:
-            raise PermanentError("no_video", f"{path.name}: no video stream")
+            raise PermanentError("no_video", f"{name}: no video stream")
         vs = container.streams.video[0]
         found.update(width=vs.codec_context.width, height=vs.codec_context.height)
         streams = [vs]
@@ -45,8 +48,35 @@ def decode_media(path: Path) -> dict[str, Any]:
         found["video_end_s"] -= first
         found["frames"] = n_video
     if n_video == 0:
-        raise PermanentError("corrupt_download", f"{path.name}: no decodable video frame")
+        raise PermanentError("corrupt_download", f"{name}: no decodable video frame")
     return found
+
+
+def decode_audio(media: Path | bytes, name: str) -> dict[str, Any]:
+    """Decode every sample of the first audio stream of ``media`` (an audio-only source's file:
+    wav, flac, m4a...); ``audio_end_s`` is where its sound ends. A file without audio raises."""
+    import av
+
+    end = 0.0
+    with av.open(io.BytesIO(media) if isinstance(media, bytes) else str(media)) as container:
+        if not container.streams.audio:
+            raise PermanentError("no_audio", f"{name}: no audio stream")
+        stream = container.streams.audio[0]
+        first = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        for frame in container.decode(stream):
+            if frame.pts is not None:
+                end = max(end, float(frame.pts * frame.time_base) + frame.samples / frame.sample_rate)
+    return {"audio_end_s": end - first, "has_audio": True}
+
+
+def media_duration(media: Path | bytes) -> tuple[float | None, bool, bool]:
+    """A container's duration (s, None when unknown) and whether it has video and audio streams,
+    from its header (a full-length source is not decoded whole: the cut decodes what it needs)."""
+    import av
+
+    with av.open(io.BytesIO(media) if isinstance(media, bytes) else str(media)) as c:
+        duration = float(c.duration / 1e6) if c.duration else None
+        return duration, bool(c.streams.video), bool(c.streams.audio)
 
 
 def probe_source(url: str, timeout_s: float) -> float | None:

@@ -45,6 +45,7 @@ from pipeline.io import atomic_path, temp_name
 from pipeline.selection import eligible_frame
 from pipeline.stage import Item, ItemStage, Resources, Result
 from stages.download.failures import classify
+from stages.download.index import iter_local, open_index
 from stages.download.limits import (
     ClipDeadline,
     GateCancelled,
@@ -52,19 +53,33 @@ from stages.download.limits import (
     StartGate,
     breaker_summary,
 )
+from stages.download.local import LocalMedia, Taken
 from stages.download.media import decode_media, probe_source
+from stages.download.sources import Source, YoutubeSource, check_sources
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import pandas as pd
     import pyarrow as pa
+
+    #: Given whether a download has its own sound: the sound to use instead (None: its own).
+    AudioFor = Callable[[bool], Taken | None]
 
 
 class DownloadConfig(StageConfig):
     batch_size: int = Field(8, gt=0, description="Clips per process() call (and per ledger commit).")
+    sources: list[Source] = Field(
+        [],
+        description="Where clips come from, in order; per clip the first source holding a valid copy "
+        "wins: folder, tar, hf (local media: README 'Using media you already have') and youtube "
+        "(yt-dlp on url_template). Empty: YouTube only.",
+    )
     max_attempts: int = Field(4, gt=0, description="Attempts for a clip failing transiently.")
     backoff_s: float = Field(30.0, ge=0, description="First retry delay; doubles per attempt.")
     url_template: str = Field(
-        "https://www.youtube.com/watch?v={id}", description="Source URL; {id} is the YouTube id."
+        "https://www.youtube.com/watch?v={id}",
+        description="Source URL of the youtube source; {id} is the YouTube id.",
     )
     max_height: int = Field(360, gt=0, description="Video height cap (BLIP-2 sees 224-384 px).")
     concurrency: int = Field(2, gt=0, description="Clips downloaded at once (threads) in a batch.")
@@ -171,7 +186,7 @@ def video_path(media_dir: Path, clip_id: str, suffix: str = ".mp4") -> Path:
     return media_dir / "video" / bucket / f"{clip_id}{suffix}"
 
 
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".m4v")
 
 
 def existing_videos(media_dir: Path, clip_id: str) -> list[Path]:
@@ -278,28 +293,60 @@ class DownloadStage(ItemStage):
             pa.field("video_height", pa.int32()),
             pa.field("file_bytes", pa.int64()),
             pa.field("source_url", pa.string()),
+            # Provenance per stream: the source (kind:name), what it came from (a file's path,
+            # shard:member, a dataset row, a URL) and the sha256 of those source bytes (none for
+            # YouTube, whose file is not at hand).
+            pa.field("video_source", pa.string()),
+            pa.field("video_ref", pa.string()),
+            pa.field("video_digest", pa.string()),
+            pa.field("audio_source", pa.string()),
+            pa.field("audio_ref", pa.string()),
+            pa.field("audio_digest", pa.string()),
         ]
 
     def setup(self) -> None:
+        cfg = self.cfg
+        self._sources: list[Any] = list(cfg.sources) or [YoutubeSource(kind="youtube")]
+        check_sources(self._sources)
+        self._youtube = [s for s in self._sources if s.kind == "youtube"]
+        if self._youtube:
+            self._setup_youtube()
+        indexes = {}
+        for i, src in iter_local(self._sources):
+            what = f"download.sources[{i}] ({src.label})"
+            index = open_index(self.folder / "sources", src, what)
+            if index.meta["names"] and not index.meta["matched"]:
+                raise AbortRun(
+                    f"{what}: none of its {index.meta['names']} name(s) matches the pattern "
+                    f"({', '.join(index.meta['examples'][:3])} ...): check `pattern` (avcaps sources)"
+                )
+            indexes[src.label] = index
+        self._local = LocalMedia(indexes, cfg, VIDEO_SUFFIXES)
+        (self.ctx.media_dir / "video").mkdir(parents=True, exist_ok=True)
+        self.ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def _setup_youtube(self) -> None:
         from stages.tools import ffmpeg
 
         # The system's ffmpeg, else imageio-ffmpeg's; a missing one stops the run with one line.
         self._ffmpeg = ffmpeg("by yt-dlp to cut clip sections")
         if self.cfg.cookies_file is not None and not self.cfg.cookies_file.is_file():
             raise AbortRun(f"download.cookies_file not found: {self.cfg.cookies_file}")
-        if "{id}" not in self.cfg.url_template:
-            raise AbortRun(f"download.url_template has no {{id}}: {self.cfg.url_template!r}")
-        self._check_js_runtime()
-        warm_up(self.cfg.url_template)
+        for template in dict.fromkeys(self._template(s) for s in self._youtube):
+            if "{id}" not in template:
+                raise AbortRun(f"download.url_template has no {{id}}: {template!r}")
+            self._check_js_runtime(template)
+            warm_up(template)
         self._gate = StartGate(self.folder / "limits", GateSettings.of(self.cfg))
-        (self.ctx.media_dir / "video").mkdir(parents=True, exist_ok=True)
-        self.ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
 
-    def _check_js_runtime(self) -> None:
+    def _template(self, src: YoutubeSource) -> str:
+        return src.url_template or self.cfg.url_template
+
+    def _check_js_runtime(self, template: str) -> None:
         cfg = self.cfg
         required = cfg.require_js_runtime
         if required is None:
-            required = is_youtube(cfg.url_template)
+            required = is_youtube(template)
         if required and not found_js_runtimes(cfg.js_runtimes):
             raise AbortRun(
                 f"yt-dlp finds no JavaScript runtime (download.js_runtimes: {', '.join(cfg.js_runtimes)}), "
@@ -358,7 +405,9 @@ class DownloadStage(ItemStage):
         except ItemError as exc:
             exc.message = with_warnings(exc.message, logger.warnings)
             return Result.failed(item.clip_id, exc)
-        return Result(item.clip_id, "ok", outputs, "", with_warnings("", logger.warnings))
+        notes = outputs.pop("_notes", [])
+        message = with_warnings("; ".join(f"taken after {n}" for n in notes), logger.warnings)
+        return Result(item.clip_id, "ok", outputs, "", message)
 
     def _ydl_options(self, outtmpl: str, start: float, end: float, logger: _QuietLogger) -> dict[str, Any]:
         from yt_dlp.utils import download_range_func
@@ -402,32 +451,146 @@ class DownloadStage(ItemStage):
         return opts
 
     def download(self, item: Item, logger: _QuietLogger | None = None) -> dict[str, Any]:
-        """Fetch, validate and place one clip; return its output columns or raise an ItemError."""
+        """Take one clip from the first source that holds a valid copy (fetch, check, place);
+        return its output columns or raise an ItemError."""
         cfg = self.cfg
         clip_id = item.clip_id
         start, end = float(item["start_s"]), float(item["end_s"])
         check_ids(item)
-        url = cfg.url_template.format(id=item["youtube_id"])
         media = self.ctx.media_dir
 
         if cfg.reuse_existing:
+            # A file a killed run left in place: from YouTube when that is the only source, else
+            # from a source the ledger never heard of ("earlier_run").
+            only_yt = len(self._sources) == 1 and self._sources[0].kind == "youtube"
+            origin = self._template(self._sources[0]).format(id=item["youtube_id"]) if only_yt else None
             for old in existing_videos(media, clip_id):
                 try:
                     dest = video_path(media, clip_id, old.suffix)  # an old flat file moves in
-                    return self._validate_and_place(old, dest, url, end - start, None)
+                    out = self._validate_and_place(old, dest, origin, end - start, None)
+                    if origin is None:
+                        ref = dest.relative_to(self.ctx.workdir).as_posix()
+                        out.update(dict.fromkeys(("video_source", "audio_source"), "earlier_run"))
+                        out.update(video_ref=ref, audio_ref=ref)
+                    return out
                 except ItemError:
-                    old.unlink(missing_ok=True)  # invalid: download it again
+                    old.unlink(missing_ok=True)  # invalid: take it again
 
-        return self._fetch(clip_id, url, start, end, logger or _QuietLogger())
+        return self._take(item, logger or _QuietLogger())
+
+    def _take(self, item: Item, logger: _QuietLogger) -> dict[str, Any]:
+        """The sources in order: the first that gives a valid picture gives the clip; its sound is
+        an audio-only source's listed before it, else its own, else a later audio-only source's.
+        A source that fails (a corrupt file, a video without sound) is noted and the next tried."""
+        tried: list[str] = []
+        last: ItemError | None = None
+        audio: Taken | None = None  # the sound of an audio-only source listed before the picture's
+        for i, src in enumerate(self._sources):
+            try:
+                if src.kind == "youtube":
+                    url = self._template(src).format(id=item["youtube_id"])
+
+                    def audio_for(own: bool, i: int = i, early: Taken | None = audio) -> Taken | None:
+                        return early or (None if own else self._later_audio(item, i, tried))
+
+                    out = self._fetch(item, url, src.label, logger, audio_for)
+                elif src.streams == "audio":
+                    if audio is None:
+                        audio = self._local.audio(src.label, item)
+                    continue
+                else:
+                    video = self._local.video(src.label, item)
+                    if video is None:
+                        continue
+                    use = audio
+                    if use is None and not (video.has_audio and src.streams == "both"):
+                        use = self._later_audio(item, i, tried)
+                    out = self._place_local(item, video, use)
+            except ItemError as exc:
+                if exc.reason == "ambiguous_source":
+                    raise
+                tried.append(f"{src.label}: {exc.reason}: {exc.message}")
+                last = exc
+                continue
+            if tried:
+                out["_notes"] = tried
+            return out
+        if last is not None:
+            last.message = " | ".join(tried) if len(tried) > 1 else last.message
+            raise last
+        if audio is not None:
+            raise PermanentError(
+                "no_video", f"{audio.label} has the sound ({audio.ref}) but no source has the picture"
+            )
+        names = ", ".join(s.label for s in self._sources)
+        raise PermanentError(
+            "not_in_sources",
+            f"no source holds clip {item.clip_id} (looked in {names}); add a source, then --retry-failed",
+        )
+
+    def _later_audio(self, item: Item, after: int, tried: list[str]) -> Taken | None:
+        """The sound from the first audio-only source after source ``after`` that has it valid."""
+        for src in self._sources[after + 1 :]:
+            if src.kind == "youtube" or src.streams != "audio":
+                continue
+            try:
+                found = self._local.audio(src.label, item)
+            except ItemError as exc:
+                if exc.reason == "ambiguous_source":
+                    raise
+                tried.append(f"{src.label}: {exc.reason}: {exc.message}")
+                continue
+            if found is not None:
+                return found
+        return None
+
+    def _place_local(self, item: Item, video: Taken, audio: Taken | None) -> dict[str, Any]:
+        """Place a local source's clip (as it is, or cut with its sound) and describe it."""
+        if audio is None and not video.has_audio and self.cfg.require_audio:
+            raise PermanentError(
+                "no_audio", f"{video.ref}: no audio stream, and no audio source has the clip"
+            )
+        media = self.ctx.media_dir
+        dest, info = self._local.build(
+            lambda sfx: video_path(media, item.clip_id, sfx), self.ctx.tmp_dir, video, audio
+        )
+        return self._outputs(dest, info, video, audio, video.source_duration_s)
+
+    def _outputs(
+        self, dest: Path, info: dict[str, Any], video: Taken, audio: Taken | None, src_dur: float | None
+    ) -> dict[str, Any]:
+        sound = audio if audio is not None else video
+        if not info.get("has_audio"):
+            sound = None
+        digest = video.digest() if video.url is None else None
+        return {
+            "video_path": dest.relative_to(self.ctx.workdir).as_posix(),
+            "video_duration_s": round(info["video_end_s"], 3),
+            "audio_duration_s": round(info["audio_end_s"], 3),
+            "source_duration_s": float(src_dur) if src_dur else None,
+            "video_width": info["width"],
+            "video_height": info["height"],
+            "file_bytes": dest.stat().st_size,
+            "source_url": video.url,
+            "video_source": video.label,
+            "video_ref": video.ref,
+            "video_digest": digest,
+            "audio_source": sound.label if sound else None,
+            "audio_ref": sound.ref if sound else None,
+            "audio_digest": (digest if sound is video else sound.digest()) if sound else None,
+        }
 
     def _fetch(
-        self, clip_id: str, url: str, start: float, end: float, logger: _QuietLogger
+        self, item: Item, url: str, label: str, logger: _QuietLogger, audio_for: AudioFor | None = None
     ) -> dict[str, Any]:
+        """Download the clip's section from ``url`` with yt-dlp, check it and place it."""
         import yt_dlp
 
         from stages.tools import ytdlp_use_ffmpeg
 
         cfg = self.cfg
+        clip_id = item.clip_id
+        start, end = float(item["start_s"]), float(item["end_s"])
         # yt-dlp writes into the run's flat temp folder (cheap to list and to clean after a
         # crash); the validated file is then renamed into the media folder.
         stem = temp_name(clip_id)
@@ -459,7 +622,7 @@ class DownloadStage(ItemStage):
                         )
                     expected = min(end - start, max(0.0, float(src_dur) - start)) if src_dur else end - start
                     dest = video_path(self.ctx.media_dir, clip_id, files[0].suffix)
-                    return self._validate_and_place(files[0], dest, url, expected, src_dur)
+                    return self._validate_and_place(files[0], dest, url, expected, src_dur, label, audio_for)
                 except ItemError as exc:
                     reason = exc.reason
                     raise
@@ -514,17 +677,24 @@ class DownloadStage(ItemStage):
         return str(info.get("url") or url)
 
     def _validate_and_place(
-        self, path: Path, dest: Path, url: str, expected_s: float, src_dur: float | None
+        self,
+        path: Path,
+        dest: Path,
+        url: str | None,
+        expected_s: float,
+        src_dur: float | None,
+        label: str = "youtube:youtube",
+        audio_for: AudioFor | None = None,
     ) -> dict[str, Any]:
+        """Check a downloaded (or left in place) file by decoding it, and place it; its sound
+        replaced by an audio source's when ``audio_for`` gives one (see :meth:`_take`)."""
         cfg = self.cfg
         try:
-            found = decode_media(path)
+            found = decode_media(path, dest.name)
         except ItemError:
             raise
         except Exception as exc:  # PyAV: InvalidDataError and friends
             raise PermanentError("corrupt_download", f"{dest.name}: cannot decode: {exc}") from exc
-        if cfg.require_audio and not found["has_audio"]:
-            raise PermanentError("no_audio", f"{dest.name}: the source has no audio stream")
         duration = found["video_end_s"]
         if expected_s <= 0:
             raise PermanentError("too_short", f"source ends before the clip starts ({src_dur} s)")
@@ -532,26 +702,30 @@ class DownloadStage(ItemStage):
             raise TransientError(
                 "truncated", f"{dest.name}: {duration:.2f} s of video decoded, {expected_s:.2f} s expected"
             )
+        ref = url or dest.relative_to(self.ctx.workdir).as_posix()
+        video = Taken(label, ref, path, True, 0.0, expected_s, found, url=url, suffix=dest.suffix)
+        audio = audio_for(found["has_audio"]) if audio_for is not None else None
+        if audio is not None:
+            placed, info = self._local.build(
+                lambda sfx: dest.with_suffix(sfx), self.ctx.tmp_dir, video, audio
+            )
+            if path != placed:
+                path.unlink(missing_ok=True)
+            return self._outputs(placed, info, video, audio, src_dur)
+        if cfg.require_audio and not found["has_audio"]:
+            raise PermanentError("no_audio", f"{dest.name}: the source has no audio stream")
         if path != dest:
             with atomic_path(dest, self.ctx.tmp_dir) as tmp:
                 os.replace(path, tmp)
-        rel = dest.relative_to(self.ctx.workdir).as_posix()
-        return {
-            "video_path": rel,
-            "video_duration_s": round(duration, 3),
-            "audio_duration_s": round(found["audio_end_s"], 3),
-            "source_duration_s": float(src_dur) if src_dur else None,
-            "video_width": found["width"],
-            "video_height": found["height"],
-            "file_bytes": dest.stat().st_size,
-            "source_url": url,
-        }
+        return self._outputs(dest, found, video, None, src_dur)
 
     def extra_stats(self, state: pd.DataFrame) -> dict[str, Any]:
         """The availability report (per split, set against the public downloaders' figures), the
         breaker's record per host, and notes for ``avcaps status``."""
         out = availability_report(self, state)
         notes = [n for split in out.get("availability", {}).values() if (n := split.pop("note", None))]
+        if line := sources_note(out.get("availability", {})):
+            notes.insert(0, line)
         breaker = breaker_summary(self.folder / "limits")
         if breaker:
             out["breaker"] = breaker
@@ -651,5 +825,38 @@ def availability_report(stage: ItemStage, state: pd.DataFrame) -> dict[str, Any]
             "transient": transient,
             "pending": int((status == "pending").sum()),
             **compare_with_public(str(split), ok, permanent, sum(transient.values())),
+            **source_counts(cur[status == "ok"]),
         }
     return {"availability": report}
+
+
+def source_counts(ok: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Clips per source of their picture (``sources``) and of their sound (``audio_sources``).
+    Rows from before sources existed name none: they came from YouTube (they have a URL)."""
+    if ok.empty:
+        return {"sources": {}, "audio_sources": {}}
+    fallback = ok["source_url"].astype(object).where(ok["source_url"].isna(), "youtube:youtube")
+    fallback = fallback.fillna("unknown")
+    out = {}
+    for key, col in (("sources", "video_source"), ("audio_sources", "audio_source")):
+        values = ok[col].astype(object) if col in ok.columns else fallback
+        values = values.where(values.notna(), fallback)
+        out[key] = {str(k): int(v) for k, v in values.value_counts().sort_index().items()}
+    return out
+
+
+def sources_note(availability: dict[str, Any]) -> str | None:
+    """One status line: clips per source over every split (said when a local source gave any)."""
+    total: dict[str, int] = {}
+    sound: dict[str, int] = {}
+    for split in availability.values():
+        for name, n in split.get("sources", {}).items():
+            total[name] = total.get(name, 0) + n
+        for name, n in split.get("audio_sources", {}).items():
+            sound[name] = sound.get(name, 0) + n
+    if not total or (set(total) == {"youtube:youtube"} and set(sound) <= {"youtube:youtube"}):
+        return None
+    line = "clips per source: " + ", ".join(f"{k} {v}" for k, v in sorted(total.items()))
+    if sound != total:
+        line += "; sound: " + ", ".join(f"{k} {v}" for k, v in sorted(sound.items()))
+    return line
