@@ -153,6 +153,10 @@ def scores_section(stats: dict[str, Any]) -> str:
     return f"{head}\n\nScorers: stage 3 CLIP {clip_model}; stage 4 {models}.\n\n{table}\n\n{filt}\n"
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in counts.items()) or "n/a"
+
+
 def figures_section(figures: list[Any]) -> str:
     if not figures:
         return "No figures in this export (`export.figures` off).\n"
@@ -198,6 +202,7 @@ def render_card(stats: dict[str, Any], cfg: ExportConfig, figures: list[Any] | N
         avail_rows,
     )
     revisions = ", ".join(prov["caption_revision"]) or "n/a"
+    from_sources = {k: _counts(prov.get(f"{k}_sources", {})) for k in ("video", "audio")}
     configs_list = ", ".join(f"`{v}`" for v in stats["variants"])
     media = (
         "This private copy embeds the middle keyframe (`image`, datasets `Image`) and the 16 kHz audio "
@@ -258,7 +263,8 @@ Columns: `clip_id` (`<youtube_id>_<start_ms>_<end_ms>`), `youtube_id`, `start_ti
 (seconds), `split`, `caption` (the first reference), `captions` (the references),
 `caption_sources`, `audio_captions` (original AudioCaps), `audiocap_ids`, `visual_caption`,
 `frame_captions`, `merged_captions` (raw LLM merges), `review_verdict` (accept / edited /
-unreviewed on merged splits, null elsewhere), `variant`, `video_path`, `frame_path`,
+unreviewed on merged splits, null elsewhere), `variant`, `video_path`, `video_source` and
+`audio_source` (where stage 1 took the picture and the sound: `kind:name` of the source), `frame_path`,
 `frame_time_s`, `audio_path`, quality flags `flag_black_frame` / `flag_silent`, `stale` (true only in
 an export asked to include stale clips), provenance
 (`caption_model`, `caption_revision`, `merge_model`, `merge_backend`, `merge_prompt_hash`), and the
@@ -279,10 +285,12 @@ Not every AudioCaps clip can still be fetched from YouTube; these clips are miss
 
 ## How it was built
 
-With the AudioVisualCaps builder, stage by stage: the AudioCaps CSVs; the clips downloaded from
-YouTube; keyframes and 16 kHz mono audio extracted; visual captions by an image captioner; for the
-merged splits, audio and visual captions merged by an LLM, then reviewed by people in Label Studio.
+With the AudioVisualCaps builder, stage by stage: the AudioCaps CSVs; the clips taken from the
+media sources below (local copies first, YouTube for the rest); keyframes and 16 kHz mono audio
+extracted; visual captions by an image captioner; for the merged splits, audio and visual captions
+merged by an LLM, then reviewed by people in Label Studio.
 
+- media sources (exported clips per source): picture: {from_sources["video"]}; sound: {from_sources["audio"]}
 - caption model(s): {", ".join(prov["caption_model"]) or "n/a"} (revision {revisions})
 - merge model(s): {", ".join(prov["merge_model"]) or "n/a"} via {", ".join(prov["merge_backend"]) or "n/a"}
 - merge prompt hash(es): {", ".join(f"`{h}`" for h in prov["merge_prompt_hash"]) or "n/a"}

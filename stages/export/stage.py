@@ -101,6 +101,9 @@ def row_schema(embed_media: bool) -> pa.Schema:
         pa.field("review_verdict", pa.string()),
         pa.field("variant", pa.string()),
         pa.field("video_path", pa.string()),
+        # Where stage 1 took the picture and the sound from (kind:name of the source).
+        pa.field("video_source", pa.string()),
+        pa.field("audio_source", pa.string()),
         pa.field("frame_path", pa.string()),
         pa.field("frame_time_s", pa.float64()),
         pa.field("audio_path", pa.string()),
@@ -343,6 +346,16 @@ def _cells(tables: RunTables, stage: type[Stage], cid: str) -> dict[str, Any]:
     return {k: to_python(v) for k, v in df.loc[cid].items()}
 
 
+def media_sources(tables: RunTables, cid: str) -> dict[str, str | None]:
+    """The sources of a clip's picture and sound; rows from before stage 1 had sources name none,
+    and came from YouTube."""
+    old = "youtube:youtube" if _cell(tables, DOWNLOAD, cid, "source_url") else None
+    return {
+        "video_source": _cell(tables, DOWNLOAD, cid, "video_source") or old,
+        "audio_source": _cell(tables, DOWNLOAD, cid, "audio_source") or old,
+    }
+
+
 def base_row(tables: RunTables, cid: str, caption_frame: str | int = "middle") -> dict[str, Any]:
     """Everything about a clip except its references (same in every config); its scores are raw
     here (percentiles come from the whole export: :func:`~stages.export.scores.add_percentiles`)."""
@@ -371,6 +384,7 @@ def base_row(tables: RunTables, cid: str, caption_frame: str | int = "middle") -
         "frame_captions": [squash_spaces(c) for c in _cell(tables, CAPTION, cid, "frame_captions") or []],
         "merged_captions": _str_list(_cell(tables, MERGE, cid, "merged_captions")),
         "video_path": _cell(tables, DOWNLOAD, cid, "video_path"),
+        **media_sources(tables, cid),
         "frame_path": frames[mid] if mid is not None else None,
         "frame_time_s": float(times[mid]) if mid is not None and mid < len(times) else None,
         "audio_path": _cell(tables, KEYFRAMES, cid, "audio_path"),
@@ -559,9 +573,17 @@ def compute_statistics(
     return stats
 
 
-def provenance(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
+def provenance(rows: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("caption_model", "caption_revision", "merge_model", "merge_backend", "merge_prompt_hash")
-    return {k: sorted({str(r[k]) for r in rows if r.get(k)}) for k in keys}
+    out: dict[str, Any] = {k: sorted({str(r[k]) for r in rows if r.get(k)}) for k in keys}
+    # Exported clips per source of their picture and of their sound (stage 1's sources).
+    for key, col in (("video_sources", "video_source"), ("audio_sources", "audio_source")):
+        counts: dict[str, int] = {}
+        for r in rows:
+            name = str(r.get(col) or "unknown")
+            counts[name] = counts.get(name, 0) + 1
+        out[key] = dict(sorted(counts.items()))
+    return out
 
 
 class ExportStage(WholeStage):
