@@ -92,16 +92,27 @@ def prepare_caption(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
 
 @prepare("download")
 def serve_demo_media(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
-    """Generate a source video for each demo clip and serve them on 127.0.0.1 (for yt-dlp)."""
+    """Stage 1 takes half the demo clips from a local folder of full-length videos named as
+    AudioSet copies are (``lab-media/Y<id>.mp4``, cut here in-process) and the other half from a
+    stand-in YouTube: generated videos served on 127.0.0.1 for yt-dlp."""
+    import json
+
     import pandas as pd
 
     from standins.media import MediaServer, make_sources
 
     clips = pd.read_parquet(workdir / "00-manifest" / "ledger", columns=["youtube_id", "start_s"])
+    pairs = sorted((str(r.youtube_id), int(r.start_s)) for r in clips.itertuples())
+    lab = workdir / "lab-media"
+    make_sources(lab, pairs[::2], name="Y{youtube_id}.mp4")
     root = workdir / "standin-media"
-    make_sources(root, [(str(r.youtube_id), int(r.start_s)) for r in clips.itertuples()])
+    make_sources(root, pairs[1::2])
     server = stack.enter_context(MediaServer(root))
-    return [f"download.url_template={server.url_template()}"]
+    sources = [
+        {"kind": "folder", "name": "lab", "path": str(lab), "pattern": "Y{youtube_id}.mp4"},
+        {"kind": "youtube", "url_template": server.url_template()},
+    ]
+    return [f"download.sources={json.dumps(sources)}"]
 
 
 # The conditions the demo's baseline can answer: it captions the audio track it is given by

@@ -407,16 +407,19 @@ class MediaServer:
         return first
 
 
-def make_sources(folder: Path, clips: list[tuple[str, int]], extra_s: int = 2) -> None:
-    """Generate one source video per ``(youtube_id, start_s)`` in ``folder`` as ``<id>.mp4``,
-    long enough to hold the clip's 10-s section (``start_s + 10 + extra_s`` seconds)."""
+def make_sources(
+    folder: Path, clips: list[tuple[str, int]], extra_s: int = 2, name: str = "{youtube_id}.mp4"
+) -> None:
+    """Generate one source video per ``(youtube_id, start_s)`` in ``folder`` as ``name``
+    (``<id>.mp4``; ``Y{youtube_id}.mp4`` is AudioSet's naming), long enough to hold the clip's
+    10-s section (``start_s + 10 + extra_s`` seconds)."""
     from concurrent.futures import ThreadPoolExecutor
 
     folder.mkdir(parents=True, exist_ok=True)
 
     def one(clip: tuple[str, int]) -> None:
         yt, start = clip
-        dest = folder / f"{yt}.mp4"
+        dest = folder / name.format(youtube_id=yt)
         if not dest.exists():
             tmp = make_clip(folder / f".tmp-{yt}", start + 10 + extra_s)
             os.replace(tmp, dest)
