@@ -208,6 +208,14 @@ class _AudioCut:
         import numpy as np
 
         t0 = float(frame.pts * frame.time_base) - self.origin
+        ctx = self.oas.codec_context
+        if (
+            frame.format.name == "fltp"
+            and frame.sample_rate == self.rate
+            and frame.layout.name == ctx.layout.name
+        ):
+            self._take(frame, t0, out, np, av)  # already what AAC takes (AAC, Opus sources): no copy
+            return
         for res in self.resampler.resample(frame):
             self._take(res, t0, out, np, av)
             t0 += res.samples / self.rate
@@ -223,9 +231,12 @@ class _AudioCut:
             if at >= total:
                 self.done = True
             return
-        arr = res.to_ndarray()[:, first : first + n]
-        new = av.AudioFrame.from_ndarray(np.ascontiguousarray(arr), format="fltp", layout=res.layout.name)
-        new.sample_rate = self.rate
+        if first == 0 and n == res.samples:
+            new = res  # the whole frame is in the clip: re-timed, not copied
+        else:
+            arr = res.to_ndarray()[:, first : first + n]
+            new = av.AudioFrame.from_ndarray(np.ascontiguousarray(arr), format="fltp", layout=res.layout.name)
+            new.sample_rate = self.rate
         new.pts = at
         new.time_base = Fraction(1, self.rate)
         for packet in self.oas.encode(new):
