@@ -207,6 +207,8 @@ def load_hf(src: HfSource) -> Any:
         if split not in ds:
             raise AbortRun(f"{what}: the dataset has no split {split!r} (it has {sorted(ds)})")
         ds = ds[split]
+    if getattr(ds, "_indices", None) is not None:  # a selection or shuffle: rows read by position
+        ds = ds.flatten_indices()
     missing = [c for c in [src.media_column, *src.columns.values()] if c not in ds.column_names]
     if missing:
         raise AbortRun(f"{what}: the dataset has no column(s) {missing} (it has {ds.column_names})")

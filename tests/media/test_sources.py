@@ -119,8 +119,14 @@ def test_every_kind_of_source(tmp_path: Path, media_root: Path, server: MediaSer
         src / "shards" / "part-001.tar", [(f"{cid('tarprecut02', 5)}.mp4", clip_bytes(tmp_path / "m" / "t2"))]
     )
     # A dataset saved with `datasets`: the clip's bytes, identified by youtube id and start.
+    # Cells as datasets stores media ({bytes, path}): the second row names a file (relative to the
+    # dataset folder) instead of holding its bytes.
     hf_clip = clip_bytes(tmp_path / "m" / "h1")
-    write_hf_dataset(src / "hf-clips", {"ytid": ["hfprecut001"], "start": [7], "video": [hf_clip]})
+    cells = [{"bytes": hf_clip, "path": None}, {"bytes": None, "path": "files/clip.mkv"}]
+    write_hf_dataset(
+        src / "hf-clips", {"ytid": ["hfprecut001", "hfpathclip1"], "start": [7, 8], "video": cells}
+    )
+    make_clip(src / "hf-clips" / "files" / "clip", 10, profile="mpeg4")
     # An audio mirror as a dataset (wav bytes), listed first: its sound wins over the video's own.
     wav880 = make_wav(tmp_path / "m" / "a880.wav", 10, tone_hz=880).read_bytes()
     write_hf_dataset(src / "hf-audio", {"ytid": ["audiofirst1"], "start": [4], "audio": [wav880]})
@@ -132,7 +138,7 @@ def test_every_kind_of_source(tmp_path: Path, media_root: Path, server: MediaSer
     add_source(media_root, "youtubeonly", "okh264clip1")  # on "YouTube" only
     clips = [
         ("fullvideo01", 13), ("fullvideo02", 0), ("audiofirst1", 4), ("tarprecut01", 21), ("tarprecut02", 5),
-        ("hfprecut001", 7), ("silentvid01", 2), ("linkprecut1", 0), ("youtubeonly", 3), ("notanywhere", 3),
+        ("hfprecut001", 7), ("hfpathclip1", 8), ("silentvid01", 2), ("linkprecut1", 0), ("youtubeonly", 3), ("notanywhere", 3),
     ]  # fmt: skip
     sources = [
         {"kind": "hf", "name": "audio-mirror", "dataset": str(src / "hf-audio"), "media_column": "audio",
@@ -161,6 +167,7 @@ def test_every_kind_of_source(tmp_path: Path, media_root: Path, server: MediaSer
         cid("tarprecut01", 21): ("ok", "", "tar:shards", "tar:shards"),
         cid("tarprecut02", 5): ("ok", "", "tar:shards", "tar:shards"),
         cid("hfprecut001", 7): ("ok", "", "hf:hf-clips", "hf:hf-clips"),
+        cid("hfpathclip1", 8): ("ok", "", "hf:hf-clips", "hf:hf-clips"),
         cid("silentvid01", 2): ("ok", "", "folder:silent", "folder:wavs"),
         cid("linkprecut1", 0): ("ok", "", "folder:precut", "folder:precut"),
         cid("youtubeonly", 3): ("ok", "", "youtube:youtube", "youtube:youtube"),
@@ -186,6 +193,9 @@ def test_every_kind_of_source(tmp_path: Path, media_root: Path, server: MediaSer
     assert tar["video_digest"] == sha256(placed)  # taken as it is: the member's bytes
     hf = state.loc[cid("hfprecut001", 7)]
     assert (ctx.workdir / hf["video_path"]).read_bytes() == hf_clip and hf["video_ref"].endswith("row 0")
+    by_path = state.loc[cid("hfpathclip1", 8)]  # the file the row names, taken as it is (mkv)
+    assert by_path["video_path"].endswith(".mp4") or by_path["video_path"].endswith(".mkv")
+    assert by_path["video_digest"] == sha256((src / "hf-clips" / "files" / "clip.mkv").read_bytes())
     assert state.loc[cid("audiofirst1", 4), "audio_digest"] == sha256(wav880)
     linked = state.loc[cid("linkprecut1", 0)]
     assert os.path.samefile(
@@ -195,7 +205,7 @@ def test_every_kind_of_source(tmp_path: Path, media_root: Path, server: MediaSer
 
     # Stage 2 on what stage 1 placed: the right seconds of the source, the right sound.
     kf = stage_ledger(KeyframesStage(ctx)).latest()
-    assert (kf["status"] == "ok").all() and len(kf) == 9
+    assert (kf["status"] == "ok").all() and len(kf) == 10
     offsets = {"fullvideo01": 13, "fullvideo02": 0, "audiofirst1": 4, "youtubeonly": 3}
     for c, row in kf.iterrows():
         check_levels(ctx.workdir, row, offsets.get(c[:11], 0))
@@ -209,7 +219,7 @@ def test_every_kind_of_source(tmp_path: Path, media_root: Path, server: MediaSer
     stats = json.loads((ctx.workdir / "01-download" / "stats.json").read_text())
     avail = stats["summary"]["availability"]["test"]
     assert avail["sources"] == {
-        "folder:lab-full": 3, "folder:precut": 1, "folder:silent": 1, "hf:hf-clips": 1, "tar:shards": 2,
+        "folder:lab-full": 3, "folder:precut": 1, "folder:silent": 1, "hf:hf-clips": 2, "tar:shards": 2,
         "youtube:youtube": 1,
     }  # fmt: skip
     assert avail["audio_sources"]["hf:audio-mirror"] == 1 and avail["audio_sources"]["folder:wavs"] == 1
