@@ -29,10 +29,12 @@ def sources(config_path: Path, workdir: Path | None, overrides: tuple[str, ...],
 
 
 def describe(ctx: Any, examples: int = 3) -> list[str]:
+    import pyarrow.compute as pc
+
     from pipeline.errors import AbortRun
     from pipeline.selection import stage_ledger
-    from stages.download.index import open_index
-    from stages.download.sources import YoutubeSource, check_sources, clip_keys
+    from stages.download.index import open_index, wanted_keys
+    from stages.download.sources import YoutubeSource, check_sources, clip_keys, source_pattern
     from stages.download.stage import DownloadStage
     from stages.manifest import ManifestStage
 
@@ -40,8 +42,9 @@ def describe(ctx: Any, examples: int = 3) -> list[str]:
     if not ledger.exists():
         raise AbortRun(f"no clip table in {ctx.workdir}: run `avcaps run 0` first")
     cols = ["status", "youtube_id", "start_s", "end_s", "split", "audiocap_ids"]
-    clips = ledger.latest_table(cols).to_pylist()
-    clips = [c for c in clips if c["status"] == "ok"]
+    table = ledger.latest_table(cols)
+    table = table.filter(pc.equal(table["status"], "ok"))
+    clips = table.to_pylist()
     cfg = ctx.config.download
     srcs: list[Any] = list(cfg.sources) or [YoutubeSource(kind="youtube")]
     check_sources(srcs)
@@ -57,7 +60,8 @@ def describe(ctx: Any, examples: int = 3) -> list[str]:
             left = set()
             continue
         what = f"download.sources[{i}] ({src.label})"
-        index = open_index(folder, src, what, save=False)
+        holds = source_pattern(src, what).holds
+        index = open_index(folder, src, what, save=False, wanted=wanted_keys(holds, table))
         fig = index.meta
         if index.rebuilt is None:
             state = f"index of {fig['built_at']} (current)"

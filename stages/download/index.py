@@ -56,11 +56,17 @@ def _schema() -> pa.Schema:
     )
 
 
+COLUMNS = ("entry", "key", "name", "size", "mtime_ns", "shard", "offset", "refused")
+CHUNK = 65_536  # rows held as Python objects before they become an Arrow batch
+
+
 @dataclass
 class Built:
-    """What indexing found, before it is written: rows per column, and the figures."""
+    """What indexing found: rows (Arrow batches, so 2M names never sit in memory as Python
+    objects), and the figures."""
 
-    rows: dict[str, list[Any]] = field(default_factory=lambda: {f.name: [] for f in _schema()})
+    rows: dict[str, list[Any]] = field(default_factory=lambda: {c: [] for c in COLUMNS})
+    batches: list[pa.RecordBatch] = field(default_factory=list)
     names: int = 0  # files, members or rows seen
     unmatched: int = 0
     examples: list[str] = field(default_factory=list)
@@ -68,12 +74,24 @@ class Built:
 
     def add(self, entry: str, key: str | None, name: str, size: int = 0, mtime_ns: int = 0,
             shard: int = -1, offset: int = -1, refused: str | None = None) -> None:  # fmt: skip
-        for col, value in zip(
-            ("entry", "key", "name", "size", "mtime_ns", "shard", "offset", "refused"),
-            (entry, key, name, size, mtime_ns, shard, offset, refused),
-            strict=True,
-        ):
+        values = (entry, key, name, size, mtime_ns, shard, offset, refused)
+        for col, value in zip(COLUMNS, values, strict=True):
             self.rows[col].append(value)
+        if len(self.rows["entry"]) >= CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if self.rows["entry"]:
+            self.batches.append(pa.RecordBatch.from_pydict(self.rows, schema=_schema()))
+            self.rows = {c: [] for c in COLUMNS}
+
+    def table(self) -> pa.Table:
+        import pyarrow as pa
+
+        self._flush()
+        return pa.Table.from_batches(self.batches, schema=_schema())
 
     def miss(self, name: str) -> None:
         self.unmatched += 1
@@ -234,12 +252,29 @@ def build_hf(src: HfSource, pattern: Pattern, ds: Any) -> Built:
 
 # -- the index --------------------------------------------------------------------------------------
 class SourceIndex:
-    """A local source's index, loaded for lookups: ``rows(keys)`` gives the entries holding a clip."""
+    """A local source's index, loaded for lookups: ``rows(keys)`` gives the entries holding a clip.
 
-    def __init__(self, src: Any, pattern: Pattern, table: pa.Table, meta: dict[str, Any], path: Path | None):
-        self.src, self.pattern, self.table, self.meta, self.path = src, pattern, table, meta, path
+    ``wanted``: the keys the run's clips can have; only those entries are kept for lookups, so a
+    lab's 2M-file AudioSet copy feeding a 51k-clip run holds 51k entries in memory, not 2M.
+    """
+
+    def __init__(
+        self,
+        src: Any,
+        pattern: Pattern,
+        table: pa.Table,
+        meta: dict[str, Any],
+        path: Path | None,
+        wanted: pa.Array | None = None,
+    ) -> None:
+        import pyarrow.compute as pc
+
+        self.src, self.pattern, self.meta, self.path = src, pattern, meta, path
         files = table.filter(_is(table, "file"))
+        if wanted is not None:
+            files = files.filter(pc.is_in(files["key"], value_set=wanted))
         self.files = files
+        self.table = table.filter(pc.invert(_is(table, "file")))  # dirs and shards
         keys = files["key"].to_pylist()
         # One hash lookup per clip: the last row of each key here, all of a key's rows in `dups`.
         self._first: dict[str, int] = dict(zip(keys, range(len(keys)), strict=True))
@@ -344,7 +379,7 @@ def check_exists(src: Any, what: str) -> None:
 
 
 def build(src: Any, pattern: Pattern, ds: Any = None) -> tuple[pa.Table, dict[str, Any]]:
-    import pyarrow as pa
+    import pyarrow.compute as pc
 
     t0 = time.monotonic()
     if src.kind == "folder":
@@ -353,11 +388,10 @@ def build(src: Any, pattern: Pattern, ds: Any = None) -> tuple[pa.Table, dict[st
         built = build_tar(src, pattern)
     else:
         built = build_hf(src, pattern, ds)
-    table = pa.table(built.rows, schema=_schema())
+    table = built.table()
     files = table.filter(_is(table, "file"))
-    refused = [
-        f"{n}: {r}" for n, r in zip(files["name"].to_pylist(), files["refused"].to_pylist(), strict=True) if r
-    ]
+    bad = files.filter(pc.is_valid(files["refused"]))
+    refused = [f"{n}: {r}" for n, r in zip(bad["name"].to_pylist(), bad["refused"].to_pylist(), strict=True)]
     meta = {
         "version": INDEX_VERSION,
         "settings": _settings(src),
@@ -385,9 +419,12 @@ def _read(path: Path) -> tuple[pa.Table, dict[str, Any]] | None:
         return None  # absent or unreadable: built anew
 
 
-def open_index(folder: Path, src: Any, what: str, save: bool = True) -> SourceIndex:
+def open_index(
+    folder: Path, src: Any, what: str, save: bool = True, wanted: pa.Array | None = None
+) -> SourceIndex:
     """The index of ``src``: the one on disk when it is current, else built (and saved under
-    ``folder`` unless ``save`` is false: ``avcaps sources`` writes nothing)."""
+    ``folder`` unless ``save`` is false: ``avcaps sources`` writes nothing); ``wanted``: the keys
+    to keep for lookups (:func:`wanted_keys`; None: all)."""
     import pyarrow.parquet as pq
     from filelock import FileLock
 
@@ -424,7 +461,8 @@ def open_index(folder: Path, src: Any, what: str, save: bool = True) -> SourceIn
                     pq.write_table(table.cast(schema), tmp)
     else:
         table, meta, rebuilt = load()
-    index = SourceIndex(src, pattern, table, meta, path if save else None)
+    index = SourceIndex(src, pattern, table, meta, path if save else None, wanted)
+    del table
     index.ds = ds
     index.rebuilt = rebuilt
     if meta.get("refused_count"):
@@ -432,6 +470,21 @@ def open_index(folder: Path, src: Any, what: str, save: bool = True) -> SourceIn
             "%s: %d name(s) refused, e.g. %s", what, meta["refused_count"], "; ".join(meta["refused"][:2])
         )
     return index
+
+
+def wanted_keys(holds: str, clips: pa.Table) -> pa.Array:
+    """Every key a clip of ``clips`` (``clip_id``, ``youtube_id``, ``audiocap_ids``) can be held
+    under by a source whose pattern identifies ``holds`` (:func:`stages.download.sources.clip_keys`,
+    vectorized)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if holds == "video":
+        return pc.binary_join_element_wise(pa.scalar("yt:"), clips["youtube_id"], "")
+    if holds == "audiocap":
+        ids = pc.list_flatten(clips["audiocap_ids"]).cast(pa.string())
+        return pc.binary_join_element_wise(pa.scalar("ac:"), ids, "")
+    return clips["clip_id"]
 
 
 def iter_local(sources: list[Any]) -> Iterator[tuple[int, Any]]:

@@ -42,10 +42,10 @@ from pydantic import Field
 from pipeline.config import StageConfig
 from pipeline.errors import AbortRun, ItemError, PermanentError, RunThrottled, TransientError
 from pipeline.io import atomic_path, temp_name
-from pipeline.selection import eligible_frame
+from pipeline.selection import eligible_frame, upstream_ok
 from pipeline.stage import Item, ItemStage, Resources, Result
 from stages.download.failures import classify
-from stages.download.index import iter_local, open_index
+from stages.download.index import iter_local, open_index, wanted_keys
 from stages.download.limits import (
     ClipDeadline,
     GateCancelled,
@@ -55,7 +55,7 @@ from stages.download.limits import (
 )
 from stages.download.local import LocalMedia, Taken
 from stages.download.media import decode_media, probe_source
-from stages.download.sources import Source, YoutubeSource, check_sources
+from stages.download.sources import Source, YoutubeSource, check_sources, source_pattern
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -312,9 +312,13 @@ class DownloadStage(ItemStage):
         if self._youtube:
             self._setup_youtube()
         indexes = {}
+        clips = None
         for i, src in iter_local(self._sources):
             what = f"download.sources[{i}] ({src.label})"
-            index = open_index(self.folder / "sources", src, what)
+            if clips is None:  # the run's clips: only their entries are kept for lookups
+                clips = upstream_ok(type(self), self.ctx, ["youtube_id", "audiocap_ids"])
+            holds = source_pattern(src, what).holds
+            index = open_index(self.folder / "sources", src, what, wanted=wanted_keys(holds, clips))
             if index.meta["names"] and not index.meta["matched"]:
                 raise AbortRun(
                     f"{what}: none of its {index.meta['names']} name(s) matches the pattern "

@@ -138,7 +138,8 @@ def test_every_kind_of_source(tmp_path: Path, media_root: Path, server: MediaSer
     add_source(media_root, "youtubeonly", "okh264clip1")  # on "YouTube" only
     clips = [
         ("fullvideo01", 13), ("fullvideo02", 0), ("audiofirst1", 4), ("tarprecut01", 21), ("tarprecut02", 5),
-        ("hfprecut001", 7), ("hfpathclip1", 8), ("silentvid01", 2), ("linkprecut1", 0), ("youtubeonly", 3), ("notanywhere", 3),
+        ("hfprecut001", 7), ("hfpathclip1", 8), ("silentvid01", 2), ("linkprecut1", 0), ("youtubeonly", 3),
+        ("notanywhere", 3),
     ]  # fmt: skip
     sources = [
         {"kind": "hf", "name": "audio-mirror", "dataset": str(src / "hf-audio"), "media_column": "audio",
