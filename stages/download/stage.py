@@ -309,8 +309,6 @@ class DownloadStage(ItemStage):
         self._sources: list[Any] = list(cfg.sources) or [YoutubeSource(kind="youtube")]
         check_sources(self._sources)
         self._youtube = [s for s in self._sources if s.kind == "youtube"]
-        if self._youtube:
-            self._setup_youtube()
         indexes = {}
         clips = None
         for i, src in iter_local(self._sources):
@@ -326,6 +324,8 @@ class DownloadStage(ItemStage):
                 )
             indexes[src.label] = index
         self._local = LocalMedia(indexes, cfg, VIDEO_SUFFIXES)
+        if self._youtube:  # after the local sources: a bad one stops the run before yt-dlp loads
+            self._setup_youtube()
         (self.ctx.media_dir / "video").mkdir(parents=True, exist_ok=True)
         self.ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
 
