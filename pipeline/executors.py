@@ -232,7 +232,20 @@ class LocalExecutor:
 
     def flush(self) -> None:
         if self.buffer:
-            self.ledger.commit(self.buffer)
+            try:
+                self.ledger.commit(self.buffer)
+            except Exception as exc:
+                if (found := machine_cause(exc)) is None:
+                    raise
+                n = len({r["clip_id"] for r in self.buffer})
+                self.buffer = []  # nothing of them reached the ledger: the next run redoes them
+                raise halt_for(
+                    *found,
+                    [self.ledger.folder],
+                    f"committing to {self.ledger.folder}",
+                    f"the last {n} finished items could not be committed and are redone by the next "
+                    "run; earlier ones are committed",
+                ) from exc
             self.buffer = []
         self.last_commit = time.monotonic()
 

@@ -158,8 +158,14 @@ def _nofile_line() -> str:
     return f"ulimit -n is {soft}"
 
 
-def halt_for(code: int, cause: BaseException | None, dirs: Iterable[Path], doing: str = "") -> RunHalted:
-    """The one-line :class:`RunHalted` for condition ``code`` (``cause``: the error that showed it)."""
+KEPT = "finished items are committed, items in flight keep their attempts"
+
+
+def halt_for(
+    code: int, cause: BaseException | None, dirs: Iterable[Path], doing: str = "", kept: str = KEPT
+) -> RunHalted:
+    """The one-line :class:`RunHalted` for condition ``code`` (``cause``: the error that showed it;
+    ``doing``: what the run was doing; ``kept``: what became of the finished work)."""
     what, fix = CONDITIONS[code]
     where = getattr(cause, "filename", None) if isinstance(cause, OSError) else None
     head = what + (f": {where}" if where else "")
@@ -174,7 +180,7 @@ def halt_for(code: int, cause: BaseException | None, dirs: Iterable[Path], doing
     line = "; ".join(p for p in parts if p)
     if via and what not in via.lower():
         line += f" [{via[:300]}]"
-    return RunHalted(f"{line}; finished items are committed, items in flight keep their attempts")
+    return RunHalted(f"{line}; {kept}")
 
 
 def check_room(dirs: Iterable[Path], min_free_mb: float, setting: str) -> RunHalted | None:
