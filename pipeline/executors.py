@@ -184,10 +184,28 @@ def process_and_commit(
         rows = result_rows(batch, run_batch(stage, batch), drop_previous)
     except AbortRun as exc:
         if rows := partial_rows(batch, exc, drop_previous):
-            ledger.commit(rows, name=part_name)
+            _commit(ledger, rows, part_name)
         raise
-    ledger.commit(rows, name=part_name)
+    _commit(ledger, rows, part_name)
     return _summaries(rows)
+
+
+def _commit(ledger: Ledger, rows: list[dict[str, Any]], name: str | None = None) -> None:
+    """Commit ``rows``; a disk that cannot take them stops the run with :class:`RunHalted` (their
+    items get no row: the next run redoes them)."""
+    try:
+        ledger.commit(rows, name=name)
+    except Exception as exc:
+        if (found := machine_cause(exc)) is None:
+            raise
+        n = len({r["clip_id"] for r in rows})
+        raise halt_for(
+            *found,
+            [ledger.folder],
+            f"committing to {ledger.folder}",
+            f"the last {n} finished items could not be committed and are redone by the next run; "
+            "earlier ones are committed",
+        ) from exc
 
 
 def _summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -232,21 +250,8 @@ class LocalExecutor:
 
     def flush(self) -> None:
         if self.buffer:
-            try:
-                self.ledger.commit(self.buffer)
-            except Exception as exc:
-                if (found := machine_cause(exc)) is None:
-                    raise
-                n = len({r["clip_id"] for r in self.buffer})
-                self.buffer = []  # nothing of them reached the ledger: the next run redoes them
-                raise halt_for(
-                    *found,
-                    [self.ledger.folder],
-                    f"committing to {self.ledger.folder}",
-                    f"the last {n} finished items could not be committed and are redone by the next "
-                    "run; earlier ones are committed",
-                ) from exc
-            self.buffer = []
+            rows, self.buffer = self.buffer, []  # a commit that fails leaves them to the next run
+            _commit(self.ledger, rows)
         self.last_commit = time.monotonic()
 
     def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:
