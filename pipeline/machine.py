@@ -128,11 +128,14 @@ def filesystems(dirs: Iterable[Path]) -> list[tuple[Path, os.statvfs_result]]:
     return out
 
 
-def room_line(dirs: Iterable[Path]) -> str:
-    """``PATH: X free of Y`` for the fullest of the filesystems of ``dirs``."""
+def room_line(dirs: Iterable[Path], code: int = errno.ENOSPC) -> str:
+    """``PATH: X free of Y`` for the filesystem among those of ``dirs`` that shows condition
+    ``code``: a read-only one for EROFS, else the fullest."""
     found = filesystems(dirs)
     if not found:
         return ""
+    if code == errno.EROFS:
+        found = [f for f in found if f[1].f_flag & os.ST_RDONLY] or found
     path, st = min(found, key=lambda f: f[1].f_bavail * f[1].f_frsize)
     free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
     ro = ", read-only" if st.f_flag & os.ST_RDONLY else ""
@@ -170,16 +173,16 @@ def halt_for(
     where = getattr(cause, "filename", None) if isinstance(cause, OSError) else None
     head = what + (f": {where}" if where else "")
     if code in DISK_ERRNOS:
-        detail = room_line(dirs)
+        # The file's own filesystem first, when the error names it.
+        detail = room_line([*([Path(where)] if where else []), *dirs], code)
     elif code == errno.ENOMEM:
         detail = _memory_line()
     else:
         detail = _nofile_line()
-    parts = [head + (f" ({doing})" if doing else ""), detail, fix]
-    via = f"{type(cause).__name__}: {cause}" if cause is not None else ""
-    line = "; ".join(p for p in parts if p)
-    if via and what not in via.lower():
-        line += f" [{via[:300]}]"
+    line = "; ".join(p for p in (head + (f" ({doing})" if doing else ""), detail, fix) if p)
+    said = str(cause or "")
+    if said and TEXTS[code] not in said.lower():  # what the error said, when it adds something
+        line += f" [{type(cause).__name__}: {said[:300]}]"
     return RunHalted(f"{line}; {kept}")
 
 
