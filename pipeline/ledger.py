@@ -156,7 +156,8 @@ def _is_damage(exc: BaseException) -> bool:
 
     if isinstance(exc, FileNotFoundError) or machine_cause(exc) is not None:
         return False
-    return isinstance(exc, (pa.ArrowException, OSError, ValueError, KeyError, TypeError))
+    # pyarrow's own errors (ArrowInvalid is also a ValueError), a disk's EIO, our "no clip_id".
+    return isinstance(exc, (pa.ArrowException, OSError, ValueError))
 
 
 def base_fields() -> list[pa.Field]:
