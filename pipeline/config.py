@@ -41,6 +41,14 @@ class StageConfig(StrictModel):
         "wait in memory (a kill loses at most this much finished work, or the batch in flight); 0 commits "
         "every batch.",
     )
+    min_free_mb: float = Field(
+        100.0,
+        ge=0,
+        description="Free space (MB) kept on every filesystem the stage writes to: below it the run stops "
+        "(exit 5) before the next batch, with room left to commit what finished. Keep it above the "
+        "largest file the stage writes: a tool that hits a full disk in a subprocess (ffmpeg) is told "
+        "from a failed item only by the free space left.",
+    )
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -17,8 +17,9 @@ import traceback
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import AbortRun, ItemError
+from pipeline.errors import AbortRun, ItemError, RunHalted
 from pipeline.ledger import Ledger
+from pipeline.machine import check_room, halt_for, machine_cause, text_cause
 from pipeline.selection import stage_ledger
 from pipeline.stage import Item, ItemStage, Result, RunOptions
 
@@ -48,13 +49,49 @@ def _fail(item: Item, exc: BaseException) -> Result:
     )
 
 
+def _room(stage: ItemStage) -> RunHalted | None:
+    """A :class:`RunHalted` when a filesystem the stage writes to is read-only or under its
+    ``min_free_mb`` (:func:`pipeline.machine.check_room`)."""
+    cfg = stage.stage_config
+    return check_room(stage.write_dirs(), cfg.min_free_mb, f"{stage.name}.min_free_mb")
+
+
+def _in_flight(stage: ItemStage, batch: list[Item]) -> str:
+    ids = ", ".join(item.clip_id for item in batch[:3])
+    more = f" and {len(batch) - 3} more" if len(batch) > 3 else ""
+    return f"{stage.dirname()} on {ids}{more}"
+
+
 def run_batch(stage: ItemStage, batch: list[Item]) -> list[Result]:
-    """Call ``process``; if the whole batch raises, isolate the culprit item by item."""
+    """Call ``process``; if the whole batch raises, isolate the culprit item by item.
+
+    A condition of the machine (:mod:`pipeline.machine`) is no item's failure: a full or read-only
+    filesystem before the batch, an error of the machine raised by it, or a failed item once a
+    filesystem it writes to is short of room, stops the run with :class:`RunHalted`, which
+    carries the batch's ok results (committed); its failed items get no row.
+    """
+    if halt := _room(stage):
+        raise halt
+    results = _isolate(stage, batch)
+    failed = [r for r in results if r.status != "ok"]
+    if failed:
+        code = next((c for r in failed if (c := text_cause(r.message)) is not None), None)
+        halt = halt_for(code, None, stage.write_dirs(), _in_flight(stage, batch)) if code else _room(stage)
+        if halt:
+            halt.results = [r for r in results if r.status == "ok"]
+            raise halt
+    return results
+
+
+def _isolate(stage: ItemStage, batch: list[Item]) -> list[Result]:
     try:
         results = stage.process(batch)
     except AbortRun:
         raise
     except Exception as exc:  # one bad item must not fail its neighbours
+        if found := machine_cause(exc):
+            code, cause = found
+            raise halt_for(code, cause, stage.write_dirs(), _in_flight(stage, batch)) from exc
         if len(batch) == 1:
             return [_fail(batch[0], exc)]
         log.warning(
@@ -63,7 +100,14 @@ def run_batch(stage: ItemStage, batch: list[Item]) -> list[Result]:
             len(batch),
             type(exc).__name__,
         )
-        return [r for item in batch for r in run_batch(stage, [item])]
+        out: list[Result] = []
+        for item in batch:
+            try:
+                out += _isolate(stage, [item])
+            except RunHalted as halt:
+                halt.results = [r for r in [*out, *halt.results] if r.status == "ok"]
+                raise
+        return out
     by_id = {r.clip_id: r for r in results}
     out = []
     for item in batch:
@@ -140,10 +184,28 @@ def process_and_commit(
         rows = result_rows(batch, run_batch(stage, batch), drop_previous)
     except AbortRun as exc:
         if rows := partial_rows(batch, exc, drop_previous):
-            ledger.commit(rows, name=part_name)
+            _commit(ledger, rows, part_name)
         raise
-    ledger.commit(rows, name=part_name)
+    _commit(ledger, rows, part_name)
     return _summaries(rows)
+
+
+def _commit(ledger: Ledger, rows: list[dict[str, Any]], name: str | None = None) -> None:
+    """Commit ``rows``; a disk that cannot take them stops the run with :class:`RunHalted` (their
+    items get no row: the next run redoes them)."""
+    try:
+        ledger.commit(rows, name=name)
+    except Exception as exc:
+        if (found := machine_cause(exc)) is None:
+            raise
+        n = len({r["clip_id"] for r in rows})
+        raise halt_for(
+            *found,
+            [ledger.folder],
+            f"committing to {ledger.folder}",
+            f"the last {n} finished items could not be committed and are redone by the next run; "
+            "earlier ones are committed",
+        ) from exc
 
 
 def _summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -188,8 +250,8 @@ class LocalExecutor:
 
     def flush(self) -> None:
         if self.buffer:
-            self.ledger.commit(self.buffer)
-            self.buffer = []
+            rows, self.buffer = self.buffer, []  # a commit that fails leaves them to the next run
+            _commit(self.ledger, rows)
         self.last_commit = time.monotonic()
 
     def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 TMP_PREFIX = ".tmp-"
 _HOST = socket.gethostname().replace("-", "_")
@@ -113,6 +115,24 @@ def clean_temp_files(folder: Path | str, older_than_s: float = 3600.0, recursive
         except FileNotFoundError:
             continue
     return n
+
+
+def read_json(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A JSON object file (``stats.json``...: empty when absent) and, when it cannot be read (cut
+    short, zero bytes, overwritten), why: the caller names it instead of raising a traceback."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, UnicodeDecodeError) as exc:
+        return {}, f"{path}: unreadable ({exc})"
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        return {}, f"{path}: not valid JSON ({exc})"
+    if not isinstance(data, dict):
+        return {}, f"{path}: not a JSON object"
+    return data, None
 
 
 def file_digest(path: Path | str, algorithm: str = "sha256") -> str:

@@ -21,21 +21,31 @@ enough that ``pandas.read_parquet(folder)`` reads it with no tool of ours. The g
   (in a merged part and in its source) has the same ``(clip_id, seq)`` and counts once.
 - **Readers change nothing.** Reading never writes, renames or removes a file; recovering from an
   interrupted whole-table replacement is done by the next writer (:meth:`Ledger.recover`).
+- **A damaged part is named, never a traceback.** A part that cannot be read (cut short by a bad
+  copy, zero bytes, overwritten) raises :class:`DamagedLedger` (exit 2) naming it and what it held
+  as far as its footer tells; inside :func:`tolerating_damage` (``avcaps status``) it is skipped
+  and reported. :meth:`Ledger.quarantine` (``avcaps repair``) moves it to ``NN-stage/quarantine/``;
+  the items whose rows it held then have no row (or their previous one) and are redone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.io import atomic_path, fsync_dir
+from pipeline.errors import AbortRun
+from pipeline.io import atomic_path, atomic_write_text, fsync_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,6 +60,104 @@ SMALL_PART_BYTES = 1 << 20
 COMPACT_AT_PARTS = 64
 UNIQUE_KEY = b"avcaps.unique_clip_ids"
 _READ_RETRIES = 20
+#: Where ``avcaps repair`` moves damaged parts: ``NN-stage/quarantine/`` (beside ``ledger/``).
+QUARANTINE = "quarantine"
+
+
+@dataclass(frozen=True)
+class DamagedPart:
+    """A part file that cannot be read, and what is known of it."""
+
+    path: Path
+    problem: str
+    size: int | None = None
+    rows: int | None = None  # from its footer, when the footer is readable
+    clip_ids: tuple[str, ...] | None = None  # when its clip_id column still reads
+
+    def describe(self, root: Path | None = None) -> str:
+        inside = root is not None and self.path.is_relative_to(root)
+        name = self.path.relative_to(root).as_posix() if inside and root else str(self.path)
+        held = []
+        if self.size is not None:
+            held.append(f"{self.size:,} bytes")
+        stamp = _part_time(self.path.name)
+        if stamp:
+            held.append(f"written {stamp}")
+        if self.clip_ids is not None:
+            held.append(f"rows of {len(self.clip_ids)} items")
+        elif self.rows is not None:
+            held.append(f"{self.rows} rows")
+        else:
+            held.append("rows unreadable")
+        return f"{name} ({', '.join(held)}): {self.problem}"
+
+
+def _part_time(name: str) -> str | None:
+    """The commit time a part's name records (``part-<ns>-<hex>.parquet``), for people."""
+    stem = name.removeprefix("part-").split("-", 1)[0]
+    if len(stem) != 20 or not stem.isdigit():
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(stem) / 1e9))
+
+
+class DamagedLedger(AbortRun):
+    """Ledger parts that cannot be read: the run refuses (exit 2) until ``avcaps repair`` sets them
+    aside, since their rows (which items are done) are unknown."""
+
+    def __init__(self, parts: list[DamagedPart], root: Path | None = None) -> None:
+        listed = "; ".join(p.describe(root) for p in parts[:3])
+        more = f"; and {len(parts) - 3} more" if len(parts) > 3 else ""
+        super().__init__(
+            f"damaged ledger part{'s' if len(parts) > 1 else ''}: {listed}{more}. Run `avcaps repair` "
+            "(with this run's --config) to move it to the stage's quarantine/ folder; the next run "
+            "then redoes the items whose rows it held"
+        )
+        self.parts = parts
+
+
+_TOLERATED: contextvars.ContextVar[list[DamagedPart] | None] = contextvars.ContextVar(
+    "avcaps_tolerated_damage", default=None
+)
+
+
+@contextlib.contextmanager
+def tolerating_damage() -> Iterator[list[DamagedPart]]:
+    """Within the block, reads skip damaged parts (reading the rest) and add them to the list
+    yielded, instead of raising :class:`DamagedLedger`: what ``avcaps status`` shows."""
+    found: list[DamagedPart] = []
+    token = _TOLERATED.set(found)
+    try:
+        yield found
+    finally:
+        _TOLERATED.reset(token)
+
+
+def inspect_part(path: Path, problem: BaseException) -> DamagedPart:
+    """What can still be told of an unreadable part: its size, its footer's row count, its items."""
+    import pyarrow.parquet as pq
+
+    size = rows = ids = None
+    with contextlib.suppress(OSError):
+        size = path.stat().st_size
+    with contextlib.suppress(Exception):
+        pf = pq.ParquetFile(path)
+        rows = pf.metadata.num_rows
+        ids = tuple(str(c) for c in pf.read(columns=["clip_id"])["clip_id"].to_pylist())
+    text = str(problem).strip().splitlines()[0] if str(problem).strip() else type(problem).__name__
+    text = text.split(". ")[0].rstrip(".")  # pyarrow adds "Either the file is corrupted or ..."
+    return DamagedPart(path, text[:300], size, rows, ids)
+
+
+def _is_damage(exc: BaseException) -> bool:
+    """Whether a read error is the part's (not a vanished file, not the machine's)."""
+    import pyarrow as pa
+
+    from pipeline.machine import machine_cause
+
+    if isinstance(exc, FileNotFoundError) or machine_cause(exc) is not None:
+        return False
+    # pyarrow's own errors (ArrowInvalid is also a ValueError), a disk's EIO, our "no clip_id".
+    return isinstance(exc, (pa.ArrowException, OSError, ValueError))
 
 
 def base_fields() -> list[pa.Field]:
@@ -177,36 +285,94 @@ class Ledger:
 
     def _read_parts(self, parts: list[Path], columns: list[str] | None) -> tuple[pa.Table, bool]:
         """The rows of ``parts`` conformed to the schema, and whether they are known to hold one
-        row per item (a single part whose writer recorded that its clip ids are unique)."""
+        row per item (a single part whose writer recorded that its clip ids are unique). A part
+        that cannot be read raises :class:`DamagedLedger`, or is skipped and recorded inside
+        :func:`tolerating_damage`."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        def one(path: Path) -> tuple[pa.Table, bool]:
-            pf = pq.ParquetFile(path)
-            names = pf.schema_arrow.names
-            meta = pf.schema_arrow.metadata or {}
-            table = pf.read(columns=[c for c in columns if c in names] if columns is not None else None)
+        def one(path: Path) -> tuple[pa.Table, bool] | DamagedPart:
+            try:
+                pf = pq.ParquetFile(path)
+                names = pf.schema_arrow.names
+                meta = pf.schema_arrow.metadata or {}
+                table = pf.read(columns=[c for c in columns if c in names] if columns is not None else None)
+                if "clip_id" not in table.column_names:
+                    raise ValueError("no clip_id column")
+            except Exception as exc:
+                if not _is_damage(exc):
+                    raise
+                return inspect_part(path, exc)
             return table, meta.get(UNIQUE_KEY) == b"1"
 
-        read: list[tuple[pa.Table, bool]] = []
+        read: list[tuple[pa.Table, bool] | DamagedPart] = []
         if parts:
             with ThreadPoolExecutor(min(8, len(parts))) as pool:
                 read = list(pool.map(one, parts))
-        tables = [t for t, _ in read]
+        good = [(p, r) for p, r in zip(parts, read, strict=True) if not isinstance(r, DamagedPart)]
+        damaged = [r for r in read if isinstance(r, DamagedPart)]
         schema = self.schema
         if not self.outputs:
             # No declared outputs (a reader outside the runner): the files add their columns.
             fields = {f.name: f for f in schema}
-            for t in tables:
+            for _, (t, _unique) in good:
                 for f in t.schema:
                     fields.setdefault(f.name, f)
             schema = pa.schema(list(fields.values()))
         if columns is not None:
             schema = pa.schema([schema.field(c) for c in columns if c in schema.names])
-        if not tables:
+        conformed = []
+        for path, (t, _unique) in good:
+            try:
+                conformed.append(self._conform(t, schema))
+            except Exception as exc:  # a column that cannot be what the schema says: damaged too
+                if not _is_damage(exc):
+                    raise
+                damaged.append(inspect_part(path, exc))
+        if damaged:
+            tolerated = _TOLERATED.get()
+            if tolerated is None:
+                raise DamagedLedger(damaged, self.folder.parent.parent)
+            tolerated += [d for d in damaged if d.path not in {t.path for t in tolerated}]
+        if not conformed:
             return schema.empty_table(), True
-        unique = len(read) == 1 and read[0][1]
-        return pa.concat_tables([self._conform(t, schema) for t in tables]), unique
+        unique = len(read) == 1 and not damaged and good[0][1][1]
+        return pa.concat_tables(conformed), unique
+
+    def check(self) -> list[DamagedPart]:
+        """Every part read whole (all columns, every page): the damaged ones (``avcaps repair``)."""
+        found: list[DamagedPart] = []
+        for path in self.parts():
+            with tolerating_damage() as damaged:
+                try:
+                    self._read_parts([path], None)
+                except FileNotFoundError:
+                    continue  # compacted meanwhile
+            found += damaged
+        return found
+
+    def quarantine(self, part: DamagedPart) -> Path:
+        """Move a damaged part to ``NN-stage/quarantine/`` (never deleted), with a note of why. The
+        caller holds the stage's lock (no writer of this ledger runs meanwhile)."""
+        dest_dir = self.folder.parent / QUARANTINE
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        dest = dest_dir / part.path.name
+        if dest.exists():
+            dest = dest_dir / f"{part.path.stem}-{time.time_ns()}{part.path.suffix}"
+        note = {
+            "part": part.path.name,
+            "ledger": str(self.folder),
+            "problem": part.problem,
+            "bytes": part.size,
+            "rows": part.rows,
+            "clip_ids": list(part.clip_ids) if part.clip_ids is not None else None,
+            "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        atomic_write_text(dest.with_name(dest.name + ".json"), json.dumps(note, indent=2) + "\n")
+        os.replace(part.path, dest)  # the same filesystem: the stage folder
+        fsync_dir(self.folder)
+        fsync_dir(dest_dir)
+        return dest
 
     def read(self, columns: list[str] | None = None, latest: bool = False) -> pa.Table:
         """Every committed row (or, with ``latest``, the current row of every item) as Arrow.

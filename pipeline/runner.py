@@ -14,9 +14,11 @@ time works on a stage and shard (:mod:`pipeline.locks`); each run logs to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import AbortRun
 from pipeline.executors import LocalExecutor, summarize_exception
 from pipeline.io import atomic_write_text, clean_temp_files
+from pipeline.machine import halt_for, machine_cause
 from pipeline.selection import (
     WorkList,
     expected_fingerprints,
@@ -227,12 +230,23 @@ def _claim(folder: Path, stem: str, suffix: str) -> Path:
     return folder / f"{stem}-{os.getpid()}-{time.monotonic_ns()}{suffix}"
 
 
+class _LogFile(logging.FileHandler):
+    """The run log's handler: a write it cannot make because the disk is full says nothing on
+    stderr (the run's one-line halt names the disk); any other logging error is reported."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if exc is not None and machine_cause(exc) is not None:
+            return
+        super().handleError(record)
+
+
 class _RunLog:
     """INFO and up of the ``avcaps`` logger, also to ``DIR/runs/<stamp>-<stage>.log``."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.handler = logging.FileHandler(path, encoding="utf-8")
+        self.handler = _LogFile(path, encoding="utf-8")
         self.handler.setLevel(logging.INFO)
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
@@ -250,24 +264,49 @@ class _RunLog:
         logger = logging.getLogger("avcaps")
         if exc is not None:
             if isinstance(exc, AbortRun):
-                logger.error("aborted: %s", exc)
+                text = f"aborted: {exc}"
             elif isinstance(exc, KeyboardInterrupt):
-                logger.error("interrupted")
+                text = "interrupted"
             else:
-                logger.error("crashed: %s", summarize_exception(exc))
+                text = f"crashed: {summarize_exception(exc)}"
+            # To the run log only: the terminal gets the error once, from the CLI (`error: ...`),
+            # or Python's traceback.
+            record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, text, None, None)
+            self.handler.handle(record)
         logger.removeHandler(self.handler)
         self.handler.close()
         if self._level is not None:
             logger.setLevel(self._level)
 
 
+@contextlib.contextmanager
+def machine_halts(stage: Stage) -> Iterator[None]:
+    """An error of the machine (a full disk, no memory: :mod:`pipeline.machine`) raised anywhere in
+    a run, a ledger commit or a whole stage's work included, becomes the one-line RunHalted."""
+    try:
+        yield
+    except AbortRun:
+        raise
+    except Exception as exc:
+        if (found := machine_cause(exc)) is None:
+            raise
+        code, cause = found
+        raise halt_for(code, cause, stage.write_dirs(), stage.dirname()) from exc
+
+
 def run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions) -> RunReport:
     """Run one stage of a run folder; the entry point of ``avcaps run``."""
+    stage = cls(ctx)
+    with machine_halts(stage):
+        return _run_stage(stage, options)
+
+
+def _run_stage(stage: Stage, options: RunOptions) -> RunReport:
     from pipeline.config import dump_config
     from pipeline.locks import stage_lock
 
+    cls, ctx = type(stage), stage.ctx
     ctx.workdir.mkdir(parents=True, exist_ok=True)
-    stage = cls(ctx)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     # Save the resolved config with each run, so every run folder says how it was made.
     config_text = dump_config(ctx.config)
@@ -276,7 +315,7 @@ def run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions) -> RunRepo
     log_path = _claim(runs, f"{stamp}-{cls.dirname()}", ".log")
     atomic_write_text(log_path.with_suffix(".yaml"), config_text)
     shard = options.shard if isinstance(stage, ItemStage) else None
-    with _RunLog(log_path):
+    with _RunLog(log_path), machine_halts(stage):
         log.info(
             "%s: run in %s (pid %d%s)",
             cls.dirname(),
@@ -298,7 +337,8 @@ def run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions) -> RunRepo
                 assert isinstance(stage, ItemStage)
                 report = RunReport(cls.dirname())
                 try:
-                    run_item_stage(stage, options, report)
+                    with machine_halts(stage):
+                        run_item_stage(stage, options, report)
                 except AbortRun as exc:
                     # A stage that stopped after working says why in its stats (`avcaps status`).
                     # Never for a stage without a ledger: its stats would read as "ran, nothing
@@ -308,8 +348,19 @@ def run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions) -> RunRepo
                         report.exit_code = exc.exit_code
                         if report.started is not None:
                             report.seconds = time.monotonic() - report.started
-                        write_stats(stage, report, stage.extra_stats(stage_ledger(stage).latest()))
+                        _stats_after_stop(stage, report)
                     raise
                 write_stats(stage, report, stage.extra_stats(stage_ledger(stage).latest()))
         log.info("%s", report.line())
     return report
+
+
+def _stats_after_stop(stage: Stage, report: RunReport) -> None:
+    """The stats of a stopped run, unless the disk that stopped it cannot take them either (the
+    next run writes them; the stop's own line says what happened)."""
+    try:
+        write_stats(stage, report, stage.extra_stats(stage_ledger(stage).latest()))
+    except OSError as exc:
+        if machine_cause(exc) is None:
+            raise
+        log.warning("%s: stats.json not written: %s", stage.dirname(), exc)

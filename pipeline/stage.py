@@ -144,6 +144,14 @@ class Stage(ABC):
         other settings, or from other upstream rows, is stale (:mod:`pipeline.fingerprint`)."""
         return {}
 
+    def write_dirs(self) -> list[Path]:
+        """The folders this stage writes to, whose filesystems must stay writable with room to
+        spare (:mod:`pipeline.machine`): the run folder (logs, config), the stage's own folder
+        (stats), its ledger and the media temp folder (media writers rename from it, so it is on
+        the media's filesystem). A stage that writes elsewhere adds its folders; one that never
+        writes media may leave the temp folder out (its media may sit on a read-only disk)."""
+        return [self.ctx.workdir, self.folder, self.folder / "ledger", self.ctx.tmp_dir]
+
     def setup(self) -> None:
         """Load heavy things (models, clients) once per worker."""
 

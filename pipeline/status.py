@@ -2,17 +2,19 @@
 
 The JSON shape is an interface (cluster scripts read it): add keys, never rename them. Status only
 reads (ledgers, ``stats.json``, the run logs' names); it reads just the columns it counts, so it
-stays fast on millions of clips, and it never takes a lock or changes a file.
+stays fast on millions of clips, and it never takes a lock or changes a file. A damaged ledger
+part or ``stats.json`` is named (``damaged_parts``, ``stats_damaged``) and the rest is counted.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun
 from pipeline.executors import KEPT_PREVIOUS
+from pipeline.io import read_json
+from pipeline.ledger import QUARANTINE, DamagedPart, tolerating_damage
 from pipeline.registry import app, stage_classes
 from pipeline.selection import eligible_table, expected_fingerprints, stage_ledger
 from pipeline.stage import STATUSES, ItemStage, RunContext, Stage
@@ -127,11 +129,15 @@ def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
         stale_count = stage.stale_count()
         if stale_count is not None:
             entry["stale"] = stale_count
-    if stats_file.exists():
-        stats = json.loads(stats_file.read_text())
-        for key in ("last_run", "summary"):
-            if key in stats:
-                entry[key] = stats[key]
+    stats, damaged = read_json(stats_file)
+    if damaged:
+        entry["stats_damaged"] = damaged
+    for key in ("last_run", "summary"):
+        if key in stats:
+            entry[key] = stats[key]
+    quarantined = stage.folder / QUARANTINE
+    if quarantined.is_dir():
+        entry["quarantined_parts"] = len(list(quarantined.glob("*.parquet")))
     log = latest_log(ctx.workdir, cls.dirname())
     if log:
         entry["log"] = log
@@ -139,7 +145,25 @@ def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
 
 
 def run_status(ctx: RunContext) -> dict[str, Any]:
-    return {"workdir": str(ctx.workdir), "stages": [stage_status(c, ctx) for c in stage_classes()]}
+    """Every stage's entry; damaged ledger parts are skipped, and named in their stage's entry."""
+    with tolerating_damage() as damaged:
+        stages = [stage_status(c, ctx) for c in stage_classes()]
+    for entry in stages:
+        mine = [d for d in damaged if d.path.parent.parent.name == entry["stage"]]
+        if mine:
+            entry["damaged_parts"] = [_damage_entry(d, ctx.workdir) for d in mine]
+    return {"workdir": str(ctx.workdir), "stages": stages}
+
+
+def _damage_entry(part: DamagedPart, workdir: Path) -> dict[str, Any]:
+    return {
+        "path": str(part.path),
+        "problem": part.problem,
+        "bytes": part.size,
+        "rows": part.rows,
+        "items": len(part.clip_ids) if part.clip_ids is not None else None,
+        "text": part.describe(workdir),
+    }
 
 
 def format_table(status: dict[str, Any]) -> str:
@@ -160,6 +184,11 @@ def format_table(status: dict[str, Any]) -> str:
         last = st.get("last_run") or {}
         if last.get("exit_code"):
             notes.append(f"last run stopped (exit {last['exit_code']})")
+        damaged = st.get("damaged_parts") or []
+        if damaged:
+            notes.append(f"{len(damaged)} damaged ledger part(s) not counted")
+        if st.get("quarantined_parts"):
+            notes.append(f"{st['quarantined_parts']} part(s) in quarantine/")
         lines.append(
             f"{st['stage']:<14}{st['ok']:>9}{st['failed_permanent']:>13}"
             f"{st['failed_transient']:>14}{st['pending']:>9}{stale:>8}  {'; '.join(notes)}"
@@ -169,6 +198,11 @@ def format_table(status: dict[str, Any]) -> str:
         lines += [f"  ! {note}" for note in summary.get("notes", [])]
         if last.get("exit_code"):
             lines.append(f"  ! {last.get('message', '')}")
+        lines += [f"  ! damaged ledger part {d['text']}" for d in damaged]
+        if damaged:
+            lines.append("  ! `avcaps repair` moves it to quarantine/; the next run redoes its items")
+        if st.get("stats_damaged"):
+            lines.append(f"  ! {st['stats_damaged']}: the stage's next run (or `avcaps repair`) rewrites it")
         by_split = st.get("by_split")
         if by_split and isinstance(next(iter(by_split.values())), dict):
             for split, c in by_split.items():

@@ -146,9 +146,17 @@ def read_project_file(folder: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
-    except ValueError as exc:
-        raise AbortRun(f"{path}: not valid JSON ({exc}); fix or remove it") from None
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:  # cut short, zero bytes, overwritten (UnicodeDecodeError)
+        raise AbortRun(
+            f"{path} is damaged ({exc}): it names this run's Label Studio project. Restore it, or "
+            'write {"project_id": ID} with the id Label Studio shows for this run\'s project '
+            "(titled after review.project_title and the run folder); removing it makes stage 5 "
+            "start a new project"
+        ) from None
+    return state  # type: ignore[no-any-return]
 
 
 def remembered_project(client: LabelStudio, folder: Path) -> dict[str, Any]:

@@ -6,9 +6,10 @@ admin user and API key come from environment variables, signup without an invite
 analytics, Sentry and the update check are off, so it sends nothing off this machine.
 
 Pitfalls handled here (measured, see FACTS.md): without ``--internal-host`` it binds 0.0.0.0; a busy
-port makes it silently take the next one (so the port is checked first and the server is polled on
-the port asked for); bare ``USERNAME``/``PASSWORD``/``PORT``/``HOST`` variables are read too (so the
-child gets a clean environment); the legacy token only works when enabled at data-dir creation.
+port makes it silently take the next one (so the port is checked first, binding as the server does,
+and the server is polled on the port asked for); bare ``USERNAME``/``PASSWORD``/``PORT``/``HOST``
+variables are read too (so the child gets a clean environment); the legacy token only works when
+enabled at data-dir creation.
 """
 
 from __future__ import annotations
@@ -71,7 +72,11 @@ def credentials_from_env(env: dict[str, str] | None = None, api_key_env: str = A
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now. The test binds as the server will (Django's
+    runserver sets SO_REUSEADDR): a port held only by connections in TIME_WAIT, as a server killed
+    mid-request leaves it for a minute, is free; one where something listens is not."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

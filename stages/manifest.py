@@ -435,8 +435,14 @@ class ManifestStage(WholeStage):
         return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
     def _previous_summary(self) -> dict[str, Any]:
-        stats = self.folder / "stats.json"
-        if not stats.exists():
-            return {}
-        summary: dict[str, Any] = json.loads(stats.read_text()).get("summary", {})
+        from pipeline.io import read_json
+
+        stats, damaged = read_json(self.folder / "stats.json")
+        if damaged:
+            raise AbortRun(
+                f"{damaged}: it records what the clip table was built from. `avcaps repair` moves it "
+                "aside; then `avcaps run 0 --force` rebuilds the table (the same inputs give the same "
+                "rows, and later stages keep theirs)"
+            )
+        summary: dict[str, Any] = stats.get("summary", {})
         return summary

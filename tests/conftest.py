@@ -5,7 +5,8 @@ once per session."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,37 @@ def tiny_clip(scorer_models: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clap(scorer_models: Path) -> Path:
     return scorer_models / "clap-tiny"
+
+
+Tmpfs = Callable[..., Path]
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Tmpfs]:
+    """``tmpfs(folder, size)`` mounts a small tmpfs on ``folder`` (made if missing): a disk that
+    really fills (ENOSPC from the kernel). ``tmpfs.resize(folder, size)`` gives it room again
+    (``remount,size=``), ``tmpfs.read_only(folder)`` / ``read_write(folder)`` remount it.
+    Unmounted after the test; skipped where mounting is not permitted (it needs root, as in CI)."""
+    mounted: list[Path] = []
+
+    def mount(folder: Path, size: str = "3m") -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip() or proc.returncode}")
+        mounted.append(folder)
+        return folder
+
+    def remount(folder: Path, options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], check=True)
+
+    mount.resize = lambda folder, size: remount(folder, f"size={size}")  # type: ignore[attr-defined]
+    mount.read_only = lambda folder: remount(folder, "ro")  # type: ignore[attr-defined]
+    mount.read_write = lambda folder: remount(folder, "rw")  # type: ignore[attr-defined]
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -128,6 +128,11 @@ class CaptionStage(ItemStage):
             *caption_score_fields(),
         ]
 
+    def write_dirs(self) -> list[Path]:
+        """The ledger and stats only: this stage reads the keyframes and writes none, so its media may sit on
+        a full or read-only disk (copied to a GPU box, say)."""
+        return [d for d in super().write_dirs() if d != self.ctx.tmp_dir]
+
     def setup(self) -> None:
         captioner = Captioner(self.cfg)
         self.start(captioner, ClipScorer(self.clip_spec()) if self.cfg.score else None)

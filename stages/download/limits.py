@@ -254,10 +254,19 @@ class StartGate:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    """A gate's state file (a fresh state when absent or unreadable)."""
+    """A gate's state file (a fresh state when absent or unreadable: a damaged file is named in the
+    log and rewritten whole by the next start; the pace and breaker start afresh)."""
     state = _fresh_state()
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        state.update(json.loads(path.read_text()))
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+        state.update(saved)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("%s: unreadable (%s): the pace and breaker of this host start afresh", path, exc)
+        return _fresh_state()
     return state
 
 

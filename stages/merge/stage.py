@@ -239,6 +239,11 @@ class MergeStage(ItemStage):
     def select(self, table: pd.DataFrame) -> Any:
         return table["split"].isin(self.cfg.splits)
 
+    def write_dirs(self) -> list[Path]:
+        """The ledger and stats only: this stage reads no media and writes none, so its media may sit on
+        a full or read-only disk (copied to a GPU box, say)."""
+        return [d for d in super().write_dirs() if d != self.ctx.tmp_dir]
+
     def setup(self) -> None:
         _ = self.prompt  # a broken prompt file aborts before any model loads
         self.backend = make_backend(self.cfg)

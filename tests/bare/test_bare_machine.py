@@ -214,3 +214,39 @@ def test_demo_runs_without_system_ffmpeg_or_java(tmp_path: Path, bare_env: dict[
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {plot}" in out
     evaluated = json.loads((workdir / "eval" / "eval.json").read_text())
     assert evaluated["counts"] == {"matched": 12, "missing": 0, "extra": 0}
+
+
+@pytest.mark.parametrize("who", ["root without apt-get", "a user who is not root"])
+def test_make_test_without_chromium_says_in_one_line_what_to_run(
+    tmp_path: Path, who: str, request: pytest.FixtureRequest
+) -> None:
+    """`make test` installs Debian's chromium and chromium-driver as root with apt-get; where it
+    cannot, the browser step stops with one line naming the command (issue 26). Run here on a
+    PATH that has make and id but no chromium, chromedriver or apt-get."""
+    import tempfile
+
+    # Outside pytest's tmp_path (mode 700): the other user must be able to run these.
+    bin_dir = Path(tempfile.mkdtemp(prefix="avcaps-bin-"))
+    bin_dir.chmod(0o755)
+    request.addfinalizer(lambda: shutil.rmtree(bin_dir, ignore_errors=True))
+    for tool in ("make", "id"):
+        found = shutil.which(tool)
+        if found is None:
+            pytest.skip(f"{tool} is not installed")
+        (bin_dir / tool).symlink_to(found)
+    cmd = ["make", "-s", "-C", str(REPO), "browser-deps"]
+    if who != "root without apt-get":
+        if os.getuid() != 0 or shutil.which("setpriv") is None:
+            pytest.skip("needs root and setpriv to run make as another user")
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    elif os.getuid() != 0:
+        pytest.skip("runs as root")
+    env = {"PATH": str(bin_dir), "HOME": str(bin_dir)}
+    exe = shutil.which(cmd[0])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, executable=exe)
+    assert proc.returncode != 0
+    said = [line for line in proc.stderr.splitlines() if not line.startswith("make:")]
+    assert len(said) == 1, proc.stderr
+    why = "no apt-get" if who == "root without apt-get" else "not root"
+    assert f"({why}): run sudo apt-get install -y chromium chromium-driver" in said[0], said[0]
+    assert "make test-fast" in said[0]

@@ -112,3 +112,44 @@ def test_runner_run_status_and_stats(
     assert stats["summary"]["frames_captioned"] == 12  # frames after the broken one are skipped
     again = run_stage(find_stage("caption"), ctx, RunOptions(progress=False))
     assert again.selected == 0  # nothing redone
+
+
+def test_a_full_ledger_disk_stops_the_run_and_a_rerun_finishes(
+    tmp_path: Path,
+    tiny_blip2: Path,
+    tiny_clip: Path,
+    items_factory: Any,
+    upstream_ledgers: Any,
+    upstream_app: dict[str, str],
+    tmpfs: Any,
+) -> None:
+    """Stage 3 writes only its ledger: a commit that cannot be written (a real tmpfs that fills)
+    stops the run with exit 5 and one line naming the ledger's disk, never a traceback, and no
+    row is lost or half-written: a rerun once there is room captions each remaining clip once."""
+    workdir = tmp_path / "run"
+    items = items_factory(workdir, n_clips=12, frames=1)
+    upstream_ledgers(workdir, items)
+    cfg = write_config(tmp_path, tiny_blip2, tiny_clip)
+    ledger_dir = tmpfs(workdir / "03-caption" / "ledger", "40k")
+    args = ["run", "caption", "--config", str(cfg), "--no-progress", "--set", "caption.min_free_mb=0"]
+
+    proc = avcaps(args, upstream_app, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 5, err
+    said = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(said) == 1 and "Traceback" not in err and " ERROR " not in err, err
+    (line,) = said
+    assert line.startswith("error: no space left on device") and str(ledger_dir) in line, line
+    assert "free of 41.0 KB" in line and "are redone by the next run" in line, line
+    ledger = Ledger(ledger_dir)
+    done = ledger.read_all()
+    assert 1 <= len(done) < len(items) and set(done["status"]) == {"ok"}
+    assert not list(ledger_dir.glob(".tmp-*"))  # no half-written part left
+
+    tmpfs.resize(ledger_dir, "16m")
+    rerun = avcaps(args, upstream_app, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err
+    history = ledger.read_all()
+    assert set(history["status"]) == {"ok"}
+    assert sorted(history["clip_id"]) == sorted(it.clip_id for it in items)  # each clip once

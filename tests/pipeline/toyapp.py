@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from pydantic import Field
 
 from pipeline.config import StageConfig, StrictModel
 from pipeline.errors import AbortRun, PermanentError, RunThrottled, TransientError
-from pipeline.io import atomic_write_text
+from pipeline.io import atomic_write_text, temp_name
 from pipeline.stage import Item, ItemStage, Result
 from stages.manifest import ManifestConfig
 
@@ -38,6 +40,12 @@ class ToySection(StageConfig):
     write_file: bool = Field(True, description="Write a media file per ok item (off: pure engine cost).")
     flavour: str = Field("plain", description="A setting that changes the output (fingerprinted).")
     order: str = Field("table", description="table | reverse | broken (not a permutation): ToyStage.order.")
+    file_bytes: int = Field(0, description="Pad each item's media file to this many bytes (fills a disk).")
+    writer: str = Field(
+        "python",
+        description="python | subprocess: a child process writes the file and only its exit code tells "
+        "that it failed (as ffmpeg under yt-dlp does): the item fails transiently.",
+    )
 
 
 class ToyConfig(StrictModel):
@@ -96,6 +104,17 @@ class ToyStage(ItemStage):
                     out.append(self._ok(it))
             elif how == "boom":
                 raise ValueError(f"boom on {it.clip_id}")
+            elif how == "exhaust_fds":
+                # A real EMFILE from the kernel: open files until it refuses, then let go of them.
+                held = []
+                try:
+                    while True:
+                        held.append(open(os.devnull))  # noqa: SIM115
+                finally:
+                    for fh in held:
+                        fh.close()
+            elif how == "memory":
+                bytearray(1 << 62)  # a real MemoryError: no machine has 4 EiB
             elif how == "abort":
                 raise AbortRun("the toy model is missing")
             elif how == "throttle":
@@ -106,11 +125,33 @@ class ToyStage(ItemStage):
                 out.append(self._ok(it))
         return out
 
+    def _write_in_child(self, path: Path, text: str) -> str | None:
+        """Write ``path`` from a child process through the temp folder; what failed, or None."""
+        self.ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.ctx.tmp_dir / temp_name(path.name)
+        code = "import sys; open(sys.argv[1], 'w').write(sys.stdin.read())"
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(tmp)], input=text, text=True, capture_output=True
+        )
+        if proc.returncode:
+            tmp.unlink(missing_ok=True)
+            return f"the writer exited with code {proc.returncode}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+        return None
+
     def _ok(self, it: Item) -> Result:
         rel = None
-        if self.stage_config.write_file:  # type: ignore[attr-defined]
+        cfg = self.stage_config
+        if cfg.write_file:  # type: ignore[attr-defined]
             path = self.ctx.media_dir / "toy" / f"{it.clip_id}.txt"
-            atomic_write_text(path, it.data["audio_captions"][0], self.ctx.tmp_dir)
+            text = it.data["audio_captions"][0].ljust(cfg.file_bytes)  # type: ignore[attr-defined]
+            if cfg.writer == "subprocess":  # type: ignore[attr-defined]
+                failed = self._write_in_child(path, text)
+                if failed:
+                    return Result.failed(it.clip_id, TransientError("tool_failed", failed))
+            else:
+                atomic_write_text(path, text, self.ctx.tmp_dir)
             rel = str(path.relative_to(self.ctx.workdir))
         flavour = self.stage_config.flavour  # type: ignore[attr-defined]
         out = f"{it.data['split']}:{it.attempt}" + ("" if flavour == "plain" else f":{flavour}")

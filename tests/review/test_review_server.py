@@ -100,3 +100,27 @@ def test_review_server_command_serves_the_run_and_stops_on_ctrl_c(
     assert CREDS.api_key not in out and CREDS.password not in out
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+
+
+def test_a_restart_right_after_a_kill_takes_its_port(tmp_path: Path, ls_server: LabelStudioServer) -> None:
+    """SIGKILL to the server's process group with a client connected leaves the port in TIME_WAIT
+    for a minute; the restart on the same port starts at once instead of calling it busy."""
+    data = tmp_path / "ls"
+    shutil.copytree(LS_VENV / "avcaps-test-template", data)
+    port = free_port()
+    first = LabelStudioServer(LS_VENV, data, tmp_path, CREDS, port=port)
+    first.start()
+    client = requests.Session()
+    assert client.get(f"{first.url}/health", timeout=10).ok  # a kept-alive connection
+    assert first.proc is not None
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(timeout=30)
+    client.close()
+    states = subprocess.run(["ss", "-tan", f"sport = :{port}"], capture_output=True, text=True).stdout
+    assert "TIME-WAIT" in states, states
+    again = LabelStudioServer(LS_VENV, data, tmp_path, CREDS, port=port)
+    try:
+        again.start(wait_s=120)
+        assert requests.get(f"{again.url}/health", timeout=10).ok
+    finally:
+        again.stop()
