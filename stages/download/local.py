@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ItemError, PermanentError
 from pipeline.io import atomic_path, file_digest
+from pipeline.machine import machine_cause
 from stages.download.cut import Encoding, Input, cut
 from stages.download.index import SourceIndex, inside
 from stages.download.media import decode_audio, decode_media, media_duration
@@ -32,14 +33,10 @@ from stages.download.sources import clip_keys
 if TYPE_CHECKING:
     from pipeline.stage import Item
 
-# OS errors that are about the machine, not the media: never turned into a clip's failure here.
-MACHINE_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
-)
-
-
 def _machine(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS)
+    """An error of the machine (a full disk, no file handles...), never a clip's failure: the
+    engine stops the run on it (:mod:`pipeline.machine`)."""
+    return machine_cause(exc) is not None
 
 
 @dataclass

@@ -42,6 +42,7 @@ from pydantic import Field
 from pipeline.config import StageConfig
 from pipeline.errors import AbortRun, ItemError, PermanentError, RunThrottled, TransientError
 from pipeline.io import atomic_path, temp_name
+from pipeline.machine import machine_cause
 from pipeline.selection import eligible_frame, upstream_ok
 from pipeline.stage import Item, ItemStage, Resources, Result
 from stages.download.failures import classify
@@ -303,6 +304,10 @@ class DownloadStage(ItemStage):
             pa.field("audio_ref", pa.string()),
             pa.field("audio_digest", pa.string()),
         ]
+
+    def write_dirs(self) -> list[Path]:
+        """The media (through its temp folder) and, with local sources, their indexes."""
+        return [*super().write_dirs(), self.folder / "sources"]
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -698,6 +703,8 @@ class DownloadStage(ItemStage):
         except ItemError:
             raise
         except Exception as exc:  # PyAV: InvalidDataError and friends
+            if machine_cause(exc) is not None:  # no file handles, no memory: not the file's fault
+                raise
             raise PermanentError("corrupt_download", f"{dest.name}: cannot decode: {exc}") from exc
         duration = found["video_end_s"]
         if expected_s <= 0:
