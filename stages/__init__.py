@@ -15,7 +15,7 @@ STAGES: list[str] = [
     "stages.keyframes:KeyframesStage",
     "stages.caption.stage:CaptionStage",
     "stages.merge.stage:MergeStage",
-    "review.push:ReviewStage",
+    "stages.review.push:ReviewStage",
     "stages.export.stage:ExportStage",
     "stages.publish:PublishStage",
 ]
@@ -37,7 +37,7 @@ COMMANDS: dict[str, str] = {
     "fetch-spice": "evalkit.cli:fetch_spice",
     "perturb": "evalkit.cli:perturb",
     "robustness": "evalkit.cli:robustness",
-    "review": "review.cli:review",
+    "review": "stages.review.cli:review",
     "sources": "stages.download.cli:sources",
 }
 # How to get a missing optional module (`avcaps` prints it after the module's name).

@@ -7,7 +7,6 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline.config import StrictModel
-from review.push import ReviewConfig
 from stages.caption.config import CaptionConfig
 from stages.download.stage import DownloadConfig
 from stages.export.config import ExportConfig
@@ -15,6 +14,7 @@ from stages.keyframes import KeyframesConfig
 from stages.manifest import ManifestConfig
 from stages.merge.config import MergeConfig
 from stages.publish import PublishConfig
+from stages.review.connection import ReviewConfig
 
 
 class RunConfig(StrictModel):

@@ -10,26 +10,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-# The run-percentile helper sits in the engine, below stage 5 (review/) and stage 6 that rank too.
+# The run-percentile helper sits in the engine: stages 5 and 6 rank too.
 from pipeline.ranks import cell_percentiles, percentile_ranks
-
-# Stage 4: one score per merged caption (aligned with ``merged_captions``), and the same for what
-# was merged (each source audio caption, the visual caption). Named once, in review.risk: stage 5
-# reads them and may not import stages/, while stages may import review.
-from review.risk import (
-    MERGE_CLAP,
-    MERGE_CLIP,
-    SOURCE_AUDIO_CLAP,
-    SOURCE_AUDIO_CLIP,
-    SOURCE_VISUAL_CLAP,
-    SOURCE_VISUAL_CLIP,
-)
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 # Stage 3: one CLIP score per keyframe caption (keyframe i <-> frame caption i).
 VISUAL_CLIP = "visual_clip_score"
+# Stage 4: one score per merged caption (aligned with ``merged_captions``), and the same for what
+# was merged (each source audio caption, the visual caption). Stage 5 ranks them (risk) and shows
+# them in its tasks; stage 6 exports them.
+MERGE_CLAP = "merge_clap_score"
+MERGE_CLIP = "merge_clip_score"
+SOURCE_AUDIO_CLAP = "source_audio_clap_score"
+SOURCE_AUDIO_CLIP = "source_audio_clip_score"
+SOURCE_VISUAL_CLAP = "source_visual_clap_score"
+SOURCE_VISUAL_CLIP = "source_visual_clip_score"
 
 __all__ = [
     "MERGE_CLAP",

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import Stage
-from review.push import ReviewStage
 from stages.download.stage import DownloadStage
 from stages.keyframes import KeyframesStage
 from stages.merge.stage import MergeStage
+from stages.review.push import ReviewStage
 from standins.run_history import (
     UPSTREAM,
     Failure,

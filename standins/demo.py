@@ -59,7 +59,13 @@ def review_server(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
     runs with ``export.allow_unreviewed=true`` (raw merges flagged "unreviewed")."""
     import os
 
-    from review.server import API_KEY_ENV, Credentials, LabelStudioServer, credentials_from_env, free_port
+    from stages.review.server import (
+        API_KEY_ENV,
+        Credentials,
+        LabelStudioServer,
+        credentials_from_env,
+        free_port,
+    )
 
     names = ("LABEL_STUDIO_USERNAME", "LABEL_STUDIO_PASSWORD", API_KEY_ENV)
     if all(os.environ.get(n) for n in names):

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.stage import Stage
-from review.server import Credentials
 from stages.download.stage import DownloadStage
 from stages.merge.stage import MergeStage
+from stages.review.server import Credentials
 from standins.run_history import Failure, clip_histories, commit_histories, ok_outputs
 
 REPO = Path(__file__).resolve().parents[1]

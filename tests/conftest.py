@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from review.server import LabelStudioServer, build_template, free_port
+from stages.review.server import LabelStudioServer, build_template, free_port
 from standins.review_run import REPO
 from standins.review_run import TEST_CREDS as CREDS
 

@@ -33,6 +33,7 @@ from stages.download.sources import clip_keys
 if TYPE_CHECKING:
     from pipeline.stage import Item
 
+
 def _machine(exc: BaseException) -> bool:
     """An error of the machine (a full disk, no file handles...), never a clip's failure: the
     engine stops the run on it (:mod:`pipeline.machine`)."""

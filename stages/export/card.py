@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from pipeline.errors import AbortRun
-from review.policy import describe
+from stages.review.policy import describe
 
 if TYPE_CHECKING:
     from stages.export.config import ExportConfig

@@ -4,13 +4,13 @@ ledger (task ids), ``project.json``, ``reviews.parquet`` (pulled) and the local 
 
 All of stage 5 lives here and imports nothing from ``stages``:
 
-- :mod:`review.push`: the push stage (``avcaps run review``) and the run's link to its project.
-- :mod:`review.labeling`: the labeling config, the annotator instructions and the task payloads.
-- :mod:`review.guide`: the annotator guide page linked from the instructions.
-- :mod:`review.auth`: legacy tokens and personal access tokens (JWT refresh -> access tokens).
-- :mod:`review.client`: a small client of Label Studio's REST API (plain HTTP with ``requests``).
-- :mod:`review.policy`: several annotators per clip: the majority reference and the agreement.
-- :mod:`review.pull`: completed annotations -> ``DIR/05-review/reviews.parquet`` and its figures.
-- :mod:`review.server`: starts the real Label Studio server (its own venv) on 127.0.0.1.
-- :mod:`review.cli`: ``avcaps review pull|status|server``.
+- :mod:`stages.review.push`: the push stage (``avcaps run review``) and the run's link to its project.
+- :mod:`stages.review.labeling`: the labeling config, the annotator instructions and the task payloads.
+- :mod:`stages.review.guide`: the annotator guide page linked from the instructions.
+- :mod:`stages.review.auth`: legacy tokens and personal access tokens (JWT refresh -> access tokens).
+- :mod:`stages.review.client`: a small client of Label Studio's REST API (plain HTTP with ``requests``).
+- :mod:`stages.review.policy`: several annotators per clip: the majority reference and the agreement.
+- :mod:`stages.review.pull`: completed annotations -> ``DIR/05-review/reviews.parquet`` and its figures.
+- :mod:`stages.review.server`: starts the real Label Studio server (its own venv) on 127.0.0.1.
+- :mod:`stages.review.cli`: ``avcaps review pull|status|server``.
 """

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import click
 
 from pipeline.cli import config_options, load_context
-from review.push import ReviewStage
+from stages.review.push import ReviewStage
 
 
 @click.group()
@@ -21,7 +21,7 @@ def review() -> None:
 @config_options
 def pull(config_path: Path, workdir: Path | None, overrides: tuple[str, ...]) -> None:
     """Read the completed annotations into DIR/05-review/reviews.parquet (nothing reviewed is lost)."""
-    from review.pull import pull as do_pull
+    from stages.review.pull import pull as do_pull
 
     ctx = load_context(config_path, workdir, overrides)
     report = do_pull(ctx)
@@ -38,8 +38,8 @@ def status(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
 
     Figures come from the last `avcaps review pull`.
     """
-    from review.policy import describe
-    from review.pull import review_status
+    from stages.review.policy import describe
+    from stages.review.pull import review_status
 
     ctx = load_context(config_path, workdir, overrides)
     st = review_status(ctx)
@@ -77,8 +77,8 @@ def server(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
     import sys
     import time
 
-    from review.push import document_root, review_config
-    from review.server import LabelStudioServer, credentials_from_env
+    from stages.review.connection import document_root, review_config
+    from stages.review.server import LabelStudioServer, credentials_from_env
 
     ctx = load_context(config_path, workdir, overrides)
     cfg = review_config(ctx.config)

@@ -7,7 +7,7 @@ with vLLM's) for the dozen endpoints used here. The endpoints below are the ones
 
 Every failure becomes a :class:`LabelStudioError` whose message names the URL and the thing that
 went wrong (unreachable server, rejected key, missing project) and never contains the API key or an
-access token. Keys of both kinds work (:mod:`review.auth`); listings follow the server's paging.
+access token. Keys of both kinds work (:mod:`stages.review.auth`); listings follow the server's paging.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ProjectGone(LabelStudioError):
 
 class LabelStudio:
     """One Label Studio server, authenticated with a legacy token or a personal access token
-    (told apart by the key's form: :mod:`review.auth`)."""
+    (told apart by the key's form: :mod:`stages.review.auth`)."""
 
     def __init__(
         self,
@@ -45,7 +45,7 @@ class LabelStudio:
     ) -> None:
         import requests
 
-        from review.auth import TokenAuth
+        from stages.review.auth import TokenAuth
 
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s

@@ -1,10 +1,10 @@
 """What an annotator sees: the labeling config, the instructions, and the task payloads.
 
 A task shows the clip's middle keyframe, plays its audio, shows the audio caption(s) and the visual
-caption, the merge's CLAP/CLIP scores with their run percentiles and its risk (:mod:`review.risk`),
+caption, the merge's CLAP/CLIP scores with their run percentiles and its risk (:mod:`stages.review.risk`),
 and holds the LLM merge prefilled (as a prediction) in an editable text area, one line per merged
 caption. The verdict (accept / edited / rejected) is required; a comment is optional. The
-instructions link to the annotator guide (:mod:`review.guide`).
+instructions link to the annotator guide (:mod:`stages.review.guide`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from stages.keyframes import middle_index
 
 VERDICTS: tuple[str, ...] = ("accept", "edited", "rejected")
 FINAL = "final"  # the TextArea holding the (edited) merged captions
@@ -110,15 +112,15 @@ def build_task(
     display: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One task (with the merge as a prediction) for the clip; ``data`` follows the column contract;
-    ``display``: the score keys of :func:`review.risk.RunScores.task_fields` (none: unscored).
+    ``display``: the score keys of :func:`stages.review.risk.RunScores.task_fields` (none: unscored).
 
     Raises :class:`FileNotFoundError` naming the missing media file, :class:`KeyError` naming the
     missing column.
     """
     frames = list(data["frame_paths"])
-    middle = int(data.get("middle_frame") or 0)
-    if not frames or not 0 <= middle < len(frames):
-        raise KeyError(f"frame_paths/middle_frame (got {len(frames)} frames, middle_frame={middle})")
+    middle = middle_index(len(frames), data.get("middle_frame"))
+    if middle is None:
+        raise KeyError(f"frame_paths (got no frame, middle_frame={data.get('middle_frame')})")
     image = workdir / frames[middle]
     audio = workdir / data["audio_path"]
     for path in (image, audio):
@@ -139,7 +141,7 @@ def build_task(
         "merge_model": str(data.get("merge_model") or ""),
     }
     if display is None:
-        from review.risk import scores_text
+        from stages.review.risk import scores_text
 
         display = {"risk": None, "scores": {}, "scores_text": scores_text({}, None, 0, 0, 0)}
     task_data.update(display)

@@ -1,7 +1,7 @@
 """``avcaps review pull`` and ``avcaps review status``: annotations -> references, and their figures.
 
 Each annotator's latest answer on a task is their vote; the votes decide the reference by the policy
-of :mod:`review.policy` (majority verdict; accepted = the merge as pushed, edited = one annotator's
+of :mod:`stages.review.policy` (majority verdict; accepted = the merge as pushed, edited = one annotator's
 lines, rejected = excluded and listed). Answers that cannot be used (an unknown verdict, an
 "edited" with no text or with a number of lines that differs from the number of merges) are set
 aside and reported, never taken. The result is ``DIR/05-review/reviews.parquet`` (one row per
@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.io import atomic_path
 from pipeline.selection import stage_ledger
-from review.labeling import VERDICTS, parse_result
-from review.policy import (
+from stages.review.connection import connect, remembered_project, review_config
+from stages.review.labeling import VERDICTS, parse_result
+from stages.review.policy import (
     EditPolicy,
     Vote,
     agreement,
@@ -31,7 +32,7 @@ from review.policy import (
     word_edit_distance,
     words,
 )
-from review.push import ReviewStage, connect, remembered_project, review_config
+from stages.review.push import ReviewStage
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -123,7 +124,7 @@ class PullReport:
         out += [f"problem: {p}" for p in self.problems]
         out += [f"note: {n}" for n in self.notes]
         if self.agreement:
-            from review.policy import describe
+            from stages.review.policy import describe
 
             out.append(describe(self.agreement))
         return out
@@ -383,7 +384,7 @@ def votes_by_clip(workdir: Path) -> dict[str, list[Vote]]:
 
 
 def agreement_figures(workdir: Path) -> dict[str, Any]:
-    """Inter-annotator agreement of the last pull (:func:`review.policy.agreement`), rounded."""
+    """Inter-annotator agreement of the last pull (:func:`stages.review.policy.agreement`), rounded."""
     fig = agreement(votes_by_clip(workdir))
     for key in ("kappa", "observed_agreement", "inter_annotator_word_edit_distance"):
         if fig[key] is not None:

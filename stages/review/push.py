@@ -6,7 +6,7 @@ audio from there only (and the annotator guide, written there). Nothing in Label
 idempotent, so tasks are keyed by ``clip_id`` in their data: ``setup`` lists the project's tasks once
 and a clip already there is never imported again (a kill between an import and its ledger commit is
 healed by that). Each batch of the runner is one import call, with the merge as a prediction (the
-project's ``model_version``) so it shows up prefilled. ``avcaps review pull`` (:mod:`review.pull`)
+project's ``model_version``) so it shows up prefilled. ``avcaps review pull`` (:mod:`stages.review.pull`)
 reads the annotations back.
 
 Shards of this stage may push at once (``--shard i/n``; the engine already keeps two processes off
@@ -16,108 +16,34 @@ as the engine's stage locks), so a second shard finds the project the first one 
 making its own, and the server gets one bulk import at a time (Label Studio's default SQLite
 database takes one writer at a time).
 
-Also the run's connection to Label Studio that pull and the CLI share: :func:`connect`,
-:func:`remembered_project`, :func:`document_root`, ``review:`` settings (:class:`ReviewConfig`).
+The run's connection to Label Studio, which pull and the CLI share, is
+:mod:`stages.review.connection`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from pipeline.config import StageConfig
 from pipeline.errors import AbortRun, PermanentError
 from pipeline.io import atomic_write_text
 from pipeline.stage import Item, ItemStage, Result
+from stages.review.connection import (
+    PROJECT_FILE,
+    ReviewConfig,
+    connect,
+    document_root,
+    read_project_file,
+    remembered_project,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
-
-    from review.client import LabelStudio
-
-PROJECT_FILE = "project.json"
-
-
-class ReviewConfig(StageConfig):
-    batch_size: int = Field(250, gt=0, description="Tasks per import call (and per ledger commit).")
-    url: str = Field("http://127.0.0.1:8080", description="Label Studio's base URL.")
-    api_key_env: str = Field(
-        "LABEL_STUDIO_API_KEY",
-        description="Name of the environment variable holding the API key: a personal access token "
-        "(a JWT, Account & Settings) or a legacy token (40 hex); the form tells which.",
-    )
-    document_root: Path | None = Field(
-        None,
-        description="The server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; null = the run folder "
-        "(what `avcaps review server` uses).",
-    )
-    project_title: str = Field(
-        "AudioVisualCaps review", description="Project title; the run folder's name is appended."
-    )
-    model_version: str = Field(
-        "avcaps-merge", description="Version tag of the merge predictions (prefilled only when it matches)."
-    )
-    splits: list[str] = Field(["test"], description="Splits whose clips are reviewed.")
-    timeout_s: float = Field(120.0, gt=0, description="HTTP timeout of one API call.")
-    server_venv: Path = Field(Path(".venv-labelstudio"), description="Venv holding the server.")
-    annotators_per_task: int = Field(
-        1,
-        ge=1,
-        le=50,
-        description="Annotators who answer each task (the project's overlap: maximum_annotations, "
-        "for every task); their majority decides (see review/policy.py).",
-    )
-    edit_policy: Literal["latest", "medoid"] = Field(
-        "latest",
-        description="Whose edit becomes the reference when the majority says 'edited': the most recent "
-        "annotator's (latest) or the edit closest to the other edits (medoid).",
-    )
-    guide_url: str | None = Field(
-        None,
-        description="URL of the annotator guide linked from the instructions; null = the guide that "
-        "stage 5 writes into the run's media folder, served by Label Studio with the clips' media.",
-    )
-    lock_timeout_s: float = Field(
-        900.0, gt=0, description="How long a shard waits for another shard's project setup or import."
-    )
-
-
-def review_config(config: Any) -> ReviewConfig:
-    return config.review  # type: ignore[no-any-return]
-
-
-def document_root(config: Any, workdir: Path) -> Path:
-    root = review_config(config).document_root
-    return Path(root) if root is not None else Path(workdir)
-
-
-def api_key(cfg: ReviewConfig) -> str:
-    key = os.environ.get(cfg.api_key_env, "").strip()
-    if not key:
-        raise AbortRun(
-            f"set {cfg.api_key_env} in the environment to your Label Studio personal access token "
-            "(Account & Settings) or legacy token"
-        )
-    return key
-
-
-def connect(config: Any) -> LabelStudio:
-    """A client for the configured server, with the key checked (malformed / unreachable / 401
-    abort here)."""
-    from review.client import LabelStudio
-
-    cfg = review_config(config)
-    client = LabelStudio(cfg.url, api_key(cfg), cfg.timeout_s, env_name=cfg.api_key_env)
-    client.whoami()
-    return client
 
 
 @contextlib.contextmanager
@@ -141,60 +67,15 @@ def push_lock(workdir: Path, timeout_s: float) -> Iterator[None]:
         lock.release()
 
 
-def read_project_file(folder: Path) -> dict[str, Any]:
-    path = folder / PROJECT_FILE
-    if not path.exists():
-        return {}
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as exc:  # cut short, zero bytes, overwritten (UnicodeDecodeError)
-        raise AbortRun(
-            f"{path} is damaged ({exc}): it names this run's Label Studio project. Restore it, or "
-            'write {"project_id": ID} with the id Label Studio shows for this run\'s project '
-            "(titled after review.project_title and the run folder); removing it makes stage 5 "
-            "start a new project"
-        ) from None
-    return state  # type: ignore[no-any-return]
-
-
-def remembered_project(client: LabelStudio, folder: Path) -> dict[str, Any]:
-    """The project remembered in ``folder/project.json``; a clear error when it was deleted."""
-    from review.client import ProjectGone
-
-    state = read_project_file(folder)
-    if "project_id" not in state:
-        raise AbortRun(
-            f"no Label Studio project yet for this run ({folder / PROJECT_FILE}): run stage 5 first"
-        )
-    try:
-        project = client.project(int(state["project_id"]))
-    except ProjectGone:
-        raise AbortRun(
-            f"Label Studio project {state['project_id']} (remembered in {folder / PROJECT_FILE}) no longer "
-            f"exists at {client.url}. Reviews already pulled stay in {folder / 'reviews.parquet'}; to push "
-            f"into a new project, move {PROJECT_FILE} aside and run stage 5 with --force"
-        ) from None
-    if state.get("title") and project.get("title") != state["title"]:
-        # Ids are per server: the same id on another server is another run's project.
-        raise AbortRun(
-            f"Label Studio project {state['project_id']} at {client.url} is {project.get('title')!r}, "
-            f"not this run's {state['title']!r} ({folder / PROJECT_FILE}): "
-            "does review.url point at another server?"
-        )
-    return project
-
-
 # The form of a task (its data keys, the prediction): part of the push rows' fingerprint.
 # 2: the merge's CLAP/CLIP scores, their run percentiles and the clip's risk (review/risk.py).
 TASK_FORMAT = 2
 # Earlier forms: a task pushed in one of them, whose merge and media are the same, is brought to
-# the current form in place; its annotations stay valid (only review.risk.DISPLAY_KEYS differ).
+# the current form in place; its annotations stay valid (only stages.review.risk.DISPLAY_KEYS differ).
 OLDER_TASK_FORMATS: tuple[int, ...] = (1,)
 
 
-class ReviewStage(ItemStage):
+class ReviewStage(ItemStage[ReviewConfig]):
     number = 5
     name = "review"
     upstream = "merge"
@@ -212,10 +93,6 @@ class ReviewStage(ItemStage):
             pa.field("ls_outdated_annotations", pa.list_(pa.int64())),
         ]
 
-    @property
-    def cfg(self) -> ReviewConfig:
-        return review_config(self.config)
-
     selection_columns = ("split",)
 
     def select(self, table: pd.DataFrame) -> Any:
@@ -229,7 +106,7 @@ class ReviewStage(ItemStage):
     def order(self, table: pa.Table) -> Any:
         """Riskiest merges first (review/risk.py): Label Studio lists tasks and serves them to
         annotators by id, and ids follow the import order."""
-        from review.risk import RunScores
+        from stages.review.risk import RunScores
 
         return RunScores(table).order()
 
@@ -263,7 +140,7 @@ class ReviewStage(ItemStage):
         of an older form apart from a task of another merge."""
         from pipeline.fingerprint import chain, settings_fingerprint
         from pipeline.selection import UPSTREAM_FP, eligible_table
-        from review.risk import SCORE_COLUMNS, RunScores
+        from stages.review.risk import SCORE_COLUMNS, RunScores
 
         table = eligible_table(self, self.ctx, SCORE_COLUMNS)
         self.scores = RunScores(table)
@@ -282,8 +159,8 @@ class ReviewStage(ItemStage):
     def _write_guide(self, media: Path) -> str:
         """The annotator guide's URL: ``review.guide_url``, or the page written into the media
         folder (rewritten only when its text changed) as Label Studio serves it."""
-        from review.guide import GUIDE_PATH, guide_html
-        from review.labeling import local_files_url
+        from stages.review.guide import GUIDE_PATH, guide_html
+        from stages.review.labeling import local_files_url
 
         if self.cfg.guide_url:
             return self.cfg.guide_url
@@ -298,7 +175,7 @@ class ReviewStage(ItemStage):
 
     def _settings(self, guide_url: str) -> dict[str, Any]:
         """The project settings stage 5 owns (kept up to date on an existing project)."""
-        from review.labeling import LABEL_CONFIG, instructions
+        from stages.review.labeling import LABEL_CONFIG, instructions
 
         return {
             # An older project gets the current form (the scores view); its tasks are updated to it.
@@ -357,8 +234,8 @@ class ReviewStage(ItemStage):
 
     # -- process: one import call per batch ------------------------------------------------------
     def process(self, batch: list[Item]) -> list[Result]:
-        from review.labeling import build_task
-        from review.risk import DISPLAY_KEYS
+        from stages.review.labeling import build_task
+        from stages.review.risk import DISPLAY_KEYS
 
         results: list[Result] = []
         todo: list[tuple[str, dict[str, Any]]] = []

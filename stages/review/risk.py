@@ -21,16 +21,18 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from pipeline.ranks import cell_percentiles
+from stages.scores import (
+    MERGE_CLAP,
+    MERGE_CLIP,
+    SOURCE_AUDIO_CLAP,
+    SOURCE_AUDIO_CLIP,
+    SOURCE_VISUAL_CLAP,
+    SOURCE_VISUAL_CLIP,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-MERGE_CLAP = "merge_clap_score"
-MERGE_CLIP = "merge_clip_score"
-SOURCE_AUDIO_CLAP = "source_audio_clap_score"
-SOURCE_AUDIO_CLIP = "source_audio_clip_score"
-SOURCE_VISUAL_CLAP = "source_visual_clap_score"
-SOURCE_VISUAL_CLIP = "source_visual_clip_score"
 #: Stage 4's score columns that a task shows (raw and percentile).
 SCORE_COLUMNS: tuple[str, ...] = (
     MERGE_CLAP,

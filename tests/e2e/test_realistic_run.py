@@ -27,16 +27,16 @@ import pytest
 
 from pipeline.selection import stage_ledger
 from pipeline.stage import Stage
-from review.client import LabelStudio
-from review.labeling import text_result, verdict_result
-from review.push import ReviewStage
-from review.server import LabelStudioServer
 from stages.caption.stage import CaptionStage
 from stages.download.stage import DownloadStage
 from stages.export.stage import HF_SPLITS
 from stages.keyframes import KeyframesStage
 from stages.manifest import ManifestStage
 from stages.merge.stage import MergeStage
+from stages.review.client import LabelStudio
+from stages.review.labeling import text_result, verdict_result
+from stages.review.push import ReviewStage
+from stages.review.server import LabelStudioServer
 from standins.media import YTDLP_PLUGINS, MediaServer, make_clip
 from standins.review_run import TEST_CREDS as CREDS
 

@@ -22,11 +22,11 @@ import pytest
 import yaml
 
 from pipeline.selection import stage_ledger
-from review.client import LabelStudio
-from review.labeling import verdict_result
-from review.push import ReviewStage
-from review.server import LabelStudioServer
 from stages.merge.stage import MergeStage
+from stages.review.client import LabelStudio
+from stages.review.labeling import verdict_result
+from stages.review.push import ReviewStage
+from stages.review.server import LabelStudioServer
 from standins.media import MediaServer, make_clip
 from standins.review_run import TEST_CREDS as CREDS
 

@@ -20,13 +20,13 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from review.client import LabelStudio
-from review.labeling import verdict_result
-from review.push import ReviewStage
-from review.server import LabelStudioServer
 from stages.download.stage import DownloadStage
 from stages.keyframes import KeyframesStage
 from stages.merge.stage import MergeStage
+from stages.review.client import LabelStudio
+from stages.review.labeling import verdict_result
+from stages.review.push import ReviewStage
+from stages.review.server import LabelStudioServer
 from standins.media import YTDLP_PLUGINS, MediaServer, make_clip
 from standins.review_run import TEST_CREDS as CREDS
 from standins.sources import make_wav, write_hf_dataset, write_tar

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import AbortRun
-from review.push import PROJECT_FILE, read_project_file
 from stages.download.limits import GateSettings, StartGate, breaker_summary, host_name
+from stages.review.connection import PROJECT_FILE, read_project_file
 
 DAMAGE = {
     "cut short": lambda text: text[: len(text) // 2].encode(),

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from pipeline.stage import RunContext
-from review.server import LabelStudioServer, free_port
+from stages.review.server import LabelStudioServer, free_port
 from standins.review_run import REPO
 from standins.review_run import TEST_CREDS as CREDS
 

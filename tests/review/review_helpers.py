@@ -13,7 +13,7 @@ import requests
 import yaml
 
 from pipeline.stage import RunContext
-from review.server import LabelStudioServer
+from stages.review.server import LabelStudioServer
 from standins.review_run import REPO
 
 # The team server's task pages: lower than every page size the pipeline asks for.

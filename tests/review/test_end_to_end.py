@@ -16,9 +16,9 @@ from pipeline.registry import find_stage
 from pipeline.runner import run_stage
 from pipeline.selection import stage_ledger
 from pipeline.stage import RunOptions
-from review.client import LabelStudio
-from review.labeling import text_result, verdict_result
-from review.server import LabelStudioServer
+from stages.review.client import LabelStudio
+from stages.review.labeling import text_result, verdict_result
+from stages.review.server import LabelStudioServer
 from standins.media import MediaServer, make_sources
 from standins.review_run import TEST_CREDS as CREDS
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import subprocess
 
-from review.server import port_is_free
+from stages.review.server import port_is_free
 
 
 def _time_wait_port() -> int:

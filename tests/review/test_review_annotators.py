@@ -15,9 +15,10 @@ from review_helpers import avcaps, write_config
 from pipeline.runner import run_stage
 from pipeline.selection import stage_ledger
 from pipeline.stage import RunContext, RunOptions
-from review.client import LabelStudio
-from review.labeling import text_result, verdict_result
-from review.policy import (
+from stages.review.client import LabelStudio
+from stages.review.connection import read_project_file
+from stages.review.labeling import text_result, verdict_result
+from stages.review.policy import (
     Vote,
     agreement,
     captions_distance,
@@ -25,8 +26,8 @@ from review.policy import (
     decide,
     fleiss_kappa,
 )
-from review.pull import pull, read_annotations, read_reviews, review_status
-from review.push import ReviewStage, read_project_file
+from stages.review.pull import pull, read_annotations, read_reviews, review_status
+from stages.review.push import ReviewStage
 from standins.review_run import REPO, make_clips
 from standins.review_run import TEST_CREDS as CREDS
 

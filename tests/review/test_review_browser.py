@@ -12,8 +12,8 @@ import pytest
 from pipeline.runner import run_stage
 from pipeline.selection import stage_ledger
 from pipeline.stage import RunOptions
-from review.pull import pull, read_reviews
-from review.push import ReviewStage
+from stages.review.pull import pull, read_reviews
+from stages.review.push import ReviewStage
 from standins.review_run import REPO, make_clips
 from standins.review_run import TEST_CREDS as CREDS
 

@@ -13,10 +13,11 @@ import requests
 
 from pipeline.runner import run_stage
 from pipeline.stage import RunOptions
-from review.client import LabelStudio
-from review.guide import EXAMPLES, GUIDE_PATH, guide_html
-from review.labeling import VERDICTS
-from review.push import ReviewStage, read_project_file
+from stages.review.client import LabelStudio
+from stages.review.connection import read_project_file
+from stages.review.guide import EXAMPLES, GUIDE_PATH, guide_html
+from stages.review.labeling import VERDICTS
+from stages.review.push import ReviewStage
 from standins.review_run import REPO, TEST_CREDS, make_clips
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,11 @@ from pipeline.errors import AbortRun
 from pipeline.runner import run_stage
 from pipeline.selection import stage_ledger
 from pipeline.stage import RunContext, RunOptions
-from review.client import LabelStudio
-from review.labeling import COMMENT, text_result, verdict_result
-from review.pull import captions_distance, pull, read_reviews, review_status, word_edit_distance
-from review.push import ReviewStage, read_project_file
+from stages.review.client import LabelStudio
+from stages.review.connection import read_project_file
+from stages.review.labeling import COMMENT, text_result, verdict_result
+from stages.review.pull import captions_distance, pull, read_reviews, review_status, word_edit_distance
+from stages.review.push import ReviewStage
 from standins.review_run import RETRIED, UPSTREAM_FAILED, make_clips
 from standins.review_run import TEST_CREDS as CREDS
 
@@ -181,7 +182,7 @@ def test_missing_media_fails_only_that_clip(run_ctx: Any) -> None:
 
 
 def test_faults_name_the_thing_and_lose_nothing(run_ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from review.server import free_port
+    from stages.review.server import free_port
 
     clips = make_clips(2, "f")
     ctx = run_ctx("run", clips)

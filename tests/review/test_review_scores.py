@@ -11,10 +11,11 @@ import requests
 from pipeline.runner import run_stage
 from pipeline.selection import stage_ledger
 from pipeline.stage import RunContext, RunOptions
-from review.client import LabelStudio
-from review.labeling import text_result, verdict_result
-from review.pull import pull, read_reviews
-from review.push import ReviewStage, read_project_file
+from stages.review.client import LabelStudio
+from stages.review.connection import read_project_file
+from stages.review.labeling import text_result, verdict_result
+from stages.review.pull import pull, read_reviews
+from stages.review.push import ReviewStage
 from standins.review_run import TEST_CREDS as CREDS
 from standins.review_run import make_clips
 
@@ -116,9 +117,9 @@ def test_tasks_of_the_earlier_form_get_scores_and_keep_their_reviews(
     """A project pushed before scores existed (task form 1: no score keys, no scores view) is
     updated in place by the next push; the annotations made on it still count: the merges they
     reviewed are the ones the tasks show."""
-    import review.labeling as labeling
-    import review.push as push_mod
-    from review.risk import RunScores
+    import stages.review.labeling as labeling
+    import stages.review.push as push_mod
+    from stages.review.risk import RunScores
 
     clips = scored_clips()
     ctx = run_ctx("run", clips)

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from pipeline.errors import AbortRun
-from review.server import LabelStudioServer, free_port
+from stages.review.server import LabelStudioServer, free_port
 from standins.review_run import REPO
 from standins.review_run import TEST_CREDS as CREDS
 

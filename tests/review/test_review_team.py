@@ -15,10 +15,11 @@ import requests
 from review_helpers import TEAM_PAGE_SIZE_MAX, TeamServer, avcaps, popen_avcaps, write_config
 
 from pipeline.selection import stage_ledger
-from review.auth import AuthError
-from review.client import LabelStudio
-from review.labeling import text_result, verdict_result
-from review.push import ReviewStage, read_project_file
+from stages.review.auth import AuthError
+from stages.review.client import LabelStudio
+from stages.review.connection import read_project_file
+from stages.review.labeling import text_result, verdict_result
+from stages.review.push import ReviewStage
 from standins.review_run import TEST_CREDS as CREDS
 from standins.review_run import make_clips
 

@@ -13,11 +13,11 @@ import requests
 from pipeline.runner import run_stage
 from pipeline.selection import stage_ledger
 from pipeline.stage import RunOptions
-from review.auth import AuthError, TokenAuth, jwt_claims, token_kind
-from review.client import LabelStudio
-from review.labeling import verdict_result
-from review.pull import pull, read_reviews
-from review.push import ReviewStage
+from stages.review.auth import AuthError, TokenAuth, jwt_claims, token_kind
+from stages.review.client import LabelStudio
+from stages.review.labeling import verdict_result
+from stages.review.pull import pull, read_reviews
+from stages.review.push import ReviewStage
 from standins.review_run import TEST_CREDS as CREDS
 from standins.review_run import make_clips
 
