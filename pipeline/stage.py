@@ -12,16 +12,21 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 
+from pydantic import BaseModel
+
+from pipeline.config import StageConfig
 from pipeline.errors import ItemError
 
 if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
-    from pydantic import BaseModel
 
-    from pipeline.config import StageConfig
+#: A stage's own config section (``config.<name>``): ``class S(ItemStage[SConfig])``.
+C = TypeVar("C", bound=BaseModel)
+IC = TypeVar("IC", bound=StageConfig)
+M = TypeVar("M", bound=BaseModel)
 
 Status = Literal["ok", "failed_permanent", "failed_transient"]
 STATUSES: tuple[str, ...] = ("ok", "failed_permanent", "failed_transient", "pending")
@@ -111,18 +116,42 @@ class RunOptions:
     drop_previous: bool = False
 
 
-class Stage(ABC):
-    """Base of every stage. Subclasses set the class variables and implement the hooks."""
+class Stage(ABC, Generic[C]):
+    """Base of every stage. Subclasses set the class variables and implement the hooks.
+
+    A stage reads its own config section as :attr:`cfg`, typed by its declaration
+    (``class CaptionStage(ItemStage[CaptionConfig])``), and another stage's section only through
+    :meth:`section`, for the types it declares in :attr:`uses`: every dependency between sections
+    is written down (``tests/test_layout.py`` checks the code keeps to it).
+    """
 
     number: ClassVar[int]
     name: ClassVar[str]
     upstream: ClassVar[str | None] = None
     description: ClassVar[str] = ""
     resources: ClassVar[Resources] = Resources()
+    #: The config sections of other stages this stage reads (their types), through :meth:`section`.
+    uses: ClassVar[tuple[type[BaseModel], ...]] = ()
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
         self.config = ctx.config
+
+    @property
+    def cfg(self) -> C:
+        """This stage's own section of the run config (``config.<name>``)."""
+        return cast(C, getattr(self.config, self.name))
+
+    def section(self, kind: type[M]) -> M:
+        """Another stage's config section, of a type this stage declares in :attr:`uses`."""
+        if kind not in self.uses:
+            raise TypeError(
+                f"{type(self).__name__} reads a {kind.__name__} section it does not declare in `uses`"
+            )
+        found = [v for v in dict(self.config).values() if isinstance(v, kind)]
+        if len(found) != 1:
+            raise TypeError(f"the run config has {len(found)} {kind.__name__} sections, not one")
+        return found[0]
 
     @classmethod
     def dirname(cls) -> str:
@@ -163,12 +192,13 @@ class Stage(ABC):
         return {}
 
 
-class ItemStage(Stage):
+class ItemStage(Stage[IC]):
     """A stage that maps items to results; the runner owns the loop, sharding and ledger."""
 
     @property
     def stage_config(self) -> StageConfig:
-        return getattr(self.config, self.name)
+        """Its section as the runner reads it (batch size, attempts, backoff, commits)."""
+        return self.cfg
 
     #: Upstream columns :meth:`select` looks at (read for every clip, so keep it short).
     selection_columns: ClassVar[tuple[str, ...]] = ()
@@ -197,7 +227,7 @@ class ItemStage(Stage):
         raise NotImplementedError
 
 
-class WholeStage(Stage):
+class WholeStage(Stage[C]):
     """A stage that works on the run as a whole (ingest, export, publish)."""
 
     def stale_count(self) -> int | None:

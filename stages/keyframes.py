@@ -26,6 +26,7 @@ from pipeline.config import StageConfig
 from pipeline.errors import ItemError, PermanentError
 from pipeline.io import atomic_path
 from pipeline.stage import Item, ItemStage, Result
+from stages.audio import resample
 
 if TYPE_CHECKING:
     import numpy as np
@@ -45,6 +46,17 @@ class KeyframesConfig(StageConfig):
     flat_std: float = Field(4.0, ge=0, description="A frame with luma std below this is flat.")
     silent_dbfs: float = Field(-60.0, description="Audio under this RMS level (dBFS) is silent.")
     workers: int = Field(2, gt=0, description="Clips decoded at once (threads; PyAV releases the GIL).")
+
+
+def middle_index(n_frames: int, middle: Any) -> int | None:
+    """Which of a clip's ``n_frames`` keyframes is its middle one: this stage's ``middle_frame``
+    when it names one of them, else the one in the middle of the list (rows without the column);
+    None for a clip without frames. The one rule stages 3-6 pick the clip's frame by."""
+    if n_frames <= 0:
+        return None
+    if isinstance(middle, int) and not isinstance(middle, bool) and 0 <= middle < n_frames:
+        return middle
+    return n_frames // 2
 
 
 def frame_targets(duration_s: float, n: int) -> list[float]:
@@ -143,26 +155,11 @@ def decode_clip(
     return frames, audio
 
 
-def resample(mono: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Resample float32 mono with soxr (HQ): one call per clip, ~4x cheaper than libswresample
-    through PyAV here (see BENCHMARKS.md)."""
-    import numpy as np
-    import soxr
-
-    if rate == target:
-        return mono
-    return np.asarray(soxr.resample(mono, rate, target, quality="HQ"), dtype=np.float32)
-
-
-class KeyframesStage(ItemStage):
+class KeyframesStage(ItemStage[KeyframesConfig]):
     number = 2
     name = "keyframes"
     upstream = "download"
     description = "Extract keyframes (JPEG) and 16 kHz mono audio from each clip, with quality flags."
-
-    @property
-    def cfg(self) -> KeyframesConfig:
-        return self.config.keyframes  # type: ignore[attr-defined,no-any-return]
 
     def fingerprint_settings(self) -> dict[str, Any]:
         cfg = self.cfg

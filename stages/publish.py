@@ -24,6 +24,7 @@ from pipeline.config import StrictModel
 from pipeline.errors import AbortRun
 from pipeline.io import file_digest
 from pipeline.stage import RunOptions, WholeStage
+from stages.export.config import ExportConfig
 
 log = logging.getLogger("avcaps")
 # Files the Hub keeps in every repo, never ours to delete.
@@ -124,19 +125,16 @@ def describe(plan: UploadPlan, cfg: PublishConfig) -> str:
     return "\n".join(lines)
 
 
-class PublishStage(WholeStage):
+class PublishStage(WholeStage[PublishConfig]):
+    uses = (ExportConfig,)  # where the export is (export.folder)
     number = 7
     name = "publish"
     upstream = "export"
     description = "Upload the export to the Hugging Face Hub (dry run prints the plan)."
 
-    @property
-    def cfg(self) -> PublishConfig:
-        return self.config.publish  # type: ignore[attr-defined,no-any-return]
-
     def run(self, options: RunOptions) -> dict[str, Any]:
         cfg = self.cfg
-        folder = self.ctx.workdir / self.config.export.folder  # type: ignore[attr-defined]
+        folder = self.ctx.workdir / self.section(ExportConfig).folder
         plan = plan_upload(folder, cfg.tag)
         if plan.unreviewed and not (cfg.force or options.force):
             raise AbortRun(

@@ -14,7 +14,7 @@ that cannot be read gives a :class:`ScoreError` for that input only (the stage f
 
 Audio: stage 2 writes 16 kHz mono; CLAP's feature extractor is built for its own rate (48 kHz for
 the LAION checkpoints) and refuses any other (it does not resample). The audio is resampled with
-soxr at HQ quality, the band-limited resampler stage 2 already uses (``stages.keyframes.resample``;
+soxr at HQ quality, the band-limited resampler stage 2 already uses (``stages.audio.resample``;
 cheaper than libswresample through PyAV here, BENCHMARKS.md), not by repeating samples, which
 would fold images of the 0-8 kHz band into 8-24 kHz where CLAP's mel bins (up to 14 kHz) would
 read them as sound. What stage 2 cut above 8 kHz stays missing: CLAP sees 16 kHz-band audio.
@@ -263,7 +263,7 @@ class ClapScorer(_Scorer):
         import numpy as np
         import soundfile as sf
 
-        from stages.keyframes import resample
+        from stages.audio import resample
 
         try:
             data, rate = sf.read(str(path), dtype="float32", always_2d=True)

@@ -34,6 +34,7 @@ from pipeline.errors import PermanentError, TransientError
 from pipeline.stage import Item, ItemStage, Resources, Result
 from stages.caption.captioner import CLEANING_VERSION, Captioner, FrameError
 from stages.caption.config import CaptionConfig
+from stages.keyframes import middle_index
 from stages.scores import VISUAL_CLIP, caption_score_fields
 from stages.scoring import ClipScorer, ScoreError, ScorerSpec, cosine
 
@@ -74,8 +75,9 @@ def library_versions() -> str:
 
 
 def pick_frame(choice: str | int, n: int, middle: int | None) -> int:
+    """The frame whose caption is the clip's visual caption (``caption.caption_frame``)."""
     if choice == "middle":
-        return middle if middle is not None and 0 <= middle < n else n // 2
+        return middle_index(n, middle) or 0
     if choice == "first":
         return 0
     if choice == "last":
@@ -83,16 +85,12 @@ def pick_frame(choice: str | int, n: int, middle: int | None) -> int:
     return max(0, min(int(choice), n - 1))
 
 
-class CaptionStage(ItemStage):
+class CaptionStage(ItemStage[CaptionConfig]):
     number = 3
     name = "caption"
     upstream = "keyframes"
     description = "Caption every keyframe with BLIP-2; the middle frame's caption is the clip's."
     resources = Resources(cpus=4, gpus=1)
-
-    @property
-    def cfg(self) -> CaptionConfig:
-        return self.config.caption  # type: ignore[attr-defined,no-any-return]
 
     def fingerprint_settings(self) -> dict[str, Any]:
         # The scorer is part of what a row holds: another CLIP model makes the rows stale.

@@ -260,16 +260,12 @@ def check_ids(item: Item) -> None:
         )
 
 
-class DownloadStage(ItemStage):
+class DownloadStage(ItemStage[DownloadConfig]):
     number = 1
     name = "download"
     upstream = "manifest"
     description = "Download each clip's 10-s section with yt-dlp; validate it by decoding."
     resources = Resources(cpus=1.0)
-
-    @property
-    def cfg(self) -> DownloadConfig:
-        return self.config.download  # type: ignore[attr-defined,no-any-return]
 
     def fingerprint_settings(self) -> dict[str, Any]:
         # What the saved clip is made of: its size cap, cut and encoding (not politeness or timeouts).

@@ -38,8 +38,7 @@ from pipeline.io import atomic_path, atomic_write_text, file_digest
 from pipeline.selection import expected_table, stage_ledger, stale_ids, to_python
 from pipeline.stage import RunContext, RunOptions, Stage, WholeStage
 from pipeline.text import squash_spaces
-from review.pull import REVIEWS_FILE, agreement_figures, outdated_annotations, pull
-from review.push import PROJECT_FILE, ReviewStage
+from stages.caption.config import CaptionConfig
 from stages.caption.stage import CaptionStage, pick_frame
 from stages.download.stage import DownloadStage
 from stages.export.caption_stats import TOKENIZATION, caption_stats
@@ -54,9 +53,12 @@ from stages.export.scores import (
     score_summary,
 )
 from stages.export.variants import build_variant, proper_nouns_from
-from stages.keyframes import KeyframesStage
-from stages.manifest import ManifestStage
+from stages.keyframes import KeyframesStage, middle_index
+from stages.manifest import ManifestConfig, ManifestStage
 from stages.merge.stage import MergeStage
+from stages.review.connection import PROJECT_FILE
+from stages.review.pull import REVIEWS_FILE, agreement_figures, outdated_annotations, pull
+from stages.review.push import ReviewStage
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -363,7 +365,7 @@ def base_row(tables: RunTables, cid: str, caption_frame: str | int = "middle") -
     frames = _cell(tables, KEYFRAMES, cid, "frame_paths") or []
     times = _cell(tables, KEYFRAMES, cid, "frame_times_s") or []
     middle = _cell(tables, KEYFRAMES, cid, "middle_frame")
-    mid = middle if isinstance(middle, int) and 0 <= middle < len(frames) else None
+    mid = middle_index(len(frames), middle)
     caption_row = _cells(tables, CAPTION, cid)
     n_caps = len(caption_row.get("frame_captions") or [])
     scores = raw_scores(
@@ -586,15 +588,14 @@ def provenance(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class ExportStage(WholeStage):
+class ExportStage(WholeStage[ExportConfig]):
+    # The frame whose caption is the clip's visual caption (caption.caption_frame); the CSVs'
+    # folder, for the AudioCaps licence (manifest.csv_dir).
+    uses = (CaptionConfig, ManifestConfig)
     number = 6
     name = "export"
     upstream = "review"
     description = "Write the dataset: Parquet configs per training variant, card, statistics, checksums."
-
-    @property
-    def cfg(self) -> ExportConfig:
-        return self.config.export  # type: ignore[attr-defined,no-any-return]
 
     def _pull_reviews(self) -> None:
         """The reviews are pulled as part of the export, so it never ships stale references."""
@@ -659,7 +660,7 @@ class ExportStage(WholeStage):
         if cfg.proper_nouns_from_corpus:
             proper = proper_nouns_from(c for caps in tables.clips["audio_captions"] for c in to_python(caps))
         schema = row_schema(cfg.embed_media)
-        caption_frame = self.config.caption.caption_frame  # type: ignore[attr-defined]
+        caption_frame = self.section(CaptionConfig).caption_frame
         bases = {cid: base_row(tables, cid, caption_frame) for ids in plan.ids.values() for cid in ids}
         excluded: dict[str, str] = {}
         if cfg.embed_media:
@@ -730,7 +731,7 @@ class ExportStage(WholeStage):
             atomic_write_text(
                 tmp / "statistics.json", json.dumps(statistics, indent=2, sort_keys=True) + "\n"
             )
-            licence = self.config.manifest.csv_dir / "LICENSE"  # type: ignore[attr-defined]
+            licence = self.section(ManifestConfig).csv_dir / "LICENSE"
             atomic_write_text(tmp / "LICENSE", license_text(licence))
             figures = []
             if cfg.figures:

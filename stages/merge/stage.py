@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipeline.errors import AbortRun, ItemError, PermanentError, TransientError
 from pipeline.stage import Item, ItemStage, Resources, Result
+from stages.keyframes import middle_index
 from stages.merge.backends import Backend, ChatRequest, make_backend
 from stages.merge.config import MergeConfig, gate_settings
 from stages.merge.gate import GATE_VERSION, GateSettings, Verdict, check_answer
@@ -141,7 +142,7 @@ class _Job:
     score_tries: int = 1  # answers the CLAP rule asked for (the first included)
 
 
-class MergeStage(ItemStage):
+class MergeStage(ItemStage[MergeConfig]):
     number: ClassVar[int] = 4
     name: ClassVar[str] = "merge"
     upstream: ClassVar[str | None] = "caption"
@@ -152,10 +153,6 @@ class MergeStage(ItemStage):
     clap: ClapScorer | None = None
     clip: ClipScorer | None = None
     loader: ThreadPoolExecutor | None = None
-
-    @property
-    def cfg(self) -> MergeConfig:
-        return self.stage_config  # type: ignore[return-value]
 
     def fingerprint_settings(self) -> dict[str, Any]:
         # What decides the merged text: the model and how it is asked (prompt, decoding) and what
@@ -376,8 +373,7 @@ class MergeStage(ItemStage):
             if not data.get("audio_path") or not frames:
                 out[i] = ScoreError("score_no_media", "stage 2 gave no audio_path or no frame_paths")
                 continue
-            mid = data.get("middle_frame")
-            k = mid if isinstance(mid, int) and 0 <= mid < len(frames) else len(frames) // 2
+            k = middle_index(len(frames), data.get("middle_frame")) or 0
             audio[i] = self.ctx.workdir / data["audio_path"]
             image[i] = self.ctx.workdir / frames[k]
         audio_emb = self.clap.audio_embeds(audio.values())
