@@ -142,6 +142,15 @@ BAD_CASES = [
     ("negative start", {"test": [(1, "aaaaaaaaaaa", -10, "x")]}, "test.csv:2: start_time '-10'"),
     ("non-integer start", {"test": [(1, "aaaaaaaaaaa", 2.5, "x")]}, "test.csv:2: start_time '2.5'"),
     ("text start", {"test": [(1, "aaaaaaaaaaa", "ten", "x")]}, "test.csv:2: start_time 'ten'"),
+    # Both readers apply one rule set (stages/manifest.py): what one took and the other refused
+    # before is refused by both now.
+    ("exponent start", {"test": [(1, "aaaaaaaaaaa", "3e1", "x")]}, "test.csv:2: start_time '3e1'"),
+    ("non-ASCII digits", {"test": [("١٢", "aaaaaaaaaaa", 0, "x")]}, "test.csv:2: audiocap_id '١٢' is not"),
+    (
+        "19-digit id",
+        {"test": [(10**18, "aaaaaaaaaaa", 0, "x")]},
+        "test.csv:2: audiocap_id '1000000000000000000'",
+    ),
     (
         "empty caption",
         {"test": [(1, "aaaaaaaaaaa", 0, "A"), (2, "bbbbbbbbbbb", 0, "  ")]},
