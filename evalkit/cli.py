@@ -14,7 +14,7 @@ SPICE_DIR_HELP = (
 )
 
 
-def _spice_dir_option(fn):  # type: ignore[no-untyped-def]
+def _spice_dir_option(fn):
     return click.option(
         "--spice-dir",
         type=click.Path(path_type=Path),
@@ -24,7 +24,7 @@ def _spice_dir_option(fn):  # type: ignore[no-untyped-def]
     )(fn)
 
 
-def _reference_options(fn):  # type: ignore[no-untyped-def]
+def _reference_options(fn):
     fn = click.option("--split", default="test", show_default=True, help="Split of an export folder.")(fn)
     fn = click.option("--config-name", default=None, help="Config of an export folder with several.")(fn)
     fn = click.option(

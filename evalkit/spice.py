@@ -77,8 +77,11 @@ def check_jars(spice_dir: Path) -> str | None:
     sums_file = spice_dir / SUMS
     if not sums_file.is_file():
         return f"{sums_file} missing; run `avcaps fetch-spice` to (re)install the jars"
-    expected = dict(reversed(line.split(maxsplit=1)) for line in sums_file.read_text().splitlines() if line)
-    expected = {name.strip().lstrip("*"): digest for name, digest in expected.items()}
+    expected: dict[str, str] = {}
+    for line in sums_file.read_text().splitlines():
+        if line:
+            digest, name = line.split(maxsplit=1)
+            expected[name.strip().lstrip("*")] = digest
     for jar in JARS:
         if expected.get(jar) != file_digest(spice_dir / jar, "sha256"):
             return f"{spice_dir / jar} does not match {sums_file}; run `avcaps fetch-spice` again"

@@ -154,7 +154,7 @@ class RayExecutor:
             ray.init(
                 address=self.options.ray_address,
                 runtime_env={"env_vars": env},
-                logging_level="WARNING",
+                logging_level=logging.WARNING,
                 log_to_driver=False,
             )
         data_ctx = ray.data.DataContext.get_current()
@@ -195,7 +195,8 @@ class RayExecutor:
             }
             for it in todo.items()
         ]
-        ds = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // size)))
+        # Any: Ray's stubs type each step's Dataset apart (materialized or not, per batch format).
+        ds: Any = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // size)))
         res = self.stage.resources
         available = ray.cluster_resources()
         # A worker asking for more CPUs than any node has would never be scheduled: clamp it.

@@ -180,7 +180,7 @@ def dry_run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions, n: int
     ``n`` items a run would take (``--force``/``--retry-failed``/``--shard`` choose as they do for
     a run). Writes nothing: no ledger row, no stats, no run log, no lock taken."""
     stage = cls(ctx)
-    if not isinstance(stage, ItemStage) or cls.dry_run is ItemStage.dry_run:
+    if not isinstance(stage, ItemStage) or type(stage).dry_run is ItemStage.dry_run:
         raise AbortRun(f"stage {cls.dirname()} offers no dry run")
     upstream = ordered(stage, selected(stage, upstream_ok(cls, ctx)))
     state = stage_ledger(stage).latest_table(["status", "attempts"])
@@ -271,7 +271,7 @@ class _RunLog:
                 text = f"crashed: {summarize_exception(exc)}"
             # To the run log only: the terminal gets the error once, from the CLI (`error: ...`),
             # or Python's traceback.
-            record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, text, None, None)
+            record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, text, (), None)
             self.handler.handle(record)
         logger.removeHandler(self.handler)
         self.handler.close()

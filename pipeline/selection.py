@@ -30,8 +30,13 @@ if TYPE_CHECKING:
 
 def stage_ledger(stage: Stage | type[Stage], workdir: Path | None = None) -> Ledger:
     """The ledger of a stage (an instance, or a class and the run folder), with its schema."""
-    folder = (workdir / stage.dirname()) if workdir is not None else stage.folder  # type: ignore[union-attr]
-    return Ledger(Path(folder) / "ledger", stage.output_schema())
+    if workdir is not None:
+        folder = workdir / stage.dirname()
+    elif isinstance(stage, Stage):
+        folder = stage.folder
+    else:
+        raise TypeError(f"stage_ledger({stage.__name__}) needs the run folder")
+    return Ledger(folder / "ledger", stage.output_schema())
 
 
 def to_python(value: Any) -> Any:
@@ -90,6 +95,7 @@ def upstream_ok(
             table = state.select(["clip_id", *want])
             expected = state["fingerprint"].combine_chunks()
             continue
+        assert expected is not None  # set with the clip table, the first ancestor
         clash = set(want) & set(table.column_names)
         if clash:
             raise AbortRun(f"stage {anc_cls.dirname()} outputs clash with upstream columns: {sorted(clash)}")

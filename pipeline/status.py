@@ -17,7 +17,7 @@ from pipeline.io import read_json
 from pipeline.ledger import QUARANTINE, DamagedPart, tolerating_damage
 from pipeline.registry import app, stage_classes
 from pipeline.selection import eligible_table, expected_fingerprints, stage_ledger
-from pipeline.stage import STATUSES, ItemStage, RunContext, Stage
+from pipeline.stage import STATUSES, ItemStage, RunContext, Stage, WholeStage
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -117,7 +117,7 @@ def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
     else:
         if ledger.exists():
             names = {f.name for f in cls.output_schema()}
-            state = ledger.latest_table(["status", "reason", *([group] if group in names else [])])
+            state = ledger.latest_table(["status", "reason", *([group] if group and group in names else [])])
             entry.update(_counts(state["status"].combine_chunks(), state["reason"].combine_chunks()))
             if group and group in state.column_names:
                 per_split = pc.value_counts(state[group].combine_chunks()).to_pylist()
@@ -126,7 +126,7 @@ def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
                     for v in sorted(per_split, key=lambda v: str(v["values"]))
                 }
         entry["done"] = stats_file.exists()
-        stale_count = stage.stale_count()
+        stale_count = stage.stale_count() if isinstance(stage, WholeStage) else None
         if stale_count is not None:
             entry["stale"] = stale_count
     stats, damaged = read_json(stats_file)

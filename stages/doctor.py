@@ -289,7 +289,7 @@ def doctor(config_path: Path, workdir: Path | None, overrides: tuple[str, ...], 
     try:
         ctx = load_context(config_path, workdir, overrides)
         run_dir = ctx.workdir
-        ls_venv = Path(ctx.config.review.server_venv)  # type: ignore[attr-defined]
+        ls_venv = Path(ctx.config.review.server_venv)
     except AbortRun as exc:
         why = str(exc)
     checks = run_checks(run_dir, ls_venv, why)

@@ -110,7 +110,7 @@ def decode_clip(
         if not container.streams.video:
             raise PermanentError("no_video", f"{path}: no video stream")
         vs = container.streams.video[0]
-        v_first = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
+        v_first = float(vs.start_time * vs.time_base) if vs.start_time is not None and vs.time_base else 0.0
         # Audio first, from the start of the file as opened (no seek), then the frames by seeks.
         channels: list[list[np.ndarray]] = []
         a_first: float | None = None
@@ -120,18 +120,19 @@ def decode_clip(
             rate = aus.codec_context.sample_rate
             for packet in container.demux(aus):
                 for frame in packet.decode():
-                    if a_first is None and frame.pts is not None:
+                    if a_first is None and frame.pts is not None and frame.time_base is not None:
                         a_first = float(frame.pts * frame.time_base)
                     rate = frame.sample_rate
                     if frame.format.name == "fltp":  # AAC, Opus, Vorbis: read the planes, no copies
                         n = frame.samples
-                        chans = [np.frombuffer(p, np.float32, count=n) for p in frame.planes]
+                        # PyAV's planes are buffers (its stub does not say so): read without a copy.
+                        chans = [np.frombuffer(p, np.float32, count=n) for p in frame.planes]  # type: ignore[call-overload]
                     else:
                         arr = frame.to_ndarray()
                         if not frame.format.is_planar:
                             arr = arr.reshape(-1, len(frame.layout.channels)).T
                         if arr.dtype.kind == "i":  # s16/s32 decoders: scale to [-1, 1]
-                            arr = arr / float(np.iinfo(arr.dtype).max)
+                            arr = arr / float(np.iinfo(arr.dtype.name).max)
                         chans = list(arr.astype(np.float32, copy=False))
                     if not channels:
                         channels = [[] for _ in chans]

@@ -188,7 +188,7 @@ def _fast_clips(files: list[tuple[str, Path, bytes]], clip_seconds: int) -> pa.T
     import pyarrow.compute as pc
     import pyarrow.csv as pcsv
 
-    tables = []
+    tables: list[pa.Table] = []
     for split, _path, data in files:
         try:
             raw = pcsv.read_csv(

@@ -199,7 +199,7 @@ class PublishStage(WholeStage[PublishConfig]):
                     delete_patterns=[glob_escape(path) for path in gone] or None,
                 )
             step = "tag the commit"
-            commit = str(info.oid)  # type: ignore[union-attr]
+            commit = str(info.oid)
             api.create_tag(cfg.repo_id, tag=plan.tag, revision=commit, repo_type="dataset")
         except Exception as exc:
             # The token is in no exception text of huggingface_hub; say the step and the endpoint.

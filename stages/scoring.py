@@ -95,7 +95,7 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
 
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)  # type: ignore[no-any-return]
+    return getattr(torch, name)
 
 
 def _embedding(out: Any) -> torch.Tensor:

@@ -154,7 +154,7 @@ class FastDecoder:
         self.prompt_ids = prompt_ids
         self.image_mask = (prompt_ids == model.config.image_token_index).unsqueeze(-1)
         self.compile_options = compile_options
-        self.cudagraphs = bool(compile_options) and compile_options.get("mode") in (
+        self.cudagraphs = compile_options is not None and compile_options.get("mode") in (
             "reduce-overhead",
             "max-autotune",
         )
@@ -190,7 +190,7 @@ class FastDecoder:
             ).last_hidden_state
             if query_output.dtype != image_embeds.dtype:  # the Q-Former is kept in fp32
                 query_output = query_output.to(image_embeds.dtype)
-            return m.language_projection(query_output)  # type: ignore[no-any-return]
+            return m.language_projection(query_output)
 
     def features_ahead(self, make_pixels: Any) -> Pending:
         """``features(make_pixels())``; on CUDA queued on a side stream, so it overlaps the decode
@@ -289,6 +289,7 @@ class FastDecoder:
         times (beams) into the static cache; returns the float32 logits of the last prompt token."""
         import torch
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         n, p = features.shape[0], self.prompt_ids.shape[1]
         ids = self.prompt_ids.expand(n, -1)
@@ -307,6 +308,9 @@ class FastDecoder:
         )
         cache = self._static_cache(n * repeat, length)
         for i, layer in enumerate(dyn.layers):
+            # OPT's cache holds plain key/value layers (the union transformers types it as has
+            # linear-attention layers too, which have no keys).
+            assert isinstance(layer, DynamicLayer) and layer.keys is not None and layer.values is not None
             k, v = layer.keys, layer.values
             if repeat > 1:
                 k, v = k.repeat_interleave(repeat, dim=0), v.repeat_interleave(repeat, dim=0)

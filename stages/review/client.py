@@ -166,24 +166,24 @@ class LabelStudio:
     # -- calls -----------------------------------------------------------------------------------
     def whoami(self) -> dict[str, Any]:
         """The authenticated user; the cheap call that checks the URL and the key."""
-        return self.request("GET", "/api/current-user/whoami")  # type: ignore[no-any-return]
+        return self.request("GET", "/api/current-user/whoami")
 
     def projects(self) -> list[dict[str, Any]]:
         return list(self._pages("/api/projects/", {"page": 1, "page_size": 100}, "results"))
 
     def project(self, project_id: int) -> dict[str, Any]:
         gone = f"Label Studio project {project_id} no longer exists at {self.url}"
-        return self.request("GET", f"/api/projects/{project_id}/", gone=gone)  # type: ignore[no-any-return]
+        return self.request("GET", f"/api/projects/{project_id}/", gone=gone)
 
     def create_project(self, **fields: Any) -> dict[str, Any]:
-        return self.request("POST", "/api/projects/", json=fields)  # type: ignore[no-any-return]
+        return self.request("POST", "/api/projects/", json=fields)
 
     def local_storages(self, project_id: int) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/storages/localfiles/", params={"project": project_id})  # type: ignore[no-any-return]
+        return self.request("GET", "/api/storages/localfiles/", params={"project": project_id})
 
     def create_local_storage(self, project_id: int, path: str, title: str) -> dict[str, Any]:
         body = {"project": project_id, "path": path, "title": title, "use_blob_urls": False}
-        return self.request("POST", "/api/storages/localfiles/", json=body)  # type: ignore[no-any-return]
+        return self.request("POST", "/api/storages/localfiles/", json=body)
 
     def iter_tasks(
         self, project_id: int, page_size: int = 500, full: bool = False
@@ -216,32 +216,32 @@ class LabelStudio:
         return ids
 
     def task(self, task_id: int) -> dict[str, Any]:
-        return self.request("GET", f"/api/tasks/{task_id}/")  # type: ignore[no-any-return]
+        return self.request("GET", f"/api/tasks/{task_id}/")
 
     def update_task(self, task_id: int, data: dict[str, Any]) -> dict[str, Any]:
-        return self.request("PATCH", f"/api/tasks/{task_id}/", json={"data": data})  # type: ignore[no-any-return]
+        return self.request("PATCH", f"/api/tasks/{task_id}/", json={"data": data})
 
     def predictions(self, task_id: int) -> list[dict[str, Any]]:
-        return self.request("GET", "/api/predictions/", params={"task": task_id})  # type: ignore[no-any-return]
+        return self.request("GET", "/api/predictions/", params={"task": task_id})
 
     def create_prediction(self, task_id: int, prediction: dict[str, Any]) -> dict[str, Any]:
-        return self.request("POST", "/api/predictions/", json={"task": task_id, **prediction})  # type: ignore[no-any-return]
+        return self.request("POST", "/api/predictions/", json={"task": task_id, **prediction})
 
     def delete_prediction(self, prediction_id: int) -> None:
         self.request("DELETE", f"/api/predictions/{prediction_id}/")
 
     def annotations(self, task_id: int) -> list[dict[str, Any]]:
-        return self.request("GET", f"/api/tasks/{task_id}/annotations/")  # type: ignore[no-any-return]
+        return self.request("GET", f"/api/tasks/{task_id}/annotations/")
 
     def create_annotation(self, task_id: int, result: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.request("POST", f"/api/tasks/{task_id}/annotations/", json={"result": result})  # type: ignore[no-any-return]
+        return self.request("POST", f"/api/tasks/{task_id}/annotations/", json={"result": result})
 
     def update_annotation(self, annotation_id: int, result: list[dict[str, Any]]) -> dict[str, Any]:
-        return self.request("PATCH", f"/api/annotations/{annotation_id}/", json={"result": result})  # type: ignore[no-any-return]
+        return self.request("PATCH", f"/api/annotations/{annotation_id}/", json={"result": result})
 
     def update_project(self, project_id: int, **fields: Any) -> dict[str, Any]:
         gone = f"Label Studio project {project_id} no longer exists at {self.url}"
-        return self.request("PATCH", f"/api/projects/{project_id}/", gone=gone, json=fields)  # type: ignore[no-any-return]
+        return self.request("PATCH", f"/api/projects/{project_id}/", gone=gone, json=fields)
 
     def users(self) -> list[dict[str, Any]]:
         return list(self._pages("/api/users/", {}, "results"))

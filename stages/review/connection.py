@@ -67,7 +67,7 @@ class ReviewConfig(StageConfig):
 
 
 def review_config(config: Any) -> ReviewConfig:
-    return config.review  # type: ignore[no-any-return]
+    return config.review
 
 
 def document_root(config: Any, workdir: Path) -> Path:
@@ -111,7 +111,7 @@ def read_project_file(folder: Path) -> dict[str, Any]:
             "(titled after review.project_title and the run folder); removing it makes stage 5 "
             "start a new project"
         ) from None
-    return state  # type: ignore[no-any-return]
+    return state
 
 
 def remembered_project(client: LabelStudio, folder: Path) -> dict[str, Any]:

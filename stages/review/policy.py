@@ -34,7 +34,7 @@ from __future__ import annotations
 import itertools
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -153,7 +153,7 @@ def fleiss_kappa(items: Sequence[dict[str, int]]) -> tuple[float | None, float]:
     return (None if p_e >= 1 else (p_bar - p_e) / (1 - p_e)), p_bar
 
 
-def agreement(votes_by_clip: dict[str, Sequence[Vote]]) -> dict[str, Any]:
+def agreement(votes_by_clip: Mapping[str, Sequence[Vote]]) -> dict[str, Any]:
     """Inter-annotator agreement on verdicts and the distance between annotators' kept captions."""
     multi = {cid: vs for cid, vs in votes_by_clip.items() if len(vs) >= 2}
     raters = sorted({v.annotator for vs in multi.values() for v in vs})

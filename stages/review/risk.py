@@ -103,7 +103,8 @@ class RunScores:
                     continue  # unscored: no key (scoring off, or a row from before it existed)
                 scores[col] = _rounded(self.raw[col][i], 4)
                 scores[col.replace("_score", "_percentile")] = _rounded(self.pct[col][i], 1)
-        risk = None if i is None or self.risks[i] is None else round(float(self.risks[i]), 1)
+        raw = None if i is None else self.risks[i]
+        risk = None if raw is None else round(float(raw), 1)
         return {
             "risk": risk,
             "scores": scores,
