@@ -30,23 +30,22 @@ tolerance of 10 s or of the source's end). Failures are classified
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from pipeline.config import StageConfig
 from pipeline.errors import AbortRun, ItemError, PermanentError, RunThrottled, TransientError
 from pipeline.io import atomic_path, temp_name
 from pipeline.machine import machine_cause
-from pipeline.selection import eligible_frame, upstream_ok
+from pipeline.selection import upstream_ok
 from pipeline.stage import Item, ItemStage, Resources, Result
+from stages.download.availability import availability_report, sources_note
+from stages.download.config import DownloadConfig
 from stages.download.failures import classify
 from stages.download.index import iter_local, open_index, wanted_keys
+from stages.download.layout import VIDEO_SUFFIXES, existing_videos, video_path
 from stages.download.limits import (
     ClipDeadline,
     GateCancelled,
@@ -56,7 +55,7 @@ from stages.download.limits import (
 )
 from stages.download.local import LocalMedia, Taken
 from stages.download.media import decode_media, probe_source
-from stages.download.sources import Source, YoutubeSource, check_sources, source_pattern
+from stages.download.sources import YoutubeSource, check_sources, source_pattern
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,75 +65,6 @@ if TYPE_CHECKING:
 
     #: Given whether a download has its own sound: the sound to use instead (None: its own).
     AudioFor = Callable[[bool], Taken | None]
-
-
-class DownloadConfig(StageConfig):
-    batch_size: int = Field(8, gt=0, description="Clips per process() call (and per ledger commit).")
-    sources: list[Source] = Field(
-        [],
-        description="Where clips come from, in order; per clip the first source holding a valid copy "
-        "wins: folder, tar, hf (local media: README 'Using media you already have') and youtube "
-        "(yt-dlp on url_template). Empty: YouTube only.",
-    )
-    max_attempts: int = Field(4, gt=0, description="Attempts for a clip failing transiently.")
-    backoff_s: float = Field(30.0, ge=0, description="First retry delay; doubles per attempt.")
-    url_template: str = Field(
-        "https://www.youtube.com/watch?v={id}",
-        description="Source URL of the youtube source; {id} is the YouTube id.",
-    )
-    max_height: int = Field(360, gt=0, description="Video height cap (BLIP-2 sees 224-384 px).")
-    concurrency: int = Field(2, gt=0, description="Clips downloaded at once (threads) in a batch.")
-    delay_s: float = Field(
-        0.0,
-        ge=0,
-        description="Politeness: least seconds between two download starts on this host, shared by "
-        "every process and Ray worker of the run folder.",
-    )
-    jitter_s: float = Field(0.0, ge=0, description="Random extra delay (0..jitter_s) per start.")
-    max_per_hour: float | None = Field(
-        None,
-        gt=0,
-        description="At most this many download starts per hour from this host (all processes of the "
-        "run folder together), spaced evenly. YouTube blocks a guest session around 300/hour.",
-    )
-    clip_timeout_s: float = Field(
-        180.0, gt=0, description="Wall-clock bound on one clip's download; past it: slow_transfer."
-    )
-    breaker_threshold: int = Field(
-        5, gt=0, description="Rate-limit failures (bot_check, http_429, rate_limited) that trip the breaker"
-    )
-    breaker_window_s: float = Field(300.0, gt=0, description="... within this many seconds.")
-    breaker_cooldown_s: float = Field(
-        600.0, ge=0, description="First cool-down (no download starts); each next one is twice as long."
-    )
-    breaker_max_cooldowns: int = Field(
-        3, gt=0, description="Cool-downs whose probe failed before the run stops (exit 4)."
-    )
-    require_js_runtime: bool | None = Field(
-        None,
-        description="Stop at setup unless yt-dlp finds a JavaScript runtime (YouTube needs one). "
-        "Default: on for YouTube URLs.",
-    )
-    js_runtimes: list[str] = Field(
-        ["deno"],
-        description="yt-dlp's JavaScript runtimes, NAME or NAME:PATH (deno, node, bun, quickjs); deno "
-        "comes with the pipeline (PyPI).",
-    )
-    rate_limit: int | None = Field(None, gt=0, description="yt-dlp byte rate limit per download (B/s).")
-    cookies_file: Path | None = Field(None, description="Netscape cookies file (YouTube bot checks).")
-    proxy: str | None = Field(None, description="Proxy URL for yt-dlp and ffmpeg.")
-    socket_timeout_s: float = Field(20.0, gt=0, description="yt-dlp socket timeout.")
-    read_timeout_s: float = Field(30.0, gt=0, description="ffmpeg -rw_timeout: a stalled read fails.")
-    retries: int = Field(1, ge=0, description="yt-dlp's own retries inside one attempt.")
-    encode_preset: str = Field("ultrafast", description="x264 preset of the exact-cut re-encode.")
-    keyframe_interval_s: float = Field(
-        1.0, gt=0, description="A keyframe every this many seconds in the cut clip (stage 2 seeks to them)."
-    )
-    duration_tolerance_s: float = Field(0.6, ge=0, description="Allowed shortfall of the clip duration.")
-    require_audio: bool = Field(True, description="A clip without an audio stream fails (no_audio).")
-    reuse_existing: bool = Field(
-        True, description="Keep a valid file already in place (left by a run killed before its commit)."
-    )
 
 
 def _private_copy(path: Path) -> Path:
@@ -178,24 +108,6 @@ def with_warnings(message: str, warnings: Sequence[str], limit: int = 1500) -> s
     text = " | ".join(w.removeprefix("WARNING: ") for w in warnings)
     joined = f"{message} [yt-dlp warnings: {text}]" if message else f"yt-dlp warnings: {text}"
     return joined[:limit]
-
-
-def video_path(media_dir: Path, clip_id: str, suffix: str = ".mp4") -> Path:
-    """Where a clip is stored: ``video/<2 hex of blake2b(clip_id)>/<clip_id><suffix>``, 256
-    folders, so a million clips make folders of ~4,000 files and no folder is ever listed."""
-    bucket = hashlib.blake2b(clip_id.encode(), digest_size=1).hexdigest()
-    return media_dir / "video" / bucket / f"{clip_id}{suffix}"
-
-
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".m4v")
-
-
-def existing_videos(media_dir: Path, clip_id: str) -> list[Path]:
-    """Files of ``clip_id`` already in place (left by a run killed before its commit): a few
-    ``stat`` calls, in the hashed layout and in the flat one of older run folders, never a listing."""
-    candidates = [video_path(media_dir, clip_id, sfx) for sfx in VIDEO_SUFFIXES]
-    candidates += [media_dir / "video" / f"{clip_id}{sfx}" for sfx in VIDEO_SUFFIXES]
-    return [p for p in candidates if p.is_file()]
 
 
 def js_runtimes_option(specs: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -746,124 +658,3 @@ class DownloadStage(ItemStage[DownloadConfig]):
                 )
         out["notes"] = notes
         return out
-
-
-# What public AudioCaps downloaders reported as no longer downloadable from YouTube (2023-2024),
-# in percent of a split's clips (FACTS.md). A run far above them has a problem of its own.
-PUBLIC_GONE_PCT: dict[str, tuple[float, float]] = {"train": (7.0, 9.0), "test": (3.0, 9.0)}
-# Permanent failures that mean the video cannot be had from the source (what those figures count);
-# the other permanent reasons (no_audio, corrupt_source, too_short ...) are clips gone unusable.
-GONE_REASONS = frozenset(
-    {
-        "private",
-        "removed",
-        "account_terminated",
-        "copyright",
-        "unavailable",
-        "age_restricted",
-        "members_only",
-        "geo_blocked",
-        "http_404",
-        "http_410",
-    }
-)
-# Fewer settled clips than this in a split: no verdict (a few clips say nothing about a rate).
-MIN_SETTLED = 100
-# Points above the public range that count as far off.
-FAR_OFF_POINTS = 3.0
-
-
-def compare_with_public(split: str, ok: int, permanent: dict[str, int], transient: int) -> dict[str, Any]:
-    """How a split's share of gone clips compares with the public figures: ``gone``, ``gone_pct``
-    (of the settled clips: ok or failed for good), ``public_gone_pct``, ``vs_public`` (within,
-    above, far_above, below, too_few, no_public_figure) and a one-line ``note`` when worth saying."""
-    gone = sum(n for reason, n in permanent.items() if reason in GONE_REASONS)
-    settled = ok + sum(permanent.values())
-    pct = round(100.0 * gone / settled, 2) if settled else None
-    public = PUBLIC_GONE_PCT.get(split)
-    out: dict[str, Any] = {"gone": gone, "gone_pct": pct, "public_gone_pct": list(public) if public else None}
-    if public is None:
-        out["vs_public"] = "no_public_figure"
-    elif settled < MIN_SETTLED or pct is None:
-        out["vs_public"] = "too_few"
-    else:
-        lo, hi = public
-        if pct > hi:
-            out["vs_public"] = "far_above" if pct > hi + FAR_OFF_POINTS else "above"
-        else:
-            out["vs_public"] = "below" if pct < lo else "within"
-    figure = f"public downloaders: {public[0]:g}-{public[1]:g}%" if public else "no public figure"
-    head = f"{split}: {pct}% of {settled} settled clips gone from the source ({figure})"
-    if out["vs_public"] == "far_above":
-        out["note"] = (
-            f"{head}: far above; a broken extractor or a throttled address looks like missing videos: "
-            "check the reasons, `yt-dlp -v` (JS runtime), cookies, and retry with --retry-failed"
-        )
-    elif out["vs_public"] in ("within", "above", "below"):
-        out["note"] = f"{head}: {out['vs_public'].replace('_', ' ')}"
-    if transient and settled and transient > 0.05 * (settled + transient):
-        extra = f"{split}: {transient} clips still failing transiently (rate limits? rerun later)"
-        out["note"] = f"{out['note']}; {extra}" if out.get("note") else extra
-    return out
-
-
-def availability_report(stage: ItemStage, state: pd.DataFrame) -> dict[str, Any]:
-    try:
-        eligible = eligible_frame(stage, stage.ctx, ["split"])
-    except AbortRun:
-        return {}
-    report: dict[str, Any] = {}
-    splits = eligible["split"] if "split" in eligible.columns else None
-    groups = eligible.groupby(splits) if splits is not None else [("all", eligible)]
-    for split, group in groups:
-        cur = state.reindex(group.index)
-        status = cur["status"].astype(object).fillna("pending")
-        n = len(group)
-        ok = int((status == "ok").sum())
-        perm = cur[status == "failed_permanent"]["reason"].value_counts().sort_index()
-        trans = cur[status == "failed_transient"]["reason"].value_counts().sort_index()
-        permanent = {str(k): int(v) for k, v in perm.items()}
-        transient = {str(k): int(v) for k, v in trans.items()}
-        report[str(split)] = {
-            "clips": n,
-            "downloaded": ok,
-            "available_pct": round(100.0 * ok / n, 2) if n else None,
-            "permanent": permanent,
-            "transient": transient,
-            "pending": int((status == "pending").sum()),
-            **compare_with_public(str(split), ok, permanent, sum(transient.values())),
-            **source_counts(cur[status == "ok"]),
-        }
-    return {"availability": report}
-
-
-def source_counts(ok: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """Clips per source of their picture (``sources``) and of their sound (``audio_sources``).
-    Rows from before sources existed name none: they came from YouTube (they have a URL)."""
-    if ok.empty:
-        return {"sources": {}, "audio_sources": {}}
-    fallback = ok["source_url"].astype(object).where(ok["source_url"].isna(), "youtube:youtube")
-    fallback = fallback.fillna("unknown")
-    out = {}
-    for key, col in (("sources", "video_source"), ("audio_sources", "audio_source")):
-        values = ok[col].astype(object) if col in ok.columns else fallback
-        values = values.where(values.notna(), fallback)
-        out[key] = {str(k): int(v) for k, v in values.value_counts().sort_index().items()}
-    return out
-
-
-def sources_note(availability: dict[str, Any]) -> str | None:
-    """One status line: clips per source over every split (said when a local source gave any)."""
-    total: dict[str, int] = {}
-    sound: dict[str, int] = {}
-    for split in availability.values():
-        for name, n in split.get("sources", {}).items():
-            total[name] = total.get(name, 0) + n
-        for name, n in split.get("audio_sources", {}).items():
-            sound[name] = sound.get(name, 0) + n
-    if not total or (set(total) == {"youtube:youtube"} and set(sound) <= {"youtube:youtube"}):
-        return None
-    line = "clips per source: " + ", ".join(f"{k} {v}" for k, v in sorted(total.items()))
-    if sound != total:
-        line += "; sound: " + ", ".join(f"{k} {v}" for k, v in sorted(sound.items()))
-    return line
