@@ -1,61 +1,45 @@
-"""Stage 1: download each clip's 10-s section with yt-dlp, and validate it by decoding.
+"""Stage 1: take each clip's 10-s section from its sources, and validate it by decoding.
 
-yt-dlp runs through its Python API on a URL made from ``download.url_template`` (YouTube by
-default; tests and the demo point it at 127.0.0.1). Only the clip's section is fetched
-(``download_ranges``), cut exactly (``force_keyframes_at_cuts``: ffmpeg re-encodes the section)
-and capped in height. Nothing can hang: yt-dlp has a socket timeout, ffmpeg a read timeout
-(``-rw_timeout``), the source probe an open/read timeout, and each clip a wall-clock bound
-(``clip_timeout_s``: a trickling source fails ``slow_transfer``).
-
-Every download start goes through one start gate per host and run folder
-(:mod:`stages.download.limits`): an even pace (``max_per_hour``, ``delay_s``, ``jitter_s``) shared
-by every process and Ray worker, and a circuit breaker that stops starting downloads while the
-source refuses this address (bot checks, HTTP 429), probes with one clip after a cool-down, and
-stops the run (exit 4) when the cool-downs do not help.
-
-YouTube needs a JavaScript runtime for yt-dlp to see every format (deno, installed with the
-pipeline from PyPI): :meth:`DownloadStage.setup` checks that yt-dlp finds one.
-
-Clips are stored at ``media/video/<2 hex of blake2b(clip_id)>/<clip_id>.<ext>`` (256 folders), so
-finding or placing a clip never lists a folder; the ledger's ``video_path`` says where each one is
-(old run folders keep their flat ``media/video/<clip_id>.<ext>`` rows and files).
+The sources (``download.sources``; none: YouTube only) are tried in order per clip, and the first
+that gives a valid picture gives the clip (:meth:`DownloadStage._take`); its sound is an
+audio-only source's listed before it, else its own, else a later audio-only source's. A local
+source (a folder, tar shards, a dataset) is found through its index (:mod:`stages.download.index`)
+and read, cut and placed by :mod:`stages.download.local`; the youtube source downloads the section
+with yt-dlp (:mod:`stages.download.youtube`), each start through the start gate of
+:mod:`stages.download.limits` (an even pace shared by every process and Ray worker, and a circuit
+breaker that stops the run, exit 4, when the source keeps refusing this address).
 
 yt-dlp can report success on an empty, stream-less or truncated file, so every file is decoded
 with PyAV before it counts (:mod:`stages.download.media`: both streams present, duration within
-tolerance of 10 s or of the source's end). Failures are classified
+tolerance of 10 s or of the source's end), then placed where :mod:`stages.download.layout` says.
+A valid file a killed run left in place is kept (``reuse_existing``). Failures are classified
 (:mod:`stages.download.failures`) into permanent reasons (``private``, ``removed``,
 ``copyright``, ``http_404``...) that are never retried, and transient ones (``http_429``,
-``bot_check``, ``timeout``...) that the runner retries with backoff.
+``bot_check``, ``timeout``...) that the runner retries with backoff. The stage's statistics are
+the availability report (:mod:`stages.download.availability`) and the breaker's record.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun, ItemError, PermanentError, RunThrottled, TransientError
-from pipeline.io import atomic_path, temp_name
+from pipeline.io import atomic_path
 from pipeline.machine import machine_cause
 from pipeline.selection import upstream_ok
 from pipeline.stage import Item, ItemStage, Resources, Result
 from stages.download.availability import availability_report, sources_note
 from stages.download.config import DownloadConfig
-from stages.download.failures import classify
 from stages.download.index import iter_local, open_index, wanted_keys
 from stages.download.layout import VIDEO_SUFFIXES, existing_videos, video_path
-from stages.download.limits import (
-    ClipDeadline,
-    GateCancelled,
-    GateSettings,
-    StartGate,
-    breaker_summary,
-)
+from stages.download.limits import GateCancelled, breaker_summary
 from stages.download.local import LocalMedia, Taken
-from stages.download.media import decode_media, probe_source
+from stages.download.media import decode_media
 from stages.download.sources import YoutubeSource, check_sources, source_pattern
+from stages.download.youtube import QuietLogger, YoutubeFetcher, with_warnings
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -65,97 +49,6 @@ if TYPE_CHECKING:
 
     #: Given whether a download has its own sound: the sound to use instead (None: its own).
     AudioFor = Callable[[bool], Taken | None]
-
-
-def _private_copy(path: Path) -> Path:
-    """A copy of ``path`` readable only by this user, in the system temp folder (not the run
-    folder: cookies are secrets)."""
-    import shutil
-    import tempfile
-
-    fd, name = tempfile.mkstemp(prefix="avcaps-cookies-", suffix=".txt")
-    os.close(fd)  # mkstemp made it 0600
-    shutil.copyfile(path, name)
-    return Path(name)
-
-
-class _QuietLogger:
-    """yt-dlp's logger: prints nothing (``quiet=True`` alone still prints ERROR lines) and keeps
-    the warnings for the ledger's message; the errors reach the ledger through the exception
-    yt-dlp raises."""
-
-    def __init__(self) -> None:
-        self.warnings: list[str] = []
-
-    def debug(self, msg: str) -> None:
-        pass
-
-    def info(self, msg: str) -> None:
-        pass
-
-    def warning(self, msg: str) -> None:
-        if msg not in self.warnings:
-            self.warnings.append(msg)
-
-    def error(self, msg: str) -> None:
-        pass
-
-
-def with_warnings(message: str, warnings: Sequence[str], limit: int = 1500) -> str:
-    """``message`` followed by yt-dlp's warnings (they often say why: missing formats, a PO token)."""
-    if not warnings:
-        return message
-    text = " | ".join(w.removeprefix("WARNING: ") for w in warnings)
-    joined = f"{message} [yt-dlp warnings: {text}]" if message else f"yt-dlp warnings: {text}"
-    return joined[:limit]
-
-
-def js_runtimes_option(specs: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``download.js_runtimes`` as yt-dlp's ``js_runtimes`` option (its --js-runtimes NAME[:PATH])."""
-    out: dict[str, dict[str, str]] = {}
-    for spec in specs:
-        name, _, path = spec.partition(":")
-        out[name.strip().lower()] = {"path": path} if path else {}
-    return out
-
-
-def found_js_runtimes(specs: Sequence[str]) -> list[str]:
-    """The JavaScript runtimes yt-dlp finds and supports with these settings, as ``yt-dlp -v``
-    lists them (e.g. ``deno-2.9.8``)."""
-    import yt_dlp
-
-    opts = {"quiet": True, "logger": _QuietLogger(), "js_runtimes": js_runtimes_option(specs)}
-    with yt_dlp.YoutubeDL(opts) as ydl:
-        runtimes = getattr(ydl, "_js_runtimes", None)
-        if runtimes is None:  # yt-dlp moved it: do not block a run on our own check
-            return ["unknown"]
-        return sorted(
-            f"{rt.info.name}-{rt.info.version}"
-            for rt in runtimes.values()
-            if rt is not None and rt.info is not None and rt.info.supported is not False
-        )
-
-
-def warm_up(url_template: str) -> None:
-    """Load yt-dlp's extractor for ``url_template`` now: the first extraction in a process
-    otherwise imports it (seconds on a busy machine) while holding an import lock, and the starts
-    the gate spaced out would reach the source together when it is done."""
-    import yt_dlp
-    from yt_dlp.extractor import gen_extractor_classes
-
-    url = url_template.format(id="aaaaaaaaaaa")
-    with yt_dlp.YoutubeDL({"quiet": True, "logger": _QuietLogger()}) as ydl:
-        for ie in gen_extractor_classes():
-            if ie.suitable(url):
-                ydl.get_info_extractor(ie.ie_key())
-                break
-
-
-def is_youtube(url_template: str) -> bool:
-    from urllib.parse import urlsplit
-
-    host = (urlsplit(url_template.replace("{id}", "x")).hostname or "").lower()
-    return host == "youtu.be" or host == "youtube.com" or host.endswith(".youtube.com")
 
 
 def check_ids(item: Item) -> None:
@@ -238,39 +131,13 @@ class DownloadStage(ItemStage[DownloadConfig]):
             indexes[src.label] = index
         self._local = LocalMedia(indexes, cfg, VIDEO_SUFFIXES)
         if self._youtube:  # after the local sources: a bad one stops the run before yt-dlp loads
-            self._setup_youtube()
+            templates = [self._template(s) for s in self._youtube]
+            self._yt = YoutubeFetcher(cfg, templates, self.folder / "limits", self.ctx.tmp_dir)
         (self.ctx.media_dir / "video").mkdir(parents=True, exist_ok=True)
         self.ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
 
-    def _setup_youtube(self) -> None:
-        from stages.tools import ffmpeg
-
-        # The system's ffmpeg, else imageio-ffmpeg's; a missing one stops the run with one line.
-        self._ffmpeg = ffmpeg("by yt-dlp to cut clip sections")
-        if self.cfg.cookies_file is not None and not self.cfg.cookies_file.is_file():
-            raise AbortRun(f"download.cookies_file not found: {self.cfg.cookies_file}")
-        for template in dict.fromkeys(self._template(s) for s in self._youtube):
-            if "{id}" not in template:
-                raise AbortRun(f"download.url_template has no {{id}}: {template!r}")
-            self._check_js_runtime(template)
-            warm_up(template)
-        self._gate = StartGate(self.folder / "limits", GateSettings.of(self.cfg))
-
     def _template(self, src: YoutubeSource) -> str:
         return src.url_template or self.cfg.url_template
-
-    def _check_js_runtime(self, template: str) -> None:
-        cfg = self.cfg
-        required = cfg.require_js_runtime
-        if required is None:
-            required = is_youtube(template)
-        if required and not found_js_runtimes(cfg.js_runtimes):
-            raise AbortRun(
-                f"yt-dlp finds no JavaScript runtime (download.js_runtimes: {', '.join(cfg.js_runtimes)}), "
-                "and YouTube hides formats without one: pip install 'yt-dlp[default]' deno into this "
-                "environment (or set download.js_runtimes to node:/path/to/node), check with `yt-dlp -v` "
-                "(JS runtimes: deno-...), or set download.require_js_runtime=false"
-            )
 
     def process(self, batch: list[Item]) -> list[Result]:
         """Download the batch, ``concurrency`` clips at a time, each start through the gate.
@@ -306,7 +173,7 @@ class DownloadStage(ItemStage[DownloadConfig]):
                     # up at once; downloads in flight end by themselves (each is bounded). An
                     # ordinary exception leaves the gate open: the runner redoes the batch item
                     # by item.
-                    self._gate.cancel()
+                    self._yt.gate.cancel()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
             pool.shutdown(wait=True)
@@ -316,7 +183,7 @@ class DownloadStage(ItemStage[DownloadConfig]):
         return done
 
     def _one(self, item: Item) -> Result:
-        logger = _QuietLogger()
+        logger = QuietLogger()
         try:
             outputs = self.download(item, logger)
         except ItemError as exc:
@@ -326,48 +193,7 @@ class DownloadStage(ItemStage[DownloadConfig]):
         message = with_warnings("; ".join(f"taken after {n}" for n in notes), logger.warnings)
         return Result(item.clip_id, "ok", outputs, "", message)
 
-    def _ydl_options(self, outtmpl: str, start: float, end: float, logger: _QuietLogger) -> dict[str, Any]:
-        from yt_dlp.utils import download_range_func
-
-        cfg = self.cfg
-        h = cfg.max_height
-        opts: dict[str, Any] = {
-            "outtmpl": outtmpl,
-            # The height filter allows unknown heights (direct files); the scale filter below caps them.
-            "format": f"bv*[height<=?{h}]+ba/b[height<=?{h}]/b",
-            "format_sort": [f"res:{h}", "ext:mp4:m4a"],  # h264/aac: a fast exact-cut re-encode
-            "merge_output_format": "mp4",
-            "download_ranges": download_range_func(None, [(start, end)]),
-            "force_keyframes_at_cuts": True,
-            "ffmpeg_location": self._ffmpeg,
-            "external_downloader_args": {
-                "ffmpeg_i": ["-rw_timeout", str(int(cfg.read_timeout_s * 1e6))],
-                "ffmpeg_o": [
-                    *("-preset", cfg.encode_preset, "-vf", f"scale=-2:'min(ih,{h})'"),
-                    *("-force_key_frames", f"expr:gte(t,n_forced*{cfg.keyframe_interval_s:g})"),
-                ],
-            },
-            "js_runtimes": js_runtimes_option(cfg.js_runtimes),
-            "socket_timeout": cfg.socket_timeout_s,
-            "retries": cfg.retries,
-            "fragment_retries": cfg.retries,
-            "extractor_retries": cfg.retries,
-            "noplaylist": True,
-            "quiet": True,
-            "no_warnings": True,
-            "noprogress": True,
-            "logger": logger,
-            "overwrites": True,
-            "continuedl": False,
-            "cachedir": False,
-        }
-        if cfg.proxy:
-            opts["proxy"] = cfg.proxy
-        if cfg.rate_limit:
-            opts["ratelimit"] = cfg.rate_limit
-        return opts
-
-    def download(self, item: Item, logger: _QuietLogger | None = None) -> dict[str, Any]:
+    def download(self, item: Item, logger: QuietLogger | None = None) -> dict[str, Any]:
         """Take one clip from the first source that holds a valid copy (fetch, check, place);
         return its output columns or raise an ItemError."""
         cfg = self.cfg
@@ -393,9 +219,9 @@ class DownloadStage(ItemStage[DownloadConfig]):
                 except ItemError:
                     old.unlink(missing_ok=True)  # invalid: take it again
 
-        return self._take(item, logger or _QuietLogger())
+        return self._take(item, logger or QuietLogger())
 
-    def _take(self, item: Item, logger: _QuietLogger) -> dict[str, Any]:
+    def _take(self, item: Item, logger: QuietLogger) -> dict[str, Any]:
         """The sources in order: the first that gives a valid picture gives the clip; its sound is
         an audio-only source's listed before it, else its own, else a later audio-only source's.
         A source that fails (a corrupt file, a video without sound) is noted and the next tried."""
@@ -498,100 +324,16 @@ class DownloadStage(ItemStage[DownloadConfig]):
         }
 
     def _fetch(
-        self, item: Item, url: str, label: str, logger: _QuietLogger, audio_for: AudioFor | None = None
+        self, item: Item, url: str, label: str, logger: QuietLogger, audio_for: AudioFor | None = None
     ) -> dict[str, Any]:
         """Download the clip's section from ``url`` with yt-dlp, check it and place it."""
-        import yt_dlp
 
-        from stages.tools import ytdlp_use_ffmpeg
+        def place(file: Path, expected_s: float, src_dur: float | None) -> dict[str, Any]:
+            dest = video_path(self.ctx.media_dir, item.clip_id, file.suffix)
+            return self._validate_and_place(file, dest, url, expected_s, src_dur, label, audio_for)
 
-        cfg = self.cfg
-        clip_id = item.clip_id
         start, end = float(item["start_s"]), float(item["end_s"])
-        # yt-dlp writes into the run's flat temp folder (cheap to list and to clean after a
-        # crash); the validated file is then renamed into the media folder.
-        stem = temp_name(clip_id)
-        tmp_dir = self.ctx.tmp_dir
-        opts = self._ydl_options(str(tmp_dir / f"{stem}.%(ext)s"), start, end, logger)
-        ytdlp_use_ffmpeg(self._ffmpeg)  # for the section download too, not only post-processing
-        cookies = None
-        try:
-            if cfg.cookies_file is not None:
-                # yt-dlp writes its cookie jar back on close: give each download a private copy,
-                # so threads never write the user's file (or one another's) at the same time.
-                cookies = _private_copy(cfg.cookies_file)
-                opts["cookiefile"] = str(cookies)
-            with yt_dlp.YoutubeDL(opts) as ydl:
-                # The gate is passed once yt-dlp is set up (seconds, the first time in a process),
-                # so that a granted start is the first request the source sees.
-                ticket = self._gate.acquire()
-                reason: str | None = None
-                try:
-                    with ClipDeadline(stem, cfg.clip_timeout_s) as deadline:
-                        info, media_url = self._transfer(ydl, url, deadline)
-                    files = [p for p in tmp_dir.glob(f"{stem}.*") if p.suffix in VIDEO_SUFFIXES]
-                    if not files or files[0].stat().st_size == 0:
-                        raise TransientError("no_file", "yt-dlp reported success but wrote no file")
-                    src_dur = info.get("duration")
-                    if not src_dur:  # direct files: yt-dlp's generic extractor does not know it
-                        src_dur = probe_source(
-                            media_url, min(cfg.read_timeout_s, max(1.0, deadline.remaining()))
-                        )
-                    expected = min(end - start, max(0.0, float(src_dur) - start)) if src_dur else end - start
-                    dest = video_path(self.ctx.media_dir, clip_id, files[0].suffix)
-                    return self._validate_and_place(files[0], dest, url, expected, src_dur, label, audio_for)
-                except ItemError as exc:
-                    reason = exc.reason
-                    raise
-                finally:
-                    self._gate.report(ticket, reason)
-        finally:
-            for p in tmp_dir.glob(f"{stem}*"):  # yt-dlp's .part/.ytdl leftovers included
-                p.unlink(missing_ok=True)
-            if cookies is not None:
-                cookies.unlink(missing_ok=True)
-
-    def _transfer(self, ydl: Any, url: str, deadline: ClipDeadline) -> tuple[dict[str, Any], str]:
-        """Extract and download with yt-dlp; return its info and the media URL, or raise the
-        classified failure (``slow_transfer`` once past the deadline)."""
-        # Two steps, so that a failed transfer still knows the media URL to probe.
-        try:
-            info = ydl.extract_info(url, download=False)
-        except Exception as exc:
-            raise self._past(deadline) or classify(exc) from exc
-        media_url = self._media_url(info, url)
-        try:
-            info = ydl.process_ie_result(info, download=True)
-        except Exception as exc:
-            err = self._past(deadline) or classify(exc)
-            if err.reason == "download_error" and "ffmpeg exited" in str(exc):
-                # yt-dlp runs ffmpeg quietly; probe the media to learn why it failed.
-                probe_source(media_url, min(self.cfg.read_timeout_s, max(1.0, deadline.remaining())))
-                err = TransientError("ffmpeg_failed", f"{err.message} (the source probes fine)")
-            raise err from exc
-        if past := self._past(deadline):
-            raise past
-        return info, media_url
-
-    def _past(self, deadline: ClipDeadline) -> TransientError | None:
-        """The ``slow_transfer`` failure of a clip that ran past ``clip_timeout_s``, else None."""
-        if not deadline.expired:
-            return None
-        return TransientError(
-            "slow_transfer",
-            f"still transferring after {deadline.elapsed:.0f} s (download.clip_timeout_s = "
-            f"{self.cfg.clip_timeout_s:g}): the source sends too slowly; stopped"
-            + (f" ({deadline.killed} ffmpeg process(es) killed)" if deadline.killed else ""),
-        )
-
-    @staticmethod
-    def _media_url(info: dict[str, Any], url: str) -> str:
-        """The URL of the media itself (the video format's, when video and audio are separate)."""
-        formats = info.get("requested_formats") or [info]
-        for fmt in formats:
-            if isinstance(fmt.get("url"), str) and fmt.get("vcodec") != "none":
-                return str(fmt["url"])
-        return str(info.get("url") or url)
+        return self._yt.fetch(item.clip_id, start, end, url, logger, place)
 
     def _validate_and_place(
         self,
