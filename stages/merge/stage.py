@@ -27,7 +27,6 @@ percentile of the run's merge CLAP scores is asked again with a new seed, up to
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,12 +34,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pipeline.errors import AbortRun, ItemError, PermanentError, TransientError
+from pipeline.errors import ItemError, PermanentError, TransientError
 from pipeline.stage import Item, ItemStage, Resources, Result
 from stages.keyframes import middle_index
 from stages.merge.backends import Backend, ChatRequest, make_backend
 from stages.merge.config import MergeConfig, gate_settings
 from stages.merge.gate import GATE_VERSION, GateSettings, Verdict, check_answer
+from stages.merge.prompt import DEFAULT_PROMPT, Prompt
 from stages.scores import (
     MERGE_CLAP,
     MERGE_CLIP,
@@ -59,68 +59,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import pyarrow as pa
 
-DEFAULT_PROMPT = Path(__file__).parent / "prompts" / "merge_v2.yaml"
 RAW_KEEP = 2000  # characters of each failed try kept in merge_checks
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt file: system text, the two user templates, and few-shot examples per form.
-
-    ``few_shot_one`` examples (one audio caption each) precede a one-caption prompt,
-    ``few_shot_all`` examples (a list of audio captions each) an all-captions prompt. A file with
-    a single ``few_shot`` list (``merge_v1``) uses it for both forms, as v1 did.
-    """
-
-    version: str
-    sha256: str
-    system: str
-    user_one: str
-    user_all: str
-    few_shot_one: list[dict[str, Any]]
-    few_shot_all: list[dict[str, Any]]
-
-    @classmethod
-    def load(cls, path: Path) -> Prompt:
-        import yaml
-
-        try:
-            raw = path.read_bytes()
-            data = yaml.safe_load(raw)
-            legacy = list(data.get("few_shot") or [])
-            prompt = cls(
-                version=str(data["version"]),
-                sha256=hashlib.sha256(raw).hexdigest(),
-                system=data["system"],
-                user_one=data["user_one"],
-                user_all=data["user_all"],
-                few_shot_one=list(data.get("few_shot_one") or legacy),
-                few_shot_all=list(data.get("few_shot_all") or legacy),
-            )
-            for ex in prompt.few_shot_one + prompt.few_shot_all:
-                missing = {"audio", "visual", "caption"} - set(ex)
-                if missing:
-                    raise KeyError(f"few-shot example {ex!r} lacks {sorted(missing)}")
-        except (OSError, AttributeError, yaml.YAMLError, KeyError, TypeError) as exc:
-            raise AbortRun(f"merge prompt file {path}: {type(exc).__name__}: {exc}") from exc
-        return prompt
-
-    def user(self, audio: str | list[str], visual: str) -> str:
-        """The user turn for one audio caption (a string) or several (a list: numbered)."""
-        if isinstance(audio, str):
-            template, text = self.user_one, audio
-        else:
-            template, text = self.user_all, "\n".join(f"{i}. {a}" for i, a in enumerate(audio, 1))
-        return template.replace("{audio}", text).replace("{visual}", visual).strip()
-
-    def messages(self, audio: list[str], visual: str, max_words: int) -> list[dict[str, str]]:
-        """System text, the few-shot pairs of this form as earlier turns, then this clip's captions."""
-        msgs = [{"role": "system", "content": self.system.replace("{max_words}", str(max_words)).strip()}]
-        for ex in self.few_shot_one if len(audio) == 1 else self.few_shot_all:
-            msgs.append({"role": "user", "content": self.user(ex["audio"], ex["visual"])})
-            msgs.append({"role": "assistant", "content": json.dumps({"caption": ex["caption"]})})
-        msgs.append({"role": "user", "content": self.user(audio[0] if len(audio) == 1 else audio, visual)})
-        return msgs
 
 
 @dataclass
