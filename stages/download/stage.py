@@ -1,62 +1,45 @@
-"""Stage 1: download each clip's 10-s section with yt-dlp, and validate it by decoding.
+"""Stage 1: take each clip's 10-s section from its sources, and validate it by decoding.
 
-yt-dlp runs through its Python API on a URL made from ``download.url_template`` (YouTube by
-default; tests and the demo point it at 127.0.0.1). Only the clip's section is fetched
-(``download_ranges``), cut exactly (``force_keyframes_at_cuts``: ffmpeg re-encodes the section)
-and capped in height. Nothing can hang: yt-dlp has a socket timeout, ffmpeg a read timeout
-(``-rw_timeout``), the source probe an open/read timeout, and each clip a wall-clock bound
-(``clip_timeout_s``: a trickling source fails ``slow_transfer``).
-
-Every download start goes through one start gate per host and run folder
-(:mod:`stages.download.limits`): an even pace (``max_per_hour``, ``delay_s``, ``jitter_s``) shared
-by every process and Ray worker, and a circuit breaker that stops starting downloads while the
-source refuses this address (bot checks, HTTP 429), probes with one clip after a cool-down, and
-stops the run (exit 4) when the cool-downs do not help.
-
-YouTube needs a JavaScript runtime for yt-dlp to see every format (deno, installed with the
-pipeline from PyPI): :meth:`DownloadStage.setup` checks that yt-dlp finds one.
-
-Clips are stored at ``media/video/<2 hex of blake2b(clip_id)>/<clip_id>.<ext>`` (256 folders), so
-finding or placing a clip never lists a folder; the ledger's ``video_path`` says where each one is
-(old run folders keep their flat ``media/video/<clip_id>.<ext>`` rows and files).
+The sources (``download.sources``; none: YouTube only) are tried in order per clip, and the first
+that gives a valid picture gives the clip (:meth:`DownloadStage._take`); its sound is an
+audio-only source's listed before it, else its own, else a later audio-only source's. A local
+source (a folder, tar shards, a dataset) is found through its index (:mod:`stages.download.index`)
+and read, cut and placed by :mod:`stages.download.local`; the youtube source downloads the section
+with yt-dlp (:mod:`stages.download.youtube`), each start through the start gate of
+:mod:`stages.download.limits` (an even pace shared by every process and Ray worker, and a circuit
+breaker that stops the run, exit 4, when the source keeps refusing this address).
 
 yt-dlp can report success on an empty, stream-less or truncated file, so every file is decoded
 with PyAV before it counts (:mod:`stages.download.media`: both streams present, duration within
-tolerance of 10 s or of the source's end). Failures are classified
+tolerance of 10 s or of the source's end), then placed where :mod:`stages.download.layout` says.
+A valid file a killed run left in place is kept (``reuse_existing``). Failures are classified
 (:mod:`stages.download.failures`) into permanent reasons (``private``, ``removed``,
 ``copyright``, ``http_404``...) that are never retried, and transient ones (``http_429``,
-``bot_check``, ``timeout``...) that the runner retries with backoff.
+``bot_check``, ``timeout``...) that the runner retries with backoff. The stage's statistics are
+the availability report (:mod:`stages.download.availability`) and the breaker's record.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from pipeline.config import StageConfig
 from pipeline.errors import AbortRun, ItemError, PermanentError, RunThrottled, TransientError
-from pipeline.io import atomic_path, temp_name
+from pipeline.io import atomic_path
 from pipeline.machine import machine_cause
-from pipeline.selection import eligible_frame, upstream_ok
+from pipeline.selection import upstream_ok
 from pipeline.stage import Item, ItemStage, Resources, Result
-from stages.download.failures import classify
+from stages.download.availability import availability_report, sources_note
+from stages.download.config import DownloadConfig
 from stages.download.index import iter_local, open_index, wanted_keys
-from stages.download.limits import (
-    ClipDeadline,
-    GateCancelled,
-    GateSettings,
-    StartGate,
-    breaker_summary,
-)
+from stages.download.layout import VIDEO_SUFFIXES, existing_videos, video_path
+from stages.download.limits import GateCancelled, breaker_summary
 from stages.download.local import LocalMedia, Taken
-from stages.download.media import decode_media, probe_source
-from stages.download.sources import Source, YoutubeSource, check_sources, source_pattern
+from stages.download.media import decode_media
+from stages.download.sources import YoutubeSource, check_sources, source_pattern
+from stages.download.youtube import QuietLogger, YoutubeFetcher, with_warnings
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,184 +49,6 @@ if TYPE_CHECKING:
 
     #: Given whether a download has its own sound: the sound to use instead (None: its own).
     AudioFor = Callable[[bool], Taken | None]
-
-
-class DownloadConfig(StageConfig):
-    batch_size: int = Field(8, gt=0, description="Clips per process() call (and per ledger commit).")
-    sources: list[Source] = Field(
-        [],
-        description="Where clips come from, in order; per clip the first source holding a valid copy "
-        "wins: folder, tar, hf (local media: README 'Using media you already have') and youtube "
-        "(yt-dlp on url_template). Empty: YouTube only.",
-    )
-    max_attempts: int = Field(4, gt=0, description="Attempts for a clip failing transiently.")
-    backoff_s: float = Field(30.0, ge=0, description="First retry delay; doubles per attempt.")
-    url_template: str = Field(
-        "https://www.youtube.com/watch?v={id}",
-        description="Source URL of the youtube source; {id} is the YouTube id.",
-    )
-    max_height: int = Field(360, gt=0, description="Video height cap (BLIP-2 sees 224-384 px).")
-    concurrency: int = Field(2, gt=0, description="Clips downloaded at once (threads) in a batch.")
-    delay_s: float = Field(
-        0.0,
-        ge=0,
-        description="Politeness: least seconds between two download starts on this host, shared by "
-        "every process and Ray worker of the run folder.",
-    )
-    jitter_s: float = Field(0.0, ge=0, description="Random extra delay (0..jitter_s) per start.")
-    max_per_hour: float | None = Field(
-        None,
-        gt=0,
-        description="At most this many download starts per hour from this host (all processes of the "
-        "run folder together), spaced evenly. YouTube blocks a guest session around 300/hour.",
-    )
-    clip_timeout_s: float = Field(
-        180.0, gt=0, description="Wall-clock bound on one clip's download; past it: slow_transfer."
-    )
-    breaker_threshold: int = Field(
-        5, gt=0, description="Rate-limit failures (bot_check, http_429, rate_limited) that trip the breaker"
-    )
-    breaker_window_s: float = Field(300.0, gt=0, description="... within this many seconds.")
-    breaker_cooldown_s: float = Field(
-        600.0, ge=0, description="First cool-down (no download starts); each next one is twice as long."
-    )
-    breaker_max_cooldowns: int = Field(
-        3, gt=0, description="Cool-downs whose probe failed before the run stops (exit 4)."
-    )
-    require_js_runtime: bool | None = Field(
-        None,
-        description="Stop at setup unless yt-dlp finds a JavaScript runtime (YouTube needs one). "
-        "Default: on for YouTube URLs.",
-    )
-    js_runtimes: list[str] = Field(
-        ["deno"],
-        description="yt-dlp's JavaScript runtimes, NAME or NAME:PATH (deno, node, bun, quickjs); deno "
-        "comes with the pipeline (PyPI).",
-    )
-    rate_limit: int | None = Field(None, gt=0, description="yt-dlp byte rate limit per download (B/s).")
-    cookies_file: Path | None = Field(None, description="Netscape cookies file (YouTube bot checks).")
-    proxy: str | None = Field(None, description="Proxy URL for yt-dlp and ffmpeg.")
-    socket_timeout_s: float = Field(20.0, gt=0, description="yt-dlp socket timeout.")
-    read_timeout_s: float = Field(30.0, gt=0, description="ffmpeg -rw_timeout: a stalled read fails.")
-    retries: int = Field(1, ge=0, description="yt-dlp's own retries inside one attempt.")
-    encode_preset: str = Field("ultrafast", description="x264 preset of the exact-cut re-encode.")
-    keyframe_interval_s: float = Field(
-        1.0, gt=0, description="A keyframe every this many seconds in the cut clip (stage 2 seeks to them)."
-    )
-    duration_tolerance_s: float = Field(0.6, ge=0, description="Allowed shortfall of the clip duration.")
-    require_audio: bool = Field(True, description="A clip without an audio stream fails (no_audio).")
-    reuse_existing: bool = Field(
-        True, description="Keep a valid file already in place (left by a run killed before its commit)."
-    )
-
-
-def _private_copy(path: Path) -> Path:
-    """A copy of ``path`` readable only by this user, in the system temp folder (not the run
-    folder: cookies are secrets)."""
-    import shutil
-    import tempfile
-
-    fd, name = tempfile.mkstemp(prefix="avcaps-cookies-", suffix=".txt")
-    os.close(fd)  # mkstemp made it 0600
-    shutil.copyfile(path, name)
-    return Path(name)
-
-
-class _QuietLogger:
-    """yt-dlp's logger: prints nothing (``quiet=True`` alone still prints ERROR lines) and keeps
-    the warnings for the ledger's message; the errors reach the ledger through the exception
-    yt-dlp raises."""
-
-    def __init__(self) -> None:
-        self.warnings: list[str] = []
-
-    def debug(self, msg: str) -> None:
-        pass
-
-    def info(self, msg: str) -> None:
-        pass
-
-    def warning(self, msg: str) -> None:
-        if msg not in self.warnings:
-            self.warnings.append(msg)
-
-    def error(self, msg: str) -> None:
-        pass
-
-
-def with_warnings(message: str, warnings: Sequence[str], limit: int = 1500) -> str:
-    """``message`` followed by yt-dlp's warnings (they often say why: missing formats, a PO token)."""
-    if not warnings:
-        return message
-    text = " | ".join(w.removeprefix("WARNING: ") for w in warnings)
-    joined = f"{message} [yt-dlp warnings: {text}]" if message else f"yt-dlp warnings: {text}"
-    return joined[:limit]
-
-
-def video_path(media_dir: Path, clip_id: str, suffix: str = ".mp4") -> Path:
-    """Where a clip is stored: ``video/<2 hex of blake2b(clip_id)>/<clip_id><suffix>``, 256
-    folders, so a million clips make folders of ~4,000 files and no folder is ever listed."""
-    bucket = hashlib.blake2b(clip_id.encode(), digest_size=1).hexdigest()
-    return media_dir / "video" / bucket / f"{clip_id}{suffix}"
-
-
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".m4v")
-
-
-def existing_videos(media_dir: Path, clip_id: str) -> list[Path]:
-    """Files of ``clip_id`` already in place (left by a run killed before its commit): a few
-    ``stat`` calls, in the hashed layout and in the flat one of older run folders, never a listing."""
-    candidates = [video_path(media_dir, clip_id, sfx) for sfx in VIDEO_SUFFIXES]
-    candidates += [media_dir / "video" / f"{clip_id}{sfx}" for sfx in VIDEO_SUFFIXES]
-    return [p for p in candidates if p.is_file()]
-
-
-def js_runtimes_option(specs: Sequence[str]) -> dict[str, dict[str, str]]:
-    """``download.js_runtimes`` as yt-dlp's ``js_runtimes`` option (its --js-runtimes NAME[:PATH])."""
-    out: dict[str, dict[str, str]] = {}
-    for spec in specs:
-        name, _, path = spec.partition(":")
-        out[name.strip().lower()] = {"path": path} if path else {}
-    return out
-
-
-def found_js_runtimes(specs: Sequence[str]) -> list[str]:
-    """The JavaScript runtimes yt-dlp finds and supports with these settings, as ``yt-dlp -v``
-    lists them (e.g. ``deno-2.9.8``)."""
-    import yt_dlp
-
-    opts = {"quiet": True, "logger": _QuietLogger(), "js_runtimes": js_runtimes_option(specs)}
-    with yt_dlp.YoutubeDL(opts) as ydl:
-        runtimes = getattr(ydl, "_js_runtimes", None)
-        if runtimes is None:  # yt-dlp moved it: do not block a run on our own check
-            return ["unknown"]
-        return sorted(
-            f"{rt.info.name}-{rt.info.version}"
-            for rt in runtimes.values()
-            if rt is not None and rt.info is not None and rt.info.supported is not False
-        )
-
-
-def warm_up(url_template: str) -> None:
-    """Load yt-dlp's extractor for ``url_template`` now: the first extraction in a process
-    otherwise imports it (seconds on a busy machine) while holding an import lock, and the starts
-    the gate spaced out would reach the source together when it is done."""
-    import yt_dlp
-    from yt_dlp.extractor import gen_extractor_classes
-
-    url = url_template.format(id="aaaaaaaaaaa")
-    with yt_dlp.YoutubeDL({"quiet": True, "logger": _QuietLogger()}) as ydl:
-        for ie in gen_extractor_classes():
-            if ie.suitable(url):
-                ydl.get_info_extractor(ie.ie_key())
-                break
-
-
-def is_youtube(url_template: str) -> bool:
-    from urllib.parse import urlsplit
-
-    host = (urlsplit(url_template.replace("{id}", "x")).hostname or "").lower()
-    return host == "youtu.be" or host == "youtube.com" or host.endswith(".youtube.com")
 
 
 def check_ids(item: Item) -> None:
@@ -326,39 +131,13 @@ class DownloadStage(ItemStage[DownloadConfig]):
             indexes[src.label] = index
         self._local = LocalMedia(indexes, cfg, VIDEO_SUFFIXES)
         if self._youtube:  # after the local sources: a bad one stops the run before yt-dlp loads
-            self._setup_youtube()
+            templates = [self._template(s) for s in self._youtube]
+            self._yt = YoutubeFetcher(cfg, templates, self.folder / "limits", self.ctx.tmp_dir)
         (self.ctx.media_dir / "video").mkdir(parents=True, exist_ok=True)
         self.ctx.tmp_dir.mkdir(parents=True, exist_ok=True)
 
-    def _setup_youtube(self) -> None:
-        from stages.tools import ffmpeg
-
-        # The system's ffmpeg, else imageio-ffmpeg's; a missing one stops the run with one line.
-        self._ffmpeg = ffmpeg("by yt-dlp to cut clip sections")
-        if self.cfg.cookies_file is not None and not self.cfg.cookies_file.is_file():
-            raise AbortRun(f"download.cookies_file not found: {self.cfg.cookies_file}")
-        for template in dict.fromkeys(self._template(s) for s in self._youtube):
-            if "{id}" not in template:
-                raise AbortRun(f"download.url_template has no {{id}}: {template!r}")
-            self._check_js_runtime(template)
-            warm_up(template)
-        self._gate = StartGate(self.folder / "limits", GateSettings.of(self.cfg))
-
     def _template(self, src: YoutubeSource) -> str:
         return src.url_template or self.cfg.url_template
-
-    def _check_js_runtime(self, template: str) -> None:
-        cfg = self.cfg
-        required = cfg.require_js_runtime
-        if required is None:
-            required = is_youtube(template)
-        if required and not found_js_runtimes(cfg.js_runtimes):
-            raise AbortRun(
-                f"yt-dlp finds no JavaScript runtime (download.js_runtimes: {', '.join(cfg.js_runtimes)}), "
-                "and YouTube hides formats without one: pip install 'yt-dlp[default]' deno into this "
-                "environment (or set download.js_runtimes to node:/path/to/node), check with `yt-dlp -v` "
-                "(JS runtimes: deno-...), or set download.require_js_runtime=false"
-            )
 
     def process(self, batch: list[Item]) -> list[Result]:
         """Download the batch, ``concurrency`` clips at a time, each start through the gate.
@@ -394,7 +173,7 @@ class DownloadStage(ItemStage[DownloadConfig]):
                     # up at once; downloads in flight end by themselves (each is bounded). An
                     # ordinary exception leaves the gate open: the runner redoes the batch item
                     # by item.
-                    self._gate.cancel()
+                    self._yt.gate.cancel()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
             pool.shutdown(wait=True)
@@ -404,7 +183,7 @@ class DownloadStage(ItemStage[DownloadConfig]):
         return done
 
     def _one(self, item: Item) -> Result:
-        logger = _QuietLogger()
+        logger = QuietLogger()
         try:
             outputs = self.download(item, logger)
         except ItemError as exc:
@@ -414,48 +193,7 @@ class DownloadStage(ItemStage[DownloadConfig]):
         message = with_warnings("; ".join(f"taken after {n}" for n in notes), logger.warnings)
         return Result(item.clip_id, "ok", outputs, "", message)
 
-    def _ydl_options(self, outtmpl: str, start: float, end: float, logger: _QuietLogger) -> dict[str, Any]:
-        from yt_dlp.utils import download_range_func
-
-        cfg = self.cfg
-        h = cfg.max_height
-        opts: dict[str, Any] = {
-            "outtmpl": outtmpl,
-            # The height filter allows unknown heights (direct files); the scale filter below caps them.
-            "format": f"bv*[height<=?{h}]+ba/b[height<=?{h}]/b",
-            "format_sort": [f"res:{h}", "ext:mp4:m4a"],  # h264/aac: a fast exact-cut re-encode
-            "merge_output_format": "mp4",
-            "download_ranges": download_range_func(None, [(start, end)]),
-            "force_keyframes_at_cuts": True,
-            "ffmpeg_location": self._ffmpeg,
-            "external_downloader_args": {
-                "ffmpeg_i": ["-rw_timeout", str(int(cfg.read_timeout_s * 1e6))],
-                "ffmpeg_o": [
-                    *("-preset", cfg.encode_preset, "-vf", f"scale=-2:'min(ih,{h})'"),
-                    *("-force_key_frames", f"expr:gte(t,n_forced*{cfg.keyframe_interval_s:g})"),
-                ],
-            },
-            "js_runtimes": js_runtimes_option(cfg.js_runtimes),
-            "socket_timeout": cfg.socket_timeout_s,
-            "retries": cfg.retries,
-            "fragment_retries": cfg.retries,
-            "extractor_retries": cfg.retries,
-            "noplaylist": True,
-            "quiet": True,
-            "no_warnings": True,
-            "noprogress": True,
-            "logger": logger,
-            "overwrites": True,
-            "continuedl": False,
-            "cachedir": False,
-        }
-        if cfg.proxy:
-            opts["proxy"] = cfg.proxy
-        if cfg.rate_limit:
-            opts["ratelimit"] = cfg.rate_limit
-        return opts
-
-    def download(self, item: Item, logger: _QuietLogger | None = None) -> dict[str, Any]:
+    def download(self, item: Item, logger: QuietLogger | None = None) -> dict[str, Any]:
         """Take one clip from the first source that holds a valid copy (fetch, check, place);
         return its output columns or raise an ItemError."""
         cfg = self.cfg
@@ -481,9 +219,9 @@ class DownloadStage(ItemStage[DownloadConfig]):
                 except ItemError:
                     old.unlink(missing_ok=True)  # invalid: take it again
 
-        return self._take(item, logger or _QuietLogger())
+        return self._take(item, logger or QuietLogger())
 
-    def _take(self, item: Item, logger: _QuietLogger) -> dict[str, Any]:
+    def _take(self, item: Item, logger: QuietLogger) -> dict[str, Any]:
         """The sources in order: the first that gives a valid picture gives the clip; its sound is
         an audio-only source's listed before it, else its own, else a later audio-only source's.
         A source that fails (a corrupt file, a video without sound) is noted and the next tried."""
@@ -586,100 +324,16 @@ class DownloadStage(ItemStage[DownloadConfig]):
         }
 
     def _fetch(
-        self, item: Item, url: str, label: str, logger: _QuietLogger, audio_for: AudioFor | None = None
+        self, item: Item, url: str, label: str, logger: QuietLogger, audio_for: AudioFor | None = None
     ) -> dict[str, Any]:
         """Download the clip's section from ``url`` with yt-dlp, check it and place it."""
-        import yt_dlp
 
-        from stages.tools import ytdlp_use_ffmpeg
+        def place(file: Path, expected_s: float, src_dur: float | None) -> dict[str, Any]:
+            dest = video_path(self.ctx.media_dir, item.clip_id, file.suffix)
+            return self._validate_and_place(file, dest, url, expected_s, src_dur, label, audio_for)
 
-        cfg = self.cfg
-        clip_id = item.clip_id
         start, end = float(item["start_s"]), float(item["end_s"])
-        # yt-dlp writes into the run's flat temp folder (cheap to list and to clean after a
-        # crash); the validated file is then renamed into the media folder.
-        stem = temp_name(clip_id)
-        tmp_dir = self.ctx.tmp_dir
-        opts = self._ydl_options(str(tmp_dir / f"{stem}.%(ext)s"), start, end, logger)
-        ytdlp_use_ffmpeg(self._ffmpeg)  # for the section download too, not only post-processing
-        cookies = None
-        try:
-            if cfg.cookies_file is not None:
-                # yt-dlp writes its cookie jar back on close: give each download a private copy,
-                # so threads never write the user's file (or one another's) at the same time.
-                cookies = _private_copy(cfg.cookies_file)
-                opts["cookiefile"] = str(cookies)
-            with yt_dlp.YoutubeDL(opts) as ydl:
-                # The gate is passed once yt-dlp is set up (seconds, the first time in a process),
-                # so that a granted start is the first request the source sees.
-                ticket = self._gate.acquire()
-                reason: str | None = None
-                try:
-                    with ClipDeadline(stem, cfg.clip_timeout_s) as deadline:
-                        info, media_url = self._transfer(ydl, url, deadline)
-                    files = [p for p in tmp_dir.glob(f"{stem}.*") if p.suffix in VIDEO_SUFFIXES]
-                    if not files or files[0].stat().st_size == 0:
-                        raise TransientError("no_file", "yt-dlp reported success but wrote no file")
-                    src_dur = info.get("duration")
-                    if not src_dur:  # direct files: yt-dlp's generic extractor does not know it
-                        src_dur = probe_source(
-                            media_url, min(cfg.read_timeout_s, max(1.0, deadline.remaining()))
-                        )
-                    expected = min(end - start, max(0.0, float(src_dur) - start)) if src_dur else end - start
-                    dest = video_path(self.ctx.media_dir, clip_id, files[0].suffix)
-                    return self._validate_and_place(files[0], dest, url, expected, src_dur, label, audio_for)
-                except ItemError as exc:
-                    reason = exc.reason
-                    raise
-                finally:
-                    self._gate.report(ticket, reason)
-        finally:
-            for p in tmp_dir.glob(f"{stem}*"):  # yt-dlp's .part/.ytdl leftovers included
-                p.unlink(missing_ok=True)
-            if cookies is not None:
-                cookies.unlink(missing_ok=True)
-
-    def _transfer(self, ydl: Any, url: str, deadline: ClipDeadline) -> tuple[dict[str, Any], str]:
-        """Extract and download with yt-dlp; return its info and the media URL, or raise the
-        classified failure (``slow_transfer`` once past the deadline)."""
-        # Two steps, so that a failed transfer still knows the media URL to probe.
-        try:
-            info = ydl.extract_info(url, download=False)
-        except Exception as exc:
-            raise self._past(deadline) or classify(exc) from exc
-        media_url = self._media_url(info, url)
-        try:
-            info = ydl.process_ie_result(info, download=True)
-        except Exception as exc:
-            err = self._past(deadline) or classify(exc)
-            if err.reason == "download_error" and "ffmpeg exited" in str(exc):
-                # yt-dlp runs ffmpeg quietly; probe the media to learn why it failed.
-                probe_source(media_url, min(self.cfg.read_timeout_s, max(1.0, deadline.remaining())))
-                err = TransientError("ffmpeg_failed", f"{err.message} (the source probes fine)")
-            raise err from exc
-        if past := self._past(deadline):
-            raise past
-        return info, media_url
-
-    def _past(self, deadline: ClipDeadline) -> TransientError | None:
-        """The ``slow_transfer`` failure of a clip that ran past ``clip_timeout_s``, else None."""
-        if not deadline.expired:
-            return None
-        return TransientError(
-            "slow_transfer",
-            f"still transferring after {deadline.elapsed:.0f} s (download.clip_timeout_s = "
-            f"{self.cfg.clip_timeout_s:g}): the source sends too slowly; stopped"
-            + (f" ({deadline.killed} ffmpeg process(es) killed)" if deadline.killed else ""),
-        )
-
-    @staticmethod
-    def _media_url(info: dict[str, Any], url: str) -> str:
-        """The URL of the media itself (the video format's, when video and audio are separate)."""
-        formats = info.get("requested_formats") or [info]
-        for fmt in formats:
-            if isinstance(fmt.get("url"), str) and fmt.get("vcodec") != "none":
-                return str(fmt["url"])
-        return str(info.get("url") or url)
+        return self._yt.fetch(item.clip_id, start, end, url, logger, place)
 
     def _validate_and_place(
         self,
@@ -746,124 +400,3 @@ class DownloadStage(ItemStage[DownloadConfig]):
                 )
         out["notes"] = notes
         return out
-
-
-# What public AudioCaps downloaders reported as no longer downloadable from YouTube (2023-2024),
-# in percent of a split's clips (FACTS.md). A run far above them has a problem of its own.
-PUBLIC_GONE_PCT: dict[str, tuple[float, float]] = {"train": (7.0, 9.0), "test": (3.0, 9.0)}
-# Permanent failures that mean the video cannot be had from the source (what those figures count);
-# the other permanent reasons (no_audio, corrupt_source, too_short ...) are clips gone unusable.
-GONE_REASONS = frozenset(
-    {
-        "private",
-        "removed",
-        "account_terminated",
-        "copyright",
-        "unavailable",
-        "age_restricted",
-        "members_only",
-        "geo_blocked",
-        "http_404",
-        "http_410",
-    }
-)
-# Fewer settled clips than this in a split: no verdict (a few clips say nothing about a rate).
-MIN_SETTLED = 100
-# Points above the public range that count as far off.
-FAR_OFF_POINTS = 3.0
-
-
-def compare_with_public(split: str, ok: int, permanent: dict[str, int], transient: int) -> dict[str, Any]:
-    """How a split's share of gone clips compares with the public figures: ``gone``, ``gone_pct``
-    (of the settled clips: ok or failed for good), ``public_gone_pct``, ``vs_public`` (within,
-    above, far_above, below, too_few, no_public_figure) and a one-line ``note`` when worth saying."""
-    gone = sum(n for reason, n in permanent.items() if reason in GONE_REASONS)
-    settled = ok + sum(permanent.values())
-    pct = round(100.0 * gone / settled, 2) if settled else None
-    public = PUBLIC_GONE_PCT.get(split)
-    out: dict[str, Any] = {"gone": gone, "gone_pct": pct, "public_gone_pct": list(public) if public else None}
-    if public is None:
-        out["vs_public"] = "no_public_figure"
-    elif settled < MIN_SETTLED or pct is None:
-        out["vs_public"] = "too_few"
-    else:
-        lo, hi = public
-        if pct > hi:
-            out["vs_public"] = "far_above" if pct > hi + FAR_OFF_POINTS else "above"
-        else:
-            out["vs_public"] = "below" if pct < lo else "within"
-    figure = f"public downloaders: {public[0]:g}-{public[1]:g}%" if public else "no public figure"
-    head = f"{split}: {pct}% of {settled} settled clips gone from the source ({figure})"
-    if out["vs_public"] == "far_above":
-        out["note"] = (
-            f"{head}: far above; a broken extractor or a throttled address looks like missing videos: "
-            "check the reasons, `yt-dlp -v` (JS runtime), cookies, and retry with --retry-failed"
-        )
-    elif out["vs_public"] in ("within", "above", "below"):
-        out["note"] = f"{head}: {out['vs_public'].replace('_', ' ')}"
-    if transient and settled and transient > 0.05 * (settled + transient):
-        extra = f"{split}: {transient} clips still failing transiently (rate limits? rerun later)"
-        out["note"] = f"{out['note']}; {extra}" if out.get("note") else extra
-    return out
-
-
-def availability_report(stage: ItemStage, state: pd.DataFrame) -> dict[str, Any]:
-    try:
-        eligible = eligible_frame(stage, stage.ctx, ["split"])
-    except AbortRun:
-        return {}
-    report: dict[str, Any] = {}
-    splits = eligible["split"] if "split" in eligible.columns else None
-    groups = eligible.groupby(splits) if splits is not None else [("all", eligible)]
-    for split, group in groups:
-        cur = state.reindex(group.index)
-        status = cur["status"].astype(object).fillna("pending")
-        n = len(group)
-        ok = int((status == "ok").sum())
-        perm = cur[status == "failed_permanent"]["reason"].value_counts().sort_index()
-        trans = cur[status == "failed_transient"]["reason"].value_counts().sort_index()
-        permanent = {str(k): int(v) for k, v in perm.items()}
-        transient = {str(k): int(v) for k, v in trans.items()}
-        report[str(split)] = {
-            "clips": n,
-            "downloaded": ok,
-            "available_pct": round(100.0 * ok / n, 2) if n else None,
-            "permanent": permanent,
-            "transient": transient,
-            "pending": int((status == "pending").sum()),
-            **compare_with_public(str(split), ok, permanent, sum(transient.values())),
-            **source_counts(cur[status == "ok"]),
-        }
-    return {"availability": report}
-
-
-def source_counts(ok: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """Clips per source of their picture (``sources``) and of their sound (``audio_sources``).
-    Rows from before sources existed name none: they came from YouTube (they have a URL)."""
-    if ok.empty:
-        return {"sources": {}, "audio_sources": {}}
-    fallback = ok["source_url"].astype(object).where(ok["source_url"].isna(), "youtube:youtube")
-    fallback = fallback.fillna("unknown")
-    out = {}
-    for key, col in (("sources", "video_source"), ("audio_sources", "audio_source")):
-        values = ok[col].astype(object) if col in ok.columns else fallback
-        values = values.where(values.notna(), fallback)
-        out[key] = {str(k): int(v) for k, v in values.value_counts().sort_index().items()}
-    return out
-
-
-def sources_note(availability: dict[str, Any]) -> str | None:
-    """One status line: clips per source over every split (said when a local source gave any)."""
-    total: dict[str, int] = {}
-    sound: dict[str, int] = {}
-    for split in availability.values():
-        for name, n in split.get("sources", {}).items():
-            total[name] = total.get(name, 0) + n
-        for name, n in split.get("audio_sources", {}).items():
-            sound[name] = sound.get(name, 0) + n
-    if not total or (set(total) == {"youtube:youtube"} and set(sound) <= {"youtube:youtube"}):
-        return None
-    line = "clips per source: " + ", ".join(f"{k} {v}" for k, v in sorted(total.items()))
-    if sound != total:
-        line += "; sound: " + ", ".join(f"{k} {v}" for k, v in sorted(sound.items()))
-    return line

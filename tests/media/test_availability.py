@@ -10,7 +10,8 @@ from pipeline.cli import load_context
 from pipeline.runner import run_stage
 from pipeline.stage import RunOptions
 from pipeline.status import format_table, run_status
-from stages.download.stage import DownloadStage, compare_with_public
+from stages.download.availability import compare_with_public
+from stages.download.stage import DownloadStage
 from stages.manifest import ManifestStage
 from standins.media import MediaServer
 from standins.run_history import Failure, clip_history, commit_histories

@@ -12,7 +12,8 @@ import pytest
 from pipeline.errors import AbortRun
 from pipeline.stage import RunContext
 from stages.config import RunConfig
-from stages.download.stage import DownloadStage, found_js_runtimes
+from stages.download.stage import DownloadStage
+from stages.download.youtube import found_js_runtimes
 
 LOCAL = "http://127.0.0.1:9/{id}.mp4"
 

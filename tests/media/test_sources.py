@@ -469,7 +469,9 @@ def test_two_shards_at_once_index_once(tmp_path: Path) -> None:
     assert [c for c, _ in results] == [0, 0], results
     state = stage_ledger(DownloadStage, tmp_path / "run").latest()
     assert len(state) == 8 and (state["status"] == "ok").all()
-    logs = "".join(p.read_text() for p in (tmp_path / "run" / "runs").glob("*-01-download.log"))
+    # Both logs: two runs started in the same second name theirs <stamp>-01-download.log and
+    # <stamp>-01-download-<pid>.log (pipeline.runner._claim).
+    logs = "".join(p.read_text() for p in (tmp_path / "run" / "runs").glob("*-01-download*.log"))
     assert logs.count("indexed 8 name(s)") == 1, logs
 
 
