@@ -130,6 +130,7 @@ class DownloadStage(ItemStage[DownloadConfig]):
                 )
             indexes[src.label] = index
         self._local = LocalMedia(indexes, cfg, VIDEO_SUFFIXES)
+        self._yt: YoutubeFetcher | None = None
         if self._youtube:  # after the local sources: a bad one stops the run before yt-dlp loads
             templates = [self._template(s) for s in self._youtube]
             self._yt = YoutubeFetcher(cfg, templates, self.folder / "limits", self.ctx.tmp_dir)
@@ -168,11 +169,11 @@ class DownloadStage(ItemStage[DownloadConfig]):
             try:
                 out = [f.result() for f in futures]
             except BaseException as exc:
-                if not isinstance(exc, Exception):
+                if not isinstance(exc, Exception) and self._yt is not None:
                     # Ctrl-C / SIGTERM: clips waiting for a start (possibly a long cool-down) give
                     # up at once; downloads in flight end by themselves (each is bounded). An
                     # ordinary exception leaves the gate open: the runner redoes the batch item
-                    # by item.
+                    # by item. Local sources alone have no gate.
                     self._yt.gate.cancel()
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise

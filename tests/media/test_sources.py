@@ -507,3 +507,34 @@ def test_a_full_length_cut_matches_the_exact_cut_of_youtube_path(
     assert keyframe_times(lwd / lrow["video_path"]) == keyframe_times(ywd / yrow["video_path"])
     check_levels(lwd, lkf, 3)
     check_levels(ywd, ykf, 3)
+
+
+def test_ctrl_c_during_a_threaded_batch_of_local_clips(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C (or SIGTERM) while clips of local sources are cut in threads ends the batch with the
+    interrupt itself; with no YouTube source there is no start gate to open (it was an
+    AttributeError that replaced the interrupt)."""
+    from pipeline.stage import Item
+
+    lab = tmp_path / "lab"
+    for yt in ("ctrlcclip01", "ctrlcclip02"):
+        make_clip(lab / f"Y{yt}", 13)
+    sources = [{"kind": "folder", "path": str(lab), "pattern": "Y{youtube_id}.mp4"}]
+    ctx = run(
+        write_run(tmp_path, [("ctrlcclip01", 1), ("ctrlcclip02", 1)], sources, concurrency=2), ManifestStage
+    )
+    stage = DownloadStage(ctx)
+    stage.setup()
+    take = DownloadStage._one
+
+    def interrupted(self: DownloadStage, item: Item) -> Any:
+        if item.clip_id.startswith("ctrlcclip02"):
+            raise KeyboardInterrupt
+        return take(self, item)
+
+    monkeypatch.setattr(DownloadStage, "_one", interrupted)
+    clips = stage_ledger(ManifestStage(ctx)).latest()
+    batch = [Item(c, dict(row)) for c, row in clips.iterrows()]
+    with pytest.raises(KeyboardInterrupt):
+        stage.process(batch)
