@@ -168,7 +168,8 @@ def perturb(
     elif export_dir is not None:
         sources = read_export_sources(export_dir, out / "sources", split, config_name)
     else:
-        sources = read_manifest_sources(manifest)  # type: ignore[arg-type]
+        assert manifest is not None  # exactly one of the three was given
+        sources = read_manifest_sources(manifest)
     summary = run_perturb(sources, out, seed=seed, noise_std=noise_std, conditions=conditions or CONDITIONS)
     click.echo(f"{summary['clips']} clips x {len(summary['conditions'])} conditions -> {out}")
     for cid, why in summary["skipped"].items():

@@ -143,8 +143,9 @@ def score_tokenized(
         unavailable = {"SPICE": reason, "SPIDEr": "needs SPICE"}
     else:
         try:
-            values["SPICE"] = float(spice.score(gts, res))
-            values["SPIDEr"] = (values["CIDEr-D"] + values["SPICE"]) / 2  # type: ignore[operator]
+            spice_value = float(spice.score(gts, res))
+            values["SPICE"] = spice_value
+            values["SPIDEr"] = (float(cider) + spice_value) / 2
         except RuntimeError as exc:
             unavailable = {"SPICE": f"SPICE failed: {exc}", "SPIDEr": "needs SPICE (failed)"}
     return Scores(values, unavailable)

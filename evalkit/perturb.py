@@ -286,9 +286,11 @@ def perturb(
     ids = sorted(probes)
     if not ids:
         raise AbortRun(f"no readable clip among {len(sources)}: e.g. {next(iter(skipped.values()), '')}")
+    # Only the shuffled conditions asked for get a derangement.
     shuffles = {
-        "visual_shuffled": derangement(len(ids), [seed, 10]) if "visual_shuffled" in conditions else None,
-        "audio_shuffled": derangement(len(ids), [seed, 11]) if "audio_shuffled" in conditions else None,
+        cond: derangement(len(ids), [seed, salt])
+        for cond, salt in (("visual_shuffled", 10), ("audio_shuffled", 11))
+        if cond in conditions
     }
     for cond in conditions:
         rows = []
@@ -306,10 +308,10 @@ def perturb(
                 _write_wav(audio, _audio_for(cond, info, seed, noise_std, cid), info.samplerate)
                 audio_source = cond.removeprefix("audio_")
             elif cond == "visual_shuffled":
-                image_source = ids[shuffles[cond][i]]  # type: ignore[index]
+                image_source = ids[shuffles[cond][i]]
                 image = sources[image_source].image.resolve()
             elif cond == "audio_shuffled":
-                audio_source = ids[shuffles[cond][i]]  # type: ignore[index]
+                audio_source = ids[shuffles[cond][i]]
                 audio = sources[audio_source].audio.resolve()
             rows.append([cid, str(image), str(audio), image_source, audio_source])
         buf = io.StringIO()

@@ -115,7 +115,7 @@ def load_context(config_path: Path | None, workdir: Path | None, overrides: tupl
     if workdir is not None:
         extra.append(f"workdir={workdir}")
     cfg = load_config(config_model(), config_path, extra)
-    return RunContext(workdir=Path(cfg.workdir), config=cfg)  # type: ignore[attr-defined]
+    return RunContext(workdir=Path(cfg.workdir), config=cfg)
 
 
 class AvcapsGroup(click.Group):

@@ -27,6 +27,13 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+class RunConfigBase(StrictModel):
+    """What the engine needs of any application's run config (its ``CONFIG_MODEL`` subclasses
+    this): where the run folder is. The sections are the application's."""
+
+    workdir: Path = Field(Path("runs/run"), description="Run folder: ledgers, media, export.")
+
+
 class StageConfig(StrictModel):
     """Settings every item stage has; stage sections subclass this."""
 

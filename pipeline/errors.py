@@ -21,7 +21,7 @@ anywhere in its chain: :mod:`pipeline.machine`): then it stops the run as :class
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 
 class PipelineError(Exception):
@@ -66,7 +66,7 @@ class RunHalted(AbortRun):
 class ItemError(PipelineError):
     """An error that fails one item. ``reason`` is a short machine-readable class."""
 
-    status: str = "failed_permanent"
+    status: Literal["failed_permanent", "failed_transient"] = "failed_permanent"
 
     def __init__(self, reason: str, message: str = "") -> None:
         super().__init__(f"{reason}: {message}" if message else reason)

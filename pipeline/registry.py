@@ -12,11 +12,10 @@ import os
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config import RunConfigBase
 from pipeline.errors import AbortRun
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel
-
     from pipeline.stage import Stage
 
 
@@ -34,8 +33,11 @@ def stage_classes() -> list[type[Stage]]:
     return sorted(classes, key=lambda c: c.number)
 
 
-def config_model() -> type[BaseModel]:
-    return load_object(app().CONFIG_MODEL)
+def config_model() -> type[RunConfigBase]:
+    model = load_object(app().CONFIG_MODEL)
+    if not (isinstance(model, type) and issubclass(model, RunConfigBase)):
+        raise AbortRun(f"{app().CONFIG_MODEL} is not a run config (subclass pipeline.config.RunConfigBase)")
+    return model
 
 
 def find_stage(key: str | int) -> type[Stage]:

@@ -159,7 +159,9 @@ def expected_table(cls: type[Stage], ctx: RunContext) -> pa.Table:
     import pyarrow as pa
 
     stage = cls(ctx)
-    eligible = eligible_table(stage, ctx, current_only=False)  # type: ignore[arg-type]
+    if not isinstance(stage, ItemStage):
+        raise TypeError(f"expected_table: {cls.dirname()} is not an item stage")
+    eligible = eligible_table(stage, ctx, current_only=False)
     return pa.table({"clip_id": eligible["clip_id"], "expected": expected_fingerprints(stage, eligible)})
 
 

@@ -77,7 +77,7 @@ class Result:
 
     @classmethod
     def failed(cls, clip_id: str, error: ItemError, **outputs: Any) -> Result:
-        return cls(clip_id, error.status, outputs, error.reason, error.message)  # type: ignore[arg-type]
+        return cls(clip_id, error.status, outputs, error.reason, error.message)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from pipeline.config import StrictModel
+from pipeline.config import RunConfigBase
 from stages.caption.config import CaptionConfig
 from stages.download.stage import DownloadConfig
 from stages.export.config import ExportConfig
@@ -17,7 +17,7 @@ from stages.publish import PublishConfig
 from stages.review.connection import ReviewConfig
 
 
-class RunConfig(StrictModel):
+class RunConfig(RunConfigBase):
     workdir: Path = Field(Path("runs/audiocaps"), description="Run folder: ledgers, media, export.")
     manifest: ManifestConfig = ManifestConfig()
     download: DownloadConfig = DownloadConfig()

@@ -291,7 +291,8 @@ class CaptionStage(ItemStage[CaptionConfig]):
                 out.append(Result.failed(r.clip_id, err, **r.outputs))
                 continue
             caps = r.outputs["frame_captions"]
-            scores = [cosine(e, texts[c]) for e, c in zip(embs, caps, strict=True)]  # type: ignore[arg-type]
+            vectors = [e for e in embs if not isinstance(e, ScoreError)]  # every one, checked above
+            scores = [cosine(e, texts[c]) for e, c in zip(vectors, caps, strict=True)]
             out.append(
                 Result.ok(r.clip_id, **r.outputs, **{VISUAL_CLIP: scores, "clip_model": self.scorer.ident})
             )

@@ -8,10 +8,26 @@ from __future__ import annotations
 
 import io
 import time
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PermanentError, TransientError
+
+if TYPE_CHECKING:
+    import av.container
+
+
+def open_media(media: Path | bytes) -> av.container.InputContainer:
+    """PyAV's container for reading a file or media bytes held in memory."""
+    import av
+
+    return av.open(io.BytesIO(media) if isinstance(media, bytes) else str(media), "r")
+
+
+def seconds(pts: int | None, time_base: Fraction | None) -> float:
+    """A timestamp in seconds (0 when the stream gives none: no start time, no time base)."""
+    return float(pts * time_base) if pts is not None and time_base is not None else 0.0
 
 
 def decode_media(path: Path | bytes, name: str | None = None) -> dict[str, Any]:
@@ -24,12 +40,12 @@ def decode_media(path: Path | bytes, name: str | None = None) -> dict[str, Any]:
 
     name = name or (path.name if isinstance(path, Path) else "media")
     found: dict[str, Any] = {"video_end_s": 0.0, "audio_end_s": 0.0, "has_audio": False}
-    with av.open(io.BytesIO(path) if isinstance(path, bytes) else str(path)) as container:
+    with open_media(path) as container:
         if not container.streams.video:
             raise PermanentError("no_video", f"{name}: no video stream")
         vs = container.streams.video[0]
         found.update(width=vs.codec_context.width, height=vs.codec_context.height)
-        streams = [vs]
+        streams: list[Any] = [vs]
         if container.streams.audio:
             found["has_audio"] = True
             streams.append(container.streams.audio[0])
@@ -37,15 +53,14 @@ def decode_media(path: Path | bytes, name: str | None = None) -> dict[str, Any]:
         for frame in container.decode(*streams):
             if frame.pts is None:
                 continue
-            start = float(frame.pts * frame.time_base)
+            start = seconds(frame.pts, frame.time_base)
             if isinstance(frame, av.AudioFrame):
                 found["audio_end_s"] = max(found["audio_end_s"], start + frame.samples / frame.sample_rate)
             else:
                 n_video += 1
                 rate = float(vs.average_rate or 25)
                 found["video_end_s"] = max(found["video_end_s"], start + 1.0 / rate)
-        first = float(vs.start_time * vs.time_base) if vs.start_time is not None else 0.0
-        found["video_end_s"] -= first
+        found["video_end_s"] -= seconds(vs.start_time, vs.time_base)
         found["frames"] = n_video
     if n_video == 0:
         raise PermanentError("corrupt_download", f"{name}: no decodable video frame")
@@ -55,26 +70,22 @@ def decode_media(path: Path | bytes, name: str | None = None) -> dict[str, Any]:
 def decode_audio(media: Path | bytes, name: str) -> dict[str, Any]:
     """Decode every sample of the first audio stream of ``media`` (an audio-only source's file:
     wav, flac, m4a...); ``audio_end_s`` is where its sound ends. A file without audio raises."""
-    import av
-
     end = 0.0
-    with av.open(io.BytesIO(media) if isinstance(media, bytes) else str(media)) as container:
+    with open_media(media) as container:
         if not container.streams.audio:
             raise PermanentError("no_audio", f"{name}: no audio stream")
         stream = container.streams.audio[0]
-        first = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        first = seconds(stream.start_time, stream.time_base)
         for frame in container.decode(stream):
             if frame.pts is not None:
-                end = max(end, float(frame.pts * frame.time_base) + frame.samples / frame.sample_rate)
+                end = max(end, seconds(frame.pts, frame.time_base) + frame.samples / frame.sample_rate)
     return {"audio_end_s": end - first, "has_audio": True}
 
 
 def media_duration(media: Path | bytes) -> tuple[float | None, bool, bool]:
     """A container's duration (s, None when unknown) and whether it has video and audio streams,
     from its header (a full-length source is not decoded whole: the cut decodes what it needs)."""
-    import av
-
-    with av.open(io.BytesIO(media) if isinstance(media, bytes) else str(media)) as c:
+    with open_media(media) as c:
         duration = float(c.duration / 1e6) if c.duration else None
         return duration, bool(c.streams.video), bool(c.streams.audio)
 

@@ -46,6 +46,7 @@ Streams = Literal["both", "video", "audio"]
 
 
 class _Source(StrictModel):
+    kind: str  # each kind's model narrows it to its Literal (the union's discriminator)
     name: str | None = Field(
         None,
         description="A short name for the ledger, status and card (letters, digits, . _ -); default: "
@@ -63,7 +64,7 @@ class _Source(StrictModel):
     @property
     def label(self) -> str:
         """``kind:name``, as the ledger's ``video_source``/``audio_source`` and status write it."""
-        return f"{self.kind}:{self.name or self.default_name()}"  # type: ignore[attr-defined]
+        return f"{self.kind}:{self.name or self.default_name()}"
 
 
 class FolderSource(_Source):

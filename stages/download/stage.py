@@ -303,9 +303,7 @@ class DownloadStage(ItemStage[DownloadConfig]):
     def _outputs(
         self, dest: Path, info: dict[str, Any], video: Taken, audio: Taken | None, src_dur: float | None
     ) -> dict[str, Any]:
-        sound = audio if audio is not None else video
-        if not info.get("has_audio"):
-            sound = None
+        sound: Taken | None = (audio if audio is not None else video) if info.get("has_audio") else None
         digest = video.digest() if video.url is None else None
         return {
             "video_path": dest.relative_to(self.ctx.workdir).as_posix(),
@@ -334,6 +332,7 @@ class DownloadStage(ItemStage[DownloadConfig]):
             return self._validate_and_place(file, dest, url, expected_s, src_dur, label, audio_for)
 
         start, end = float(item["start_s"]), float(item["end_s"])
+        assert self._yt is not None  # set up with the youtube source this is called for
         return self._yt.fetch(item.clip_id, start, end, url, logger, place)
 
     def _validate_and_place(

@@ -75,7 +75,7 @@ class Backend(Protocol):
 PREFLIGHT_MESSAGES = [{"role": "user", "content": "Say OK."}]
 
 
-def one_line(text: str, limit: int = 300) -> str:
+def one_line(text: object, limit: int = 300) -> str:
     """A server's message folded onto one line and cut, for a one-line error."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -392,7 +392,8 @@ class TransformersBackend:
         try:
             self.tok = AutoTokenizer.from_pretrained(cfg.model, padding_side="left")
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-            self.lm = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+            model: Any = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype)
+            self.lm = model.to(device).eval()
         except (OSError, ValueError, RuntimeError) as exc:  # missing files, bad config, device
             raise AbortRun(
                 f"merge.model {cfg.model!r} (transformers backend, {device}) cannot be loaded: "
@@ -406,10 +407,15 @@ class TransformersBackend:
         self.eos_ids.add(self.tok.eos_token_id)
 
     def _prompt(self, req: ChatRequest) -> str:
-        kwargs = {"reasoning_effort": self.cfg.reasoning_effort} if self.cfg.reasoning_effort else {}
-        return self.tok.apply_chat_template(
+        # reasoning_effort reaches gpt-oss's chat template as a template variable.
+        kwargs: dict[str, Any] = (
+            {"reasoning_effort": self.cfg.reasoning_effort} if self.cfg.reasoning_effort else {}
+        )
+        text = self.tok.apply_chat_template(
             req.messages, add_generation_prompt=True, tokenize=False, **kwargs
         )
+        assert isinstance(text, str)  # tokenize=False: the prompt as text
+        return text
 
     def request_text(self, req: ChatRequest) -> str:
         return f"{self.model} generate(max_new_tokens={req.max_tokens or self.cfg.max_new_tokens})\n" + (
@@ -455,9 +461,10 @@ class TransformersBackend:
                 # As vLLM reports it: "stop" at an end token, "length" when the budget ran out.
                 stopped = any(int(t) in self.eos_ids for t in new)
                 finish = "stop" if stopped else ("length" if n_new >= max_tokens else "stop")
-                text = harmony_final(self.tok.decode(new, skip_special_tokens=False))
+                raw = str(self.tok.decode(new, skip_special_tokens=False))
+                text = harmony_final(raw)
                 if text is None:
-                    text = self.tok.decode(new, skip_special_tokens=True)
+                    text = str(self.tok.decode(new, skip_special_tokens=True))
                 out[i] = Answer(text, int(enc["attention_mask"][row].sum()), n_new, finish)
         return out
 

@@ -40,6 +40,11 @@ class Job:
     clap: float | None = None  # CLAP score of the kept answer
     score_tries: int = 1  # answers the CLAP rule asked for (the first included)
 
+    @property
+    def caption(self) -> str | None:
+        """The kept answer's caption, once it passed the gate (else None)."""
+        return self.verdict.caption if self.verdict and self.verdict.ok else None
+
 
 def jobs_for(idx: int, item: Item, prompt: Prompt, cfg: MergeConfig) -> list[Job]:
     """The merges of the batch's clip ``idx``, or a ``bad_input`` failure when its captions are

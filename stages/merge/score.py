@@ -125,9 +125,11 @@ class MergeScoring:
             for j in jobs
             if j.verdict and j.verdict.ok and j.error is None and isinstance(media[j.clip], tuple)
         ]
-        first = self.clap.text_embeds(j.verdict.caption for j in answered)  # type: ignore[union-attr]
+        first = self.clap.text_embeds(j.caption or "" for j in answered)
         for j in answered:
-            j.clap = cosine(media[j.clip][0], first[j.verdict.caption])  # type: ignore[index,union-attr]
+            pair = media[j.clip]
+            assert not isinstance(pair, ScoreError)  # `answered` holds clips with media only
+            j.clap = cosine(pair[0], first[j.caption or ""])
             j.tries[-1]["clap_score"] = j.clap
         if self.cfg.min_clap_percentile is not None:
             self.keep_best(answered, media, backend, gate)
@@ -153,8 +155,12 @@ class MergeScoring:
         image_emb = self.clip.image_embeds(image.values())
         for i in audio:
             a, v = audio_emb[audio[i]], image_emb[image[i]]
-            bad = a if isinstance(a, ScoreError) else v if isinstance(v, ScoreError) else None
-            out[i] = bad or (a, v)  # type: ignore[assignment]
+            if isinstance(a, ScoreError):
+                out[i] = a
+            elif isinstance(v, ScoreError):
+                out[i] = v
+            else:
+                out[i] = (a, v)
         return out
 
     def _columns(
@@ -163,7 +169,7 @@ class MergeScoring:
         """The score columns of each clip's kept merges and of its source captions."""
         texts: list[str] = []
         for jobs in by_clip.values():
-            texts += [j.verdict.caption for j in jobs if j.verdict and j.verdict.ok]
+            texts += [c for j in jobs if (c := j.caption) is not None]
             texts += [*batch[jobs[0].clip].data["audio_captions"], batch[jobs[0].clip].data["visual_caption"]]
         clap_t, clip_t = self.clap.text_embeds(texts), self.clip.text_embeds(texts)
         models = json.dumps({"clap": self.clap.ident, "clip": self.clip.ident})
@@ -210,13 +216,18 @@ class MergeScoring:
 
         cfg = self.cfg
         assert cfg.min_clap_percentile is not None
-        pop = np.sort(np.asarray(self.population + [j.clap for j in answered], dtype="float64"))
+        threshold = cfg.min_clap_percentile
+        pop = np.sort(
+            np.asarray(self.population + [j.clap for j in answered if j.clap is not None], dtype="float64")
+        )
         if len(pop) < cfg.score_min_population:
             return
 
         def low(j: Job) -> bool:
+            if j.clap is None:
+                return False
             rank = 100.0 * np.searchsorted(pop, j.clap, side="right") / len(pop)
-            return bool(rank < cfg.min_clap_percentile)
+            return bool(rank < threshold)
 
         todo = [j for j in answered if low(j)]
         while todo := [j for j in todo if j.score_tries < cfg.max_score_tries and low(j)]:
@@ -236,9 +247,9 @@ class MergeScoring:
                 j.tries.append({**sent, **v.as_dict(), "raw": ans.text[:RAW_KEEP]})
                 if v.ok:
                     passed.append((j, v, ans.text))
-            emb = self.clap.text_embeds(v.caption for _, v, _ in passed)
+            emb = self.clap.text_embeds(v.caption or "" for _, v, _ in passed)
             for j, v, text in passed:
-                score = cosine(media[j.clip][0], emb[v.caption])
+                score = cosine(media[j.clip][0], emb[v.caption or ""])
                 j.tries[-1]["clap_score"] = score
                 if j.clap is None or score > j.clap:
                     j.clap, j.verdict, j.raw = score, v, text

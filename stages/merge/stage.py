@@ -66,7 +66,14 @@ class MergeStage(ItemStage[MergeConfig]):
         # What decides the merged text: the model and how it is asked (prompt, decoding) and what
         # the gate lets through; not where it is served from, how many requests fly, or timeouts.
         cfg = self.cfg
-        keys = ("mode", "backend", "model", "reasoning_effort", "structured_output", "max_new_tokens")
+        keys: tuple[str, ...] = (
+            "mode",
+            "backend",
+            "model",
+            "reasoning_effort",
+            "structured_output",
+            "max_new_tokens",
+        )
         keys += (
             "retry_max_new_tokens",
             "temperature",

@@ -14,7 +14,7 @@ import pyarrow as pa
 from pydantic import Field
 from toyapp import ToySection
 
-from pipeline.config import StageConfig, StrictModel
+from pipeline.config import RunConfigBase, StageConfig
 from pipeline.errors import PermanentError
 from pipeline.stage import Item, ItemStage, Result
 from stages.manifest import ManifestConfig
@@ -30,7 +30,7 @@ class EchoSection(StageConfig):
     fail: Path | None = Field(None, description="JSON list of clip ids that fail for good.")
 
 
-class FpConfig(StrictModel):
+class FpConfig(RunConfigBase):
     workdir: Path = Path("runs/fp")
     manifest: ManifestConfig = ManifestConfig()
     toy: ToySection = ToySection()

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.config import StageConfig, StrictModel
+from pipeline.config import RunConfigBase, StageConfig
 from pipeline.errors import AbortRun, PermanentError, RunThrottled, TransientError
 from pipeline.io import atomic_write_text, temp_name
 from pipeline.stage import Item, ItemStage, Result
@@ -48,7 +48,7 @@ class ToySection(StageConfig):
     )
 
 
-class ToyConfig(StrictModel):
+class ToyConfig(RunConfigBase):
     workdir: Path = Path("runs/toy")
     manifest: ManifestConfig = ManifestConfig()
     toy: ToySection = ToySection()
