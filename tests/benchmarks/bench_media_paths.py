@@ -3,7 +3,7 @@
 Before, each clip looked for a file left by a killed run with ``media/video/<clip_id>.*`` (a
 glob: it lists the whole flat folder), so the cost grew with the number of clips already
 downloaded and a full run was quadratic. Now clips live at ``media/video/<2 hex>/<clip_id>.<ext>``
-and the lookup is a few ``stat`` calls (:func:`stages.download.stage.existing_videos`, the stage's own
+and the lookup is a few ``stat`` calls (:func:`stages.download.layout.existing_videos`, the stage's own
 function), whatever the folder holds.
 
 For each size in ``BENCH_MEDIA_SIZES`` (default 0, 2000, 20000, 51308: AudioCaps), the same number
@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from stages.download.stage import existing_videos, video_path  # noqa: E402
+from stages.download.layout import existing_videos, video_path  # noqa: E402
 
 SIZES = [int(x) for x in os.environ.get("BENCH_MEDIA_SIZES", "0,2000,20000,51308").split(",")]
 LOOKUPS = int(os.environ.get("BENCH_MEDIA_LOOKUPS", "200"))
