@@ -7,17 +7,8 @@ from typing import Any
 
 from pipeline.errors import AbortRun
 from pipeline.stage import Stage
-from stages.export.tables import (
-    ACCEPTED,
-    CAPTION,
-    DOWNLOAD,
-    KEYFRAMES,
-    MERGE,
-    REVIEW,
-    VERDICTS,
-    RunTables,
-    current_reviews,
-)
+from stages.export.tables import CAPTION, DOWNLOAD, KEYFRAMES, MERGE, REVIEW, RunTables
+from stages.review.policy import KEEP, VERDICTS
 
 HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 UNREVIEWED = "unreviewed"
@@ -45,15 +36,16 @@ def plan_export(tables: RunTables, allow_unreviewed: bool, include_stale: bool =
     A stage that has not answered for an item it should have raises :class:`AbortRun` naming the
     stage and the count; failed items are excluded and counted by reason (the card reports them).
     A clip whose row in a stage it goes through is stale (made with other settings or from other
-    upstream rows) stops the export the same way, unless ``include_stale`` (it is then flagged). A
-    review made on an earlier merge of its clip is no review of the current one.
+    upstream rows) stops the export the same way, unless ``include_stale`` (it is then flagged). The
+    reviews are the current ones (``tables.reviews``): a review made on an earlier merge of its clip
+    is no review of the current one.
     """
     clips = tables.clips
     problems: list[str] = []
     plan = Plan()
     splits = [s for s in HF_SPLITS if s in set(clips["split"])]
     merged = tables.ok_ids(MERGE)
-    reviewed = current_reviews(tables)
+    reviewed = tables.verdicts()
     for split in splits:
         ids = set(clips.index[clips["split"] == split])
         avail: dict[str, Any] = {"clips": len(ids)}
@@ -106,7 +98,7 @@ def plan_export(tables: RunTables, allow_unreviewed: bool, include_stale: bool =
             if split == "test":
                 plan.review = counts
             avail["review"] = counts
-            keep = {c for c, v in verdicts.items() if v in ACCEPTED or (v == UNREVIEWED and allow_unreviewed)}
+            keep = {c for c, v in verdicts.items() if v in KEEP or (v == UNREVIEWED and allow_unreviewed)}
             current = keep
         avail["exported"] = len(current)
         plan.availability[split] = avail
