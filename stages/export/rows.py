@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.selection import to_python
@@ -11,13 +13,23 @@ from pipeline.text import squash_spaces
 from stages.caption.stage import pick_frame
 from stages.export.config import ExportConfig
 from stages.export.plan import UNREVIEWED, Plan
-from stages.export.scores import DROPPED, raw_scores, score_fields
+from stages.export.scores import DROPPED, add_percentiles, apply_visual_filter, raw_scores, score_fields
 from stages.export.tables import CAPTION, DOWNLOAD, KEYFRAMES, MERGE, RunTables
-from stages.export.variants import build_variant
+from stages.export.variants import build_variant, proper_nouns_from
 from stages.keyframes import middle_index
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+
+@dataclass
+class ExportRows:
+    """The rows of an export (:func:`export_rows`)."""
+
+    by_variant: dict[str, dict[str, list[dict[str, Any]]]]  # config -> split -> rows, clip_id order
+    exported: list[dict[str, Any]]  # every exported clip once: its base row, with percentiles
+    visual_filter: dict[str, dict[str, int]]  # split -> visual captions dropped (apply_visual_filter)
+    excluded: dict[str, str]  # clip_id -> why it was left out after planning (media missing)
 
 
 def row_schema(embed_media: bool) -> pa.Schema:
@@ -190,3 +202,50 @@ def build_rows(
             rows.append(row)
         out[split] = rows
     return out
+
+
+MEDIA_COLUMNS = (("image", "frame_path"), ("audio", "audio_path"))
+
+
+def drop_missing_media(
+    plan: Plan, bases: dict[str, dict[str, Any]], workdir: Path, excluded: dict[str, str]
+) -> None:
+    """Embedding media: a clip whose keyframe or audio file is gone is excluded, named, counted."""
+    for split, ids in plan.ids.items():
+        kept = []
+        for cid in ids:
+            missing = [
+                key
+                for _, key in MEDIA_COLUMNS
+                if not bases[cid][key] or not (workdir / bases[cid][key]).is_file()
+            ]
+            if missing:
+                excluded[cid] = "media missing: " + ", ".join(
+                    f"{key}={bases[cid][key] or '(none in the ledger)'}" for key in missing
+                )
+            else:
+                kept.append(cid)
+        plan.availability[split]["media_missing"] = len(ids) - len(kept)
+        plan.availability[split]["exported"] = len(kept)
+        plan.ids[split] = kept
+
+
+def export_rows(
+    tables: RunTables, plan: Plan, cfg: ExportConfig, caption_frame: str | int, workdir: Path
+) -> ExportRows:
+    """The rows of every config. With ``export.embed_media``, a planned clip whose media is gone is
+    left out first (:func:`drop_missing_media`); percentiles are then taken over every exported
+    clip (each once), before the visual-caption filter that the variants read."""
+    proper: frozenset[str] = frozenset()
+    if cfg.proper_nouns_from_corpus:
+        proper = proper_nouns_from(c for caps in tables.clips["audio_captions"] for c in to_python(caps))
+    bases = {cid: base_row(tables, cid, caption_frame) for ids in plan.ids.values() for cid in ids}
+    excluded: dict[str, str] = {}
+    if cfg.embed_media:
+        drop_missing_media(plan, bases, workdir, excluded)
+    exported = [bases[cid] for ids in plan.ids.values() for cid in ids]
+    add_percentiles(exported)
+    variant_splits = set(plan.ids) - set(plan.merged_splits)
+    visual_filter = apply_visual_filter(exported, variant_splits, cfg.min_visual_clip_percentile)
+    by_variant = {v: build_rows(tables, plan, v, cfg, proper, bases) for v in cfg.variants}
+    return ExportRows(by_variant, exported, visual_filter, excluded)

@@ -30,26 +30,22 @@ and validates the card. The settings are :mod:`~stages.export.config`.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import uuid
 from typing import Any
 
 from pipeline.errors import AbortRun
-from pipeline.io import atomic_path, atomic_write_text
+from pipeline.io import atomic_path
 from pipeline.selection import expected_table, to_python
 from pipeline.stage import RunOptions, WholeStage
 from stages.caption.config import CaptionConfig
-from stages.export.card import render_card, validate_card
 from stages.export.config import ExportConfig
-from stages.export.plan import HF_SPLITS, UNREVIEWED, Plan, plan_export
-from stages.export.rows import base_row, build_rows, row_schema
-from stages.export.scores import add_percentiles, apply_visual_filter, score_summary
-from stages.export.statistics import compute_statistics, provenance
+from stages.export.plan import HF_SPLITS, Plan, plan_export
+from stages.export.rows import export_rows, row_schema
+from stages.export.statistics import export_statistics
 from stages.export.tables import CAPTION, MERGE, REVIEW, RunTables
-from stages.export.variants import proper_nouns_from
-from stages.export.write import drop_missing_media, license_text, swap_in, write_checksums, write_shards
+from stages.export.write import swap_in, write_checksums, write_configs, write_documents
 from stages.manifest import ManifestConfig
 from stages.review.connection import PROJECT_FILE
 from stages.review.pull import agreement_figures, pull
@@ -128,96 +124,23 @@ class ExportStage(WholeStage[ExportConfig]):
             self._pull_reviews()
         tables = RunTables.read(workdir, self.ctx)
         plan = plan_export(tables, cfg.allow_unreviewed, cfg.include_stale)
-        proper: frozenset[str] = frozenset()
-        if cfg.proper_nouns_from_corpus:
-            proper = proper_nouns_from(c for caps in tables.clips["audio_captions"] for c in to_python(caps))
-        schema = row_schema(cfg.embed_media)
         caption_frame = self.section(CaptionConfig).caption_frame
-        bases = {cid: base_row(tables, cid, caption_frame) for ids in plan.ids.values() for cid in ids}
-        excluded: dict[str, str] = {}
-        if cfg.embed_media:
-            drop_missing_media(plan, bases, workdir, excluded)
-        # Percentiles over every exported clip (each once), then the visual-caption filter.
-        exported = [bases[cid] for ids in plan.ids.values() for cid in ids]
-        add_percentiles(exported)
-        variant_splits = set(plan.ids) - set(plan.merged_splits)
-        visual_filter = apply_visual_filter(exported, variant_splits, cfg.min_visual_clip_percentile)
-        rows_by_variant = {v: build_rows(tables, plan, v, cfg, proper, bases) for v in cfg.variants}
+        rows = export_rows(tables, plan, cfg, caption_frame, workdir)
         dest = workdir / cfg.folder
         tmp = workdir / f".tmp-export-{uuid.uuid4().hex[:8]}"
         try:
-            files: dict[str, dict[str, list[str]]] = {}
-            for variant, by_split in rows_by_variant.items():
-                files[variant] = {}
-                for split, rows in by_split.items():
-                    hf_split = HF_SPLITS[split]
-                    paths = write_shards(
-                        rows,
-                        schema,
-                        tmp / "data" / variant,
-                        hf_split,
-                        cfg.max_shard_bytes,
-                        workdir,
-                        cfg.embed_media,
-                    )
-                    if paths:
-                        files[variant][hf_split] = [p.relative_to(tmp).as_posix() for p in paths]
-            first = rows_by_variant[cfg.variants[0]]
-            all_rows = [r for rows in first.values() for r in rows]
-            counts = {HF_SPLITS[s]: len(r) for s, r in first.items()}
-            statistics = {
-                "counts": counts,
-                "availability": {HF_SPLITS[s]: a for s, a in plan.availability.items()},
-                "review": plan.review,
-                "review_agreement": agreement_figures(workdir),
-                "unreviewed_test_items": sum(
-                    1 for r in first.get("test", []) if r["review_verdict"] == UNREVIEWED
-                ),
-                "stale_items": len(plan.stale),
-                "outdated_reviews": tables.outdated_reviews,
-                "excluded_media_missing": dict(sorted(excluded.items())),
-                "variants": cfg.variants,
-                "default_variant": cfg.default_variant
-                if cfg.default_variant in cfg.variants
-                else cfg.variants[0],
-                "seed": cfg.seed,
-                "embed_media": cfg.embed_media,
-                "merged_splits": [HF_SPLITS[s] for s in plan.merged_splits],
-                "provenance": provenance(all_rows),
-                "scores": {
-                    "population": "every exported clip once (all splits), per column, lists flattened",
-                    "clips": len(exported),
-                    "columns": score_summary(exported),
-                    "score_models": sorted(
-                        {str(r["score_models"]) for r in exported if r.get("score_models")}
-                    ),
-                    "clip_model": sorted({str(r["clip_model"]) for r in exported if r.get("clip_model")}),
-                },
-                "visual_filter": {
-                    "min_visual_clip_percentile": cfg.min_visual_clip_percentile,
-                    "splits": {HF_SPLITS[s]: c for s, c in sorted(visual_filter.items())},
-                },
-                "files": files,
-                **compute_statistics(rows_by_variant, plan),
-            }
-            atomic_write_text(
-                tmp / "statistics.json", json.dumps(statistics, indent=2, sort_keys=True) + "\n"
-            )
+            schema = row_schema(cfg.embed_media)
+            files = write_configs(rows.by_variant, tmp, schema, cfg.max_shard_bytes, workdir, cfg.embed_media)
+            statistics = export_statistics(cfg, tables, plan, rows, files, agreement_figures(workdir))
             licence = self.section(ManifestConfig).csv_dir / "LICENSE"
-            atomic_write_text(tmp / "LICENSE", license_text(licence))
-            figures = []
-            if cfg.figures:
-                from stages.export.figures import write_figures
-
-                figures = write_figures(tmp, exported, set(plan.merged_splits), statistics)
-            atomic_write_text(tmp / "README.md", render_card(statistics, cfg, figures))
-            validate_card(tmp / "README.md", tmp)
+            write_documents(tmp, statistics, cfg, licence, rows.exported, set(plan.merged_splits))
             write_checksums(tmp)
             swap_in(tmp, dest)
             self._record_inputs(tables, plan)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
+        counts = statistics["counts"]
         flagged = statistics["unreviewed_test_items"]
         return {
             "message": f"exported {sum(counts.values())} clips ("
@@ -228,6 +151,6 @@ class ExportStage(WholeStage[ExportConfig]):
             "counts": counts,
             "review": plan.review,
             "unreviewed_test_items": flagged,
-            "excluded_media_missing": len(excluded),
+            "excluded_media_missing": len(rows.excluded),
             "statistics": statistics["splits"],
         }

@@ -5,7 +5,55 @@ from __future__ import annotations
 from typing import Any
 
 from stages.export.caption_stats import TOKENIZATION, caption_stats
-from stages.export.plan import HF_SPLITS, Plan
+from stages.export.config import ExportConfig
+from stages.export.plan import HF_SPLITS, UNREVIEWED, Plan
+from stages.export.rows import ExportRows
+from stages.export.scores import score_summary
+from stages.export.tables import RunTables
+
+
+def export_statistics(
+    cfg: ExportConfig,
+    tables: RunTables,
+    plan: Plan,
+    rows: ExportRows,
+    files: dict[str, dict[str, list[str]]],
+    review_agreement: dict[str, Any],
+) -> dict[str, Any]:
+    """``statistics.json``: counts, availability, reviews, provenance, scores, the files written
+    (``files``: per config and split) and the Table-2 figures; the card is rendered from it."""
+    first = rows.by_variant[cfg.variants[0]]
+    all_rows = [r for split_rows in first.values() for r in split_rows]
+    exported = rows.exported
+    return {
+        "counts": {HF_SPLITS[s]: len(r) for s, r in first.items()},
+        "availability": {HF_SPLITS[s]: a for s, a in plan.availability.items()},
+        "review": plan.review,
+        "review_agreement": review_agreement,
+        "unreviewed_test_items": sum(1 for r in first.get("test", []) if r["review_verdict"] == UNREVIEWED),
+        "stale_items": len(plan.stale),
+        "outdated_reviews": tables.outdated_reviews,
+        "excluded_media_missing": dict(sorted(rows.excluded.items())),
+        "variants": cfg.variants,
+        "default_variant": cfg.default_variant if cfg.default_variant in cfg.variants else cfg.variants[0],
+        "seed": cfg.seed,
+        "embed_media": cfg.embed_media,
+        "merged_splits": [HF_SPLITS[s] for s in plan.merged_splits],
+        "provenance": provenance(all_rows),
+        "scores": {
+            "population": "every exported clip once (all splits), per column, lists flattened",
+            "clips": len(exported),
+            "columns": score_summary(exported),
+            "score_models": sorted({str(r["score_models"]) for r in exported if r.get("score_models")}),
+            "clip_model": sorted({str(r["clip_model"]) for r in exported if r.get("clip_model")}),
+        },
+        "visual_filter": {
+            "min_visual_clip_percentile": cfg.min_visual_clip_percentile,
+            "splits": {HF_SPLITS[s]: c for s, c in sorted(rows.visual_filter.items())},
+        },
+        "files": files,
+        **compute_statistics(rows.by_variant, plan),
+    }
 
 
 def compute_statistics(

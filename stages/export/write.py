@@ -1,4 +1,4 @@
-"""Stage 6, writing: media embedding, Parquet shards, checksums, the licence and the folder swap."""
+"""Stage 6, writing: Parquet shards (media embedded), the documents, checksums, the folder swap."""
 
 from __future__ import annotations
 
@@ -8,37 +8,14 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.io import file_digest
-from stages.export.plan import Plan
+from pipeline.io import atomic_write_text, file_digest
+from stages.export.card import render_card, validate_card
+from stages.export.config import ExportConfig
+from stages.export.plan import HF_SPLITS
+from stages.export.rows import MEDIA_COLUMNS
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-
-MEDIA_COLUMNS = (("image", "frame_path"), ("audio", "audio_path"))
-
-
-def drop_missing_media(
-    plan: Plan, bases: dict[str, dict[str, Any]], workdir: Path, excluded: dict[str, str]
-) -> None:
-    """Embedding media: a clip whose keyframe or audio file is gone is excluded, named, counted."""
-    for split, ids in plan.ids.items():
-        kept = []
-        for cid in ids:
-            missing = [
-                key
-                for _, key in MEDIA_COLUMNS
-                if not bases[cid][key] or not (workdir / bases[cid][key]).is_file()
-            ]
-            if missing:
-                excluded[cid] = "media missing: " + ", ".join(
-                    f"{key}={bases[cid][key] or '(none in the ledger)'}" for key in missing
-                )
-            else:
-                kept.append(cid)
-        plan.availability[split]["media_missing"] = len(ids) - len(kept)
-        plan.availability[split]["exported"] = len(kept)
-        plan.ids[split] = kept
 
 
 def _with_media(row: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -55,6 +32,27 @@ def _row_bytes(row: dict[str, Any], workdir: Path, embed: bool) -> int:
     if embed:
         size += sum((workdir / row[key]).stat().st_size for _, key in MEDIA_COLUMNS)
     return size
+
+
+def write_configs(
+    rows_by_variant: dict[str, dict[str, list[dict[str, Any]]]],
+    folder: Path,
+    schema: pa.Schema,
+    max_bytes: int,
+    workdir: Path,
+    embed: bool,
+) -> dict[str, dict[str, list[str]]]:
+    """Every config's shards in ``folder/data/<config>/``: per config and Hugging Face split, the
+    files written (relative to ``folder``; an empty split has none and is left out)."""
+    files: dict[str, dict[str, list[str]]] = {}
+    for variant, by_split in rows_by_variant.items():
+        files[variant] = {}
+        for split, rows in by_split.items():
+            hf_split = HF_SPLITS[split]
+            paths = write_shards(rows, schema, folder / "data" / variant, hf_split, max_bytes, workdir, embed)
+            if paths:
+                files[variant][hf_split] = [p.relative_to(folder).as_posix() for p in paths]
+    return files
 
 
 def write_shards(
@@ -95,6 +93,27 @@ def write_shards(
         pq.write_table(table, path, compression="zstd", row_group_size=10_000)
         paths.append(path)
     return paths
+
+
+def write_documents(
+    folder: Path,
+    statistics: dict[str, Any],
+    cfg: ExportConfig,
+    audiocaps_license: Path,
+    exported: list[dict[str, Any]],
+    merged_splits: set[str],
+) -> None:
+    """``statistics.json``, ``LICENSE``, the figures (``export.figures``) and the card, validated
+    (``exported``: every exported clip once, for the figures)."""
+    atomic_write_text(folder / "statistics.json", json.dumps(statistics, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(folder / "LICENSE", license_text(audiocaps_license))
+    figures = []
+    if cfg.figures:
+        from stages.export.figures import write_figures
+
+        figures = write_figures(folder, exported, merged_splits, statistics)
+    atomic_write_text(folder / "README.md", render_card(statistics, cfg, figures))
+    validate_card(folder / "README.md", folder)
 
 
 def write_checksums(folder: Path) -> Path:
