@@ -43,28 +43,20 @@ def plan_export(tables: RunTables, allow_unreviewed: bool, include_stale: bool =
     clips = tables.clips
     problems: list[str] = []
     plan = Plan()
-    splits = [s for s in HF_SPLITS if s in set(clips["split"])]
-    merged = tables.ok_ids(MERGE)
     reviewed = tables.verdicts()
-    for split in splits:
-        ids = set(clips.index[clips["split"] == split])
-        avail: dict[str, Any] = {"clips": len(ids)}
-        current = ids
+    for split in [s for s in HF_SPLITS if s in set(clips["split"])]:
+        current = set(clips.index[clips["split"] == split])
+        avail: dict[str, Any] = {"clips": len(current)}
         through = [DOWNLOAD, KEYFRAMES, CAPTION]
         for stage in (DOWNLOAD, KEYFRAMES, CAPTION):
-            n = _missing(tables, stage, current)
-            if n:
-                problems.append(_missing_line(stage, n, len(current), split))
-            avail[f"failed_{stage.name}"] = tables.failed(stage, current)
-            current = current & tables.ok_ids(stage)
+            current = _made_ok(tables, stage, current, split, avail, problems)
         avail["with_captions"] = len(current)
+        merged = _is_merged(tables, split, current)
+        if merged:
+            current = _made_ok(tables, MERGE, current, split, avail, problems)
+            through.append(MERGE)
         if split == "test":
-            n = _missing(tables, MERGE, current)
-            if n:
-                problems.append(_missing_line(MERGE, n, len(current), split))
-            avail["failed_merge"] = tables.failed(MERGE, current)
-            current = current & merged
-            through += [MERGE, REVIEW]
+            through.append(REVIEW)
             unreviewed = current - set(reviewed)
             if unreviewed and not allow_unreviewed:
                 problems.append(
@@ -72,34 +64,12 @@ def plan_export(tables: RunTables, allow_unreviewed: bool, include_stale: bool =
                     + " (pull the reviews, or include raw merges flagged with "
                     "--set export.allow_unreviewed=true)"
                 )
-        merge_df = tables.stages[MERGE]
-        val_merged = split == "val" and merge_df is not None and bool(current & set(merge_df.index))
-        if val_merged:
-            # The merge stage ran on val: val is a merged split, and every val clip needs its merge.
-            n = _missing(tables, MERGE, current)
-            if n:
-                problems.append(_missing_line(MERGE, n, len(current), split))
-            avail["failed_merge"] = tables.failed(MERGE, current)
-            current = current & merged
-            through.append(MERGE)
-        for stage in through:
-            stale = current & tables.stale.get(stage, set())
-            if stale and not include_stale:
-                problems.append(
-                    f"stage {stage.dirname()}: {len(stale)} of {len(current)} {split} item(s) are stale "
-                    "(made with other settings or from older upstream results): run "
-                    f"`avcaps run {stage.number}` (or export them flagged: --set export.include_stale=true)"
-                )
-            plan.stale |= stale
-        if split == "test" or val_merged:
+        plan.stale |= _stale(tables, through, current, split, include_stale, problems)
+        if merged:
             plan.merged_splits.append(split)
-            verdicts = {cid: reviewed.get(cid, UNREVIEWED) for cid in current}
-            counts = {v: sum(1 for x in verdicts.values() if x == v) for v in (*VERDICTS, UNREVIEWED)}
+            current, avail["review"] = _by_review(current, reviewed, allow_unreviewed)
             if split == "test":
-                plan.review = counts
-            avail["review"] = counts
-            keep = {c for c, v in verdicts.items() if v in KEEP or (v == UNREVIEWED and allow_unreviewed)}
-            current = keep
+                plan.review = avail["review"]
         avail["exported"] = len(current)
         plan.availability[split] = avail
         plan.ids[split] = sorted(current)
@@ -107,6 +77,64 @@ def plan_export(tables: RunTables, allow_unreviewed: bool, include_stale: bool =
     if problems:
         raise AbortRun("upstream stages are not done:\n  " + "\n  ".join(problems))
     return plan
+
+
+def _made_ok(
+    tables: RunTables,
+    stage: type[Stage],
+    ids: set[str],
+    split: str,
+    avail: dict[str, Any],
+    problems: list[str],
+) -> set[str]:
+    """The clips of ``ids`` that ``stage`` made ok. Those it has no row for yet are a problem; its
+    failures among ``ids`` are counted by reason in ``avail``."""
+    n = _missing(tables, stage, ids)
+    if n:
+        problems.append(_missing_line(stage, n, len(ids), split))
+    avail[f"failed_{stage.name}"] = tables.failed(stage, ids)
+    return ids & tables.ok_ids(stage)
+
+
+def _is_merged(tables: RunTables, split: str, captioned: set[str]) -> bool:
+    """test is always a merged split; val is one when the merge stage ran on it (then every val
+    clip needs its merge)."""
+    merges = tables.stages[MERGE]
+    return split == "test" or (split == "val" and merges is not None and bool(captioned & set(merges.index)))
+
+
+def _stale(
+    tables: RunTables,
+    through: list[type[Stage]],
+    ids: set[str],
+    split: str,
+    include_stale: bool,
+    problems: list[str],
+) -> set[str]:
+    """The clips of ``ids`` with a stale row in a stage they went through (a problem each stage,
+    unless ``include_stale``)."""
+    out: set[str] = set()
+    for stage in through:
+        stale = ids & tables.stale.get(stage, set())
+        if stale and not include_stale:
+            problems.append(
+                f"stage {stage.dirname()}: {len(stale)} of {len(ids)} {split} item(s) are stale "
+                "(made with other settings or from older upstream results): run "
+                f"`avcaps run {stage.number}` (or export them flagged: --set export.include_stale=true)"
+            )
+        out |= stale
+    return out
+
+
+def _by_review(
+    ids: set[str], reviewed: dict[str, str], allow_unreviewed: bool
+) -> tuple[set[str], dict[str, int]]:
+    """The clips of a merged split that are exported (kept by their review, or unreviewed and
+    ``allow_unreviewed``), and the count of each verdict among ``ids``."""
+    verdicts = {cid: reviewed.get(cid, UNREVIEWED) for cid in ids}
+    counts = {v: sum(1 for x in verdicts.values() if x == v) for v in (*VERDICTS, UNREVIEWED)}
+    keep = {c for c, v in verdicts.items() if v in KEEP or (v == UNREVIEWED and allow_unreviewed)}
+    return keep, counts
 
 
 def _missing_line(stage: type[Stage], n: int, of: int, split: str) -> str:
