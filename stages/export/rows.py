@@ -1,4 +1,5 @@
-"""Stage 6, the rows: the columns every config shares, and each clip's row in each config."""
+"""Stage 6, the rows: the columns every config shares, each clip's row in each config, and (media
+embedded) the planned clips left out because their keyframe or audio file is gone."""
 
 from __future__ import annotations
 
@@ -204,7 +205,7 @@ def build_rows(
     return out
 
 
-MEDIA_COLUMNS = (("image", "frame_path"), ("audio", "audio_path"))
+MEDIA_COLUMNS = (("image", "frame_path"), ("audio", "audio_path"))  # embedded column, from the file at
 
 
 def drop_missing_media(

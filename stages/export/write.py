@@ -1,4 +1,5 @@
-"""Stage 6, writing: Parquet shards (media embedded), the documents, checksums, the folder swap."""
+"""Stage 6, writing: the Parquet shards (with the media where embedded), ``statistics.json``, the
+licence, figures and card, the checksums, and the swap of the finished folder into place."""
 
 from __future__ import annotations
 
