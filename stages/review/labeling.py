@@ -17,7 +17,6 @@ from urllib.parse import quote
 
 from stages.keyframes import middle_index
 
-VERDICTS: tuple[str, ...] = ("accept", "edited", "rejected")
 FINAL = "final"  # the TextArea holding the (edited) merged captions
 VERDICT = "verdict"
 COMMENT = "comment"

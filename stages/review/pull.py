@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 from pipeline.io import atomic_path
 from pipeline.selection import stage_ledger
 from stages.review.connection import connect, remembered_project, review_config
-from stages.review.labeling import VERDICTS, parse_result
+from stages.review.current import is_current
+from stages.review.labeling import parse_result
 from stages.review.policy import (
+    VERDICTS,
     EditPolicy,
     Vote,
     agreement,
@@ -325,10 +327,8 @@ def pull(ctx: RunContext) -> PullReport:
         rec = _clean(rec, ("final_captions", "merged_captions"))
         if rec["clip_id"] in fresh:
             continue
-        if rec["clip_id"] in shown and shown[rec["clip_id"]] != rec["merged_captions"]:
-            continue  # a review of the clip's earlier merge: outdated, never its current review
-        if rec.get("ls_annotation_id") is not None and int(rec["ls_annotation_id"]) in outdated:
-            continue  # made before the task was updated (its merge or media changed)
+        if not is_current(rec, shown.get(rec["clip_id"]), outdated):
+            continue  # of the clip's earlier merge, or made before its task was updated: outdated
         rows.append(rec)
         report.kept += 1
     rows.sort(key=lambda r: r["clip_id"])

@@ -16,7 +16,7 @@ from pipeline.stage import RunOptions
 from stages.review.client import LabelStudio
 from stages.review.connection import read_project_file
 from stages.review.guide import EXAMPLES, GUIDE_PATH, guide_html
-from stages.review.labeling import VERDICTS
+from stages.review.policy import VERDICTS
 from stages.review.push import ReviewStage
 from standins.review_run import REPO, TEST_CREDS, make_clips
 
