@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
@@ -242,7 +242,7 @@ def validate_card(card_path: Path, folder: Path | None = None) -> dict[str, Any]
 
 
 def _check_fields(card_path: Path, meta: dict[str, Any], folder: Path) -> None:
-    def fail(field: str, why: str) -> None:
+    def fail(field: str, why: str) -> NoReturn:
         raise CardError(f"{card_path}: card field {field}: {why}")
 
     if not isinstance(meta, dict):

@@ -47,7 +47,7 @@ def plan_export(tables: RunTables, allow_unreviewed: bool, include_stale: bool =
     for split in [s for s in HF_SPLITS if s in set(clips["split"])]:
         current = set(clips.index[clips["split"] == split])
         avail: dict[str, Any] = {"clips": len(current)}
-        through = [DOWNLOAD, KEYFRAMES, CAPTION]
+        through: list[type[Stage]] = [DOWNLOAD, KEYFRAMES, CAPTION]
         for stage in (DOWNLOAD, KEYFRAMES, CAPTION):
             current = _made_ok(tables, stage, current, split, avail, problems)
         avail["with_captions"] = len(current)

@@ -25,13 +25,12 @@ from stages.review.push import ReviewStage
 if TYPE_CHECKING:
     import pandas as pd
 
-DOWNLOAD, KEYFRAMES, CAPTION, MERGE, REVIEW = (
-    DownloadStage,
-    KeyframesStage,
-    CaptionStage,
-    MergeStage,
-    ReviewStage,
-)
+# The stages the export reads, typed as stages (a tuple of five classes types each apart).
+DOWNLOAD: type[Stage] = DownloadStage
+KEYFRAMES: type[Stage] = KeyframesStage
+CAPTION: type[Stage] = CaptionStage
+MERGE: type[Stage] = MergeStage
+REVIEW: type[Stage] = ReviewStage
 
 
 def _latest(stage: type[Stage], workdir: Path) -> pd.DataFrame | None:

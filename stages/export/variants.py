@@ -148,7 +148,7 @@ def build_variant(
     if variant == "per_modality":
         refs = [*audios, visual] if visual else list(audios)
         return refs, ["audio"] * len(audios) + (["visual"] if visual else [])
-    refs: list[str] = []
+    refs = []
     sources: list[str] = []
     for i, audio in enumerate(audios):
         if variant == "random":

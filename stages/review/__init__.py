@@ -2,9 +2,14 @@
 Reads stage 4's ``merged_captions`` (+ keyframe, audio, captions); writes ``05-review/``: the push's
 ledger (task ids), ``project.json``, ``reviews.parquet`` (pulled) and the local server's data.
 
-All of stage 5 lives here and imports nothing from ``stages``:
+All of stage 5 lives here; it imports earlier stages' public names (stage 2's middle-frame rule,
+stage 4's score columns), never a later stage's (the export imports it):
 
-- :mod:`stages.review.push`: the push stage (``avcaps run review``) and the run's link to its project.
+- :mod:`stages.review.push`: the push stage (``avcaps run review``).
+- :mod:`stages.review.connection`: the ``review:`` settings and the run's link to Label Studio
+  (the API key, a checked client, the project remembered in ``project.json``).
+- :mod:`stages.review.current`: which reviews are of a clip's current merge (pull and export alike).
+- :mod:`stages.review.risk`: stage 4's scores as run percentiles, each clip's risk (push order).
 - :mod:`stages.review.labeling`: the labeling config, the annotator instructions and the task payloads.
 - :mod:`stages.review.guide`: the annotator guide page linked from the instructions.
 - :mod:`stages.review.auth`: legacy tokens and personal access tokens (JWT refresh -> access tokens).
