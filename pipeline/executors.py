@@ -83,9 +83,16 @@ def run_batch(stage: ItemStage, batch: list[Item]) -> list[Result]:
     return results
 
 
+def _call(stage: ItemStage, batch: list[Item]) -> list[Result]:
+    """The stage's ``process`` for items to make, its ``refresh`` for layers to make anew."""
+    fresh = [item for item in batch if item.refresh]
+    todo = [item for item in batch if not item.refresh]
+    return [*(stage.refresh(fresh) if fresh else []), *(stage.process(todo) if todo else [])]
+
+
 def _isolate(stage: ItemStage, batch: list[Item]) -> list[Result]:
     try:
-        results = stage.process(batch)
+        results = _call(stage, batch)
     except AbortRun:
         raise
     except Exception as exc:  # one bad item must not fail its neighbours
@@ -137,6 +144,13 @@ def result_rows(
     rows = []
     for res in results:
         item = by_id[res.clip_id]
+        if item.refresh and (res.status != "ok" or not res.layer):
+            # Only the layer was to be made and it was not: the row stays as it is (its layer
+            # still stale, so the next plain run tries again); no attempt is spent on the row.
+            log.warning(
+                "%s: layer of %s not made: %s %s", "refresh", res.clip_id, res.reason, res.message[:300]
+            )
+            continue
         row = {
             "clip_id": res.clip_id,
             "status": res.status,
@@ -145,6 +159,7 @@ def result_rows(
             "attempts": item.attempt,
             "seq": item.seq + 1,
             "fingerprint": item.fingerprint,
+            "layer_fingerprint": item.layer_fingerprint if res.status == "ok" and res.layer else None,
             **res.outputs,
         }
         rows.append(row)

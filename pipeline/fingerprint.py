@@ -1,21 +1,35 @@
 """Fingerprints: every ledger row knows what it was made from.
 
-A row's ``fingerprint`` is a short hash of the stage's settings that change its output (what the
-stage's ``fingerprint_settings()`` declares: model and revision, prompt hash, decoding
-parameters...) and of the fingerprint of the upstream row it was made from, so it covers the whole
-chain back to the clip table (whose rows are fingerprinted by their content).
+A row's ``fingerprint`` hashes the stage's settings that change its output (what the stage's
+``fingerprint_settings()`` declares: model and revision, prompt hash, decoding parameters...)
+and **the values of the upstream columns the stage reads** (``ItemStage.reads()``), for that
+item. A column that names a file counts by the file's content: its field carries the name of the
+column where the stage that writes it records the file's digest (:data:`DIGEST_KEY`), and that
+digest is hashed instead of the path. So a redo upstream that gives the same values (the same
+caption text, the same keyframe bytes) leaves every later row current, and one that changes a
+value makes exactly the rows that read it stale. The clip table's rows are fingerprinted by their
+content.
 
-An item is **current** at a stage when its row's fingerprint equals the one a run would give it now:
-the chain recomputed from the clip table with today's settings of every stage. Otherwise it is
-**stale**: ``avcaps status`` counts it, a plain ``avcaps run`` redoes it, and no later stage takes
-it as input until it is redone. Rows written before fingerprints existed (null) are taken as
-current: nothing says otherwise.
+An item is **current** at a stage when its row's fingerprint equals the one a run would give it
+now; otherwise it is **stale**: ``avcaps status`` counts it, a plain ``avcaps run`` redoes it,
+and no later stage takes it as input until it is redone.
+
+A stage may have a **layer**: output columns it can recompute on their own (quality scores), with
+a ``layer_fingerprint`` of their own (the layer's settings, the row's fingerprint, and the values
+of the columns the layer reads). A layer that is not current is refreshed in place (the stage's
+``refresh``): the row keeps its fingerprint, so nothing downstream goes stale.
+
+Rows fingerprinted before this scheme (a chain: the settings hashed with the upstream row's
+fingerprint, :func:`chain`) keep working: such a row is current when it equals the chain that
+today's settings of the stage as it was then give (``legacy_fingerprint_settings``). Rows with no
+fingerprint at all count as current: nothing says otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -24,6 +38,10 @@ if TYPE_CHECKING:
     from pipeline.stage import Stage
 
 _DIGEST = 8  # bytes: 16 hex characters, plenty to tell settings and inputs apart
+#: Prefix of a fingerprint over the values read (a legacy chain fingerprint has none).
+PREFIX = "r:"
+#: Field metadata key: the output column holding the digest of the file this column names.
+DIGEST_KEY = b"digest"
 
 
 def digest(text: str) -> str:
@@ -39,12 +57,68 @@ def settings_fingerprint(stage: Stage, settings: dict[str, Any] | None = None) -
 
 
 def chain(settings_fp: str, upstream: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Per item: the fingerprint of a row made with ``settings_fp`` from an upstream row whose
-    fingerprint is ``upstream`` (null upstream: an empty string, so legacy rows chain too)."""
+    """Per item, the legacy fingerprint of a row made with ``settings_fp`` from an upstream row
+    whose fingerprint is ``upstream`` (null upstream: an empty string, so legacy rows chain too)."""
     import pyarrow as pa
 
     prefix = settings_fp + "|"
     return pa.array([digest(prefix + (u or "")) for u in upstream.to_pylist()], pa.string())
+
+
+def is_legacy(fingerprint: str | None) -> bool:
+    return fingerprint is not None and not fingerprint.startswith(PREFIX)
+
+
+def value_columns(columns: Sequence[str], schema: pa.Schema) -> list[str]:
+    """The columns whose values are hashed for ``columns``: a file column by its digest column."""
+    out = []
+    for name in columns:
+        field = schema.field(name) if name in schema.names else None
+        meta = (field.metadata or {}) if field is not None else {}
+        out.append(meta[DIGEST_KEY].decode() if DIGEST_KEY in meta else name)
+    return list(dict.fromkeys(out))
+
+
+def _canonical(value: Any) -> Any:
+    """Cells as JSON sees them the same whatever their Arrow type was read as (float32 vs 64)."""
+    if isinstance(value, float):
+        return float(f"{value:.7g}")
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
+
+
+def value_fingerprints(settings_fp: str, table: pa.Table, columns: Sequence[str]) -> pa.Array:
+    """Per row of ``table``: ``r:`` + the hash of ``settings_fp`` and the values of ``columns``
+    (names sorted, values as JSON)."""
+    import pyarrow as pa
+
+    names = sorted(dict.fromkeys(columns))
+    missing = [c for c in names if c not in table.column_names]
+    if missing:
+        raise KeyError(f"fingerprint columns not read: {missing}")
+    values = [table[c].to_pylist() for c in names]
+    out = []
+    for row in zip(*values, strict=True) if names else [() for _ in range(table.num_rows)]:
+        text = json.dumps(dict(zip(names, map(_canonical, row), strict=True)), sort_keys=True, default=str)
+        out.append(PREFIX + digest(settings_fp + "|" + text))
+    return pa.array(out, pa.string())
+
+
+def layer_fingerprints(
+    settings: dict[str, Any] | None, stage: Stage, rows: pa.Array, table: pa.Table, columns: Sequence[str]
+) -> pa.Array:
+    """Per row: the layer's fingerprint (its ``settings``, the row's fingerprint ``rows``, the
+    values of ``columns``), or null for every row when the stage has no layer (``settings`` None)."""
+    import pyarrow as pa
+
+    if settings is None:
+        return pa.nulls(len(rows), pa.string())
+    layer_fp = digest(json.dumps({"layer": stage.dirname(), **settings}, sort_keys=True, default=str))
+    with_rows = table.append_column("__row_fp", rows) if "__row_fp" not in table.column_names else table
+    return value_fingerprints(layer_fp, with_rows, [*columns, "__row_fp"])
 
 
 def content_fingerprints(table: pa.Table, columns: list[str]) -> pa.Array:

@@ -53,7 +53,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("avcaps")
 
-BASE_COLUMNS = ("clip_id", "status", "reason", "message", "attempts", "seq", "updated_at", "fingerprint")
+BASE_COLUMNS = (
+    "clip_id",
+    "status",
+    "reason",
+    "message",
+    "attempts",
+    "seq",
+    "updated_at",
+    "fingerprint",
+    "layer_fingerprint",
+)
 # Parts below this size are merged by compaction; larger ones are left alone, so a long run
 # rewrites each row a bounded number of times and a ledger of millions of rows has ~100 parts.
 SMALL_PART_BYTES = 1 << 20
@@ -173,6 +183,8 @@ def base_fields() -> list[pa.Field]:
         pa.field("updated_at", pa.timestamp("us", tz="UTC")),
         # What the row was made from (pipeline.fingerprint); null on rows older than fingerprints.
         pa.field("fingerprint", pa.string()),
+        # What the stage's layer (its scores) was made from; null: no layer, or not made.
+        pa.field("layer_fingerprint", pa.string()),
     ]
 
 

@@ -46,9 +46,12 @@ class WorkerSpec:
     workdir: str
     pass_token: str
     drop_previous: bool = False
+    work: tuple[str, ...] = ("process",)  # what the run has to do (ItemStage.work), for setup
 
     def key(self) -> str:
-        return hashlib.sha1(f"{self.stage}|{self.config_json}|{self.workdir}".encode()).hexdigest()
+        return hashlib.sha1(
+            f"{self.stage}|{self.config_json}|{self.workdir}|{self.work}".encode()
+        ).hexdigest()
 
 
 def _build_stage(spec: WorkerSpec) -> ItemStage:
@@ -64,6 +67,7 @@ def _build_stage(spec: WorkerSpec) -> ItemStage:
         model = load_object(spec.config_model)
         cfg = model.model_validate_json(spec.config_json)
         stage = load_object(spec.stage)(RunContext(workdir=Path(spec.workdir), config=cfg))
+        stage.work = frozenset(spec.work)
         stage.setup()
         _STAGE_CACHE[spec.key()] = stage
     return stage
@@ -92,8 +96,19 @@ def process_records(batch: dict[str, Any], spec: WorkerSpec) -> dict[str, list[A
     for cid, att, seq, payload in zip(
         batch["clip_id"], batch["attempt"], batch["seq"], batch["data"], strict=True
     ):
-        item = json.loads(payload)
-        items.append(Item(str(cid), item["data"], int(att), int(seq), item["fingerprint"], item["previous"]))
+        it = json.loads(payload)
+        items.append(
+            Item(
+                str(cid),
+                it["data"],
+                int(att),
+                int(seq),
+                it["fingerprint"],
+                it["previous"],
+                it.get("layer_fingerprint"),
+                bool(it.get("refresh")),
+            )
+        )
     try:
         stage = _build_stage(spec)
         rows = process_and_commit(
@@ -179,6 +194,7 @@ class RayExecutor:
             workdir=str(self.stage.ctx.workdir.resolve()),
             pass_token=f"{self.run_token}-{self.passes:03d}",
             drop_previous=self.options.drop_previous,
+            work=tuple(sorted(self.stage.work)),
         )
 
     def run_pass(self, todo: WorkList) -> Iterator[list[dict[str, Any]]]:
@@ -191,7 +207,15 @@ class RayExecutor:
                 "clip_id": it.clip_id,
                 "attempt": it.attempt,
                 "seq": it.seq,
-                "data": json.dumps({"data": it.data, "fingerprint": it.fingerprint, "previous": it.previous}),
+                "data": json.dumps(
+                    {
+                        "data": it.data,
+                        "fingerprint": it.fingerprint,
+                        "previous": it.previous,
+                        "layer_fingerprint": it.layer_fingerprint,
+                        "refresh": it.refresh,
+                    }
+                ),
             }
             for it in todo.items()
         ]

@@ -31,11 +31,14 @@ from pipeline.io import atomic_write_text, clean_temp_files
 from pipeline.machine import halt_for, machine_cause
 from pipeline.selection import (
     WorkList,
-    expected_fingerprints,
+    expected,
+    held_back,
+    item_columns,
     select_pending,
     selected,
     stage_ledger,
     upstream_ok,
+    waiting_line,
 )
 from pipeline.stage import ItemStage, RunContext, RunOptions, Stage, WholeStage
 from pipeline.status import stage_status
@@ -103,13 +106,20 @@ def run_item_stage(stage: ItemStage, options: RunOptions, report: RunReport | No
     cfg = stage.stage_config
     report = report or RunReport(stage.dirname())
     ledger = stage_ledger(stage)
-    upstream = ordered(stage, selected(stage, upstream_ok(type(stage), stage.ctx)))
-    state = ledger.latest_table(["status", "attempts", "fingerprint"])
-    expected = expected_fingerprints(stage, upstream)
-    pending = select_pending(upstream["clip_id"].combine_chunks(), state, options, cfg.max_attempts, expected)
+    found = upstream_ok(type(stage), stage.ctx, list(item_columns(stage)))
+    waiting = waiting_line(held_back(found))
+    upstream = ordered(stage, selected(stage, found))
+    del found
+    state = ledger.latest_table(["status", "attempts", "fingerprint", "layer_fingerprint"])
+    exp = expected(stage, upstream)
+    can_refresh = type(stage).refresh is not ItemStage.refresh
+    ids = upstream["clip_id"].combine_chunks()
+    pending = select_pending(ids, state, options, cfg.max_attempts, exp, can_refresh)
     report.selected = len(pending)
     if not len(pending):
         report.message = f"nothing to do ({upstream.num_rows} eligible items are all done or failed)"
+        if waiting:
+            report.message = f"nothing to do for the {upstream.num_rows} current clips; {waiting}"
         log.info("%s: %s", stage.dirname(), report.message)
         return report
     log.info(
@@ -119,13 +129,26 @@ def run_item_stage(stage: ItemStage, options: RunOptions, report: RunReport | No
         upstream.num_rows,
         f" (shard {options.shard[0]}/{options.shard[1]})" if options.shard else "",
     )
-    stale = int((pending["redo"]).sum()) if not options.force else 0
+    if waiting:
+        log.info("%s: besides, %s", stage.dirname(), waiting)
+    refresh = int(pending["refresh"].sum())
+    stale = int((pending["redo"] & ~pending["refresh"]).sum()) if not options.force else 0
     if stale:
         log.info(
-            "%s: %d of them are stale (made with other settings or from older upstream rows)",
+            "%s: %d of them are stale (made with other settings or from other values of what they read)",
             stage.dirname(),
             stale,
         )
+    if refresh:
+        log.info(
+            "%s: %d of them keep their row and get their %s made anew (its settings or inputs changed)",
+            stage.dirname(),
+            refresh,
+            stage.layer_name,
+        )
+    stage.work = frozenset(
+        {*(["refresh"] if refresh else []), *(["process"] if refresh < len(pending) else [])}
+    )
     # A redo that fails keeps the item's previous ok row current: the executors need those rows.
     current = ledger.latest_table() if bool(pending["redo"].any()) else None
     todo = WorkList.of(upstream, pending, current)
@@ -182,14 +205,20 @@ def dry_run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions, n: int
     stage = cls(ctx)
     if not isinstance(stage, ItemStage) or type(stage).dry_run is ItemStage.dry_run:
         raise AbortRun(f"stage {cls.dirname()} offers no dry run")
-    upstream = ordered(stage, selected(stage, upstream_ok(cls, ctx)))
-    state = stage_ledger(stage).latest_table(["status", "attempts"])
+    found = upstream_ok(cls, ctx, list(item_columns(stage)))
+    waiting = waiting_line(held_back(found))
+    upstream = ordered(stage, selected(stage, found))
+    state = stage_ledger(stage).latest_table(["status", "attempts", "fingerprint", "layer_fingerprint"])
     limited = RunOptions(**{**options.__dict__, "limit": n})
     max_attempts = stage.stage_config.max_attempts
-    pending = select_pending(upstream["clip_id"].combine_chunks(), state, limited, max_attempts)
+    exp = expected(stage, upstream)
+    pending = select_pending(upstream["clip_id"].combine_chunks(), state, limited, max_attempts, exp)
     if not len(pending):
-        yield f"{cls.dirname()}: nothing to try ({upstream.num_rows} eligible items are all done or failed)\n"
+        done = f"{upstream.num_rows} eligible items are all done or failed"
+        yield f"{cls.dirname()}: nothing to try ({done})" + (f"; {waiting}" if waiting else "") + "\n"
         return
+    if waiting:
+        yield f"{cls.dirname()}: besides, {waiting}\n"
     stage.setup()
     try:
         for batch in WorkList.of(upstream, pending).batches(n):

@@ -14,6 +14,7 @@ executors read through this module; it drives nothing (the runner does).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,29 +57,125 @@ def to_python(value: Any) -> Any:
 
 
 # -- what is upstream -----------------------------------------------------------------------------
-#: Column of :func:`upstream_ok`'s table: the fingerprint the direct upstream row has (or would have,
-#: redone with today's settings). A row of the stage made now from it gets ``chain(settings, this)``.
+#: Column of :func:`upstream_ok`'s table: the legacy chain fingerprint the direct upstream row has
+#: (or would have, redone with today's settings), for rows fingerprinted before values were.
 UPSTREAM_FP = "__upstream_fp"
+#: Schema metadata of :func:`upstream_ok`'s table: per ancestor, its ok rows that are stale
+#: (JSON ``{dirname: n}``): clips waiting for that stage to be redone.
+HELD_BACK = b"avcaps_held_back"
+
+
+def upstream_schema(cls: type[Stage]) -> pa.Schema:
+    """``clip_id`` and every output column of the ancestors of ``cls`` (what its items can read)."""
+    import pyarrow as pa
+
+    fields = [pa.field("clip_id", pa.string())]
+    for anc in ancestors(cls):
+        fields += anc.output_schema()
+    return pa.schema(fields)
+
+
+def _reads(stage: Stage, schema: pa.Schema) -> list[str]:
+    """What a row of ``stage`` is made from: its declared reads (all upstream columns when it
+    declares none), each checked against the upstream schema."""
+    reads = stage.reads() if isinstance(stage, ItemStage) else None
+    if reads is None:
+        return [n for n in schema.names if n != "clip_id"]
+    unknown = [c for c in reads if c not in schema.names]
+    if unknown:
+        raise AbortRun(
+            f"stage {stage.dirname()} reads {unknown}, which no earlier stage writes "
+            f"(upstream columns: {', '.join(n for n in schema.names if n != 'clip_id')})"
+        )
+    return list(reads)
+
+
+def fingerprint_columns(stage: Stage, schema: pa.Schema | None = None) -> list[str]:
+    """The upstream columns whose values fingerprint a row of ``stage`` (file columns by their
+    digest columns: :data:`pipeline.fingerprint.DIGEST_KEY`)."""
+    from pipeline.fingerprint import value_columns
+
+    schema = schema if schema is not None else upstream_schema(type(stage))
+    return value_columns(_reads(stage, schema), schema)
+
+
+def layer_columns(stage: ItemStage, schema: pa.Schema | None = None) -> list[str]:
+    """The upstream columns whose values fingerprint the stage's layer."""
+    from pipeline.fingerprint import value_columns
+
+    schema = schema if schema is not None else upstream_schema(type(stage))
+    unknown = [c for c in stage.layer_reads() if c not in schema.names]
+    if unknown:
+        raise AbortRun(
+            f"stage {stage.dirname()}'s {stage.layer_name} read {unknown}, which no earlier stage writes"
+        )
+    return value_columns(stage.layer_reads(), schema)
+
+
+def item_columns(stage: ItemStage) -> list[str]:
+    """What a run of ``stage`` reads upstream: what its rows are made from (and the paths of its
+    file columns), what its layer reads, what its items carry, what ``select`` looks at."""
+    schema = upstream_schema(type(stage))
+    reads = _reads(stage, schema)
+    cols = [*reads, *fingerprint_columns(stage, schema), *stage.layer_reads(), *layer_columns(stage, schema)]
+    return list(dict.fromkeys([*cols, *stage.carries(), *stage.selection_columns]))
+
+
+def _is_current(actual: pa.Array, new: pa.Array, legacy: list[pa.Array]) -> pa.Array:
+    """Per row: no fingerprint (older than fingerprints), the one made now, or a legacy chain
+    fingerprint equal to one a legacy form of the stage gives now."""
+    import pyarrow.compute as pc
+
+    from pipeline.fingerprint import PREFIX
+
+    fresh = pc.starts_with(actual, PREFIX).fill_null(False)
+    same_new = pc.equal(actual, new).fill_null(False)
+    same_old = (
+        pc.equal(actual, legacy[0]).fill_null(False) if legacy else pc.equal(actual, new).fill_null(False)
+    )
+    for other in legacy[1:]:
+        same_old = pc.or_(same_old, pc.equal(actual, other).fill_null(False))
+    return pc.or_(pc.is_null(actual), pc.if_else(fresh, same_new, same_old))
 
 
 def upstream_ok(
     cls: type[Stage], ctx: RunContext, columns: list[str] | None = None, current_only: bool = True
 ) -> pa.Table:
     """``clip_id`` plus ``columns`` (None: every output column) of the clips that are ok in every
-    ancestor of ``cls``, joined by ``clip_id``, in clip-table order, with :data:`UPSTREAM_FP`.
+    ancestor of ``cls``, joined by ``clip_id``, in clip-table order, with :data:`UPSTREAM_FP`, and
+    (for an item stage) everything its rows and layer are made from (:func:`item_columns`).
 
     ``current_only`` (what a run consumes): only clips whose row is current in every ancestor (its
-    fingerprint is the one today's settings give: :mod:`pipeline.fingerprint`); a stale upstream
-    row waits for its own stage to be redone. Without it (what status counts), stale upstream rows
-    count too, and :data:`UPSTREAM_FP` is the fingerprint they would have once redone.
+    fingerprint is the one today's settings and its inputs give: :mod:`pipeline.fingerprint`); a
+    stale upstream row waits for its own stage to be redone. Without it (what status counts),
+    stale upstream rows count too. Either way the table's metadata (:data:`HELD_BACK`) says how
+    many clips each ancestor holds back as stale.
     """
+    import json
+
     import pyarrow.compute as pc
 
-    from pipeline.fingerprint import chain, settings_fingerprint
+    from pipeline.fingerprint import chain, settings_fingerprint, value_fingerprints
 
+    chain_of = ancestors(cls)
+    stages = [a(ctx) for a in chain_of]
+    target = cls(ctx)
+    full = upstream_schema(cls)
+    needed = set(full.names if columns is None else columns)
+    if isinstance(target, ItemStage):
+        needed |= set(item_columns(target))
+    # What each ancestor's rows are made from (its declared reads against the columns before it),
+    # to tell which of its rows are current.
+    made_from: dict[str, list[str]] = {}
+    fields = [full.field("clip_id")]
+    for anc in stages:
+        made_from[anc.dirname()] = fingerprint_columns(anc, _schema(fields)) if fields[1:] else []
+        needed |= set(made_from[anc.dirname()])
+        fields += type(anc).output_schema()
     table: pa.Table | None = None
-    expected = None
-    for anc_cls in ancestors(cls):
+    legacy_fp = None
+    held: dict[str, int] = {}
+    for anc_cls, anc in zip(chain_of, stages, strict=True):
         ledger = stage_ledger(anc_cls, ctx.workdir)
         # A stage that ran with nothing to do (no eligible clip) commits no row but writes its
         # stats: it has run, and passes on no clip.
@@ -88,37 +185,109 @@ def upstream_ok(
                 f"run `avcaps run {anc_cls.number}` first"
             )
         outs = [f.name for f in anc_cls.output_schema()]
-        want = outs if columns is None else [c for c in columns if c in outs]
+        want = [c for c in outs if c in needed]
         state = ledger.latest_table(["status", "fingerprint", *want])
         state = state.filter(pc.equal(state["status"], "ok"))
         if table is None:  # the clip table: its rows' fingerprints are of their content
             table = state.select(["clip_id", *want])
-            expected = state["fingerprint"].combine_chunks()
+            legacy_fp = state["fingerprint"].combine_chunks()
             continue
-        assert expected is not None  # set with the clip table, the first ancestor
+        assert legacy_fp is not None  # set with the clip table, the first ancestor
         clash = set(want) & set(table.column_names)
         if clash:
             raise AbortRun(f"stage {anc_cls.dirname()} outputs clash with upstream columns: {sorted(clash)}")
         idx = pc.index_in(table["clip_id"], value_set=state["clip_id"].combine_chunks())
         keep = pc.is_valid(idx)
-        table, idx, expected = table.filter(keep), idx.filter(keep), expected.filter(keep)
-        expected = chain(settings_fingerprint(anc_cls(ctx)), expected)
+        table, idx, legacy_fp = table.filter(keep), idx.filter(keep), legacy_fp.filter(keep)
+        new = value_fingerprints(settings_fingerprint(anc), table, made_from[anc_cls.dirname()])
+        legacy = [chain(settings_fingerprint(anc, s), legacy_fp) for s in anc.legacy_fingerprint_settings()]
+        current = _is_current(state["fingerprint"].take(idx), new, legacy)
+        held[anc_cls.dirname()] = int(pc.sum(pc.invert(current)).as_py() or 0)
+        legacy_fp = legacy[0]
         if current_only:
-            actual = state["fingerprint"].take(idx)
-            current = pc.or_kleene(pc.is_null(actual), pc.equal(actual, expected))
-            table, idx, expected = table.filter(current), idx.filter(current), expected.filter(current)
+            table, idx, legacy_fp = table.filter(current), idx.filter(current), legacy_fp.filter(current)
         for name in want:
             table = table.append_column(state.schema.field(name), state[name].take(idx))
     if table is None:
         raise AbortRun(f"stage {cls.dirname()} has no upstream stage to take items from")
-    return table.append_column(UPSTREAM_FP, expected)
+    table = table.append_column(UPSTREAM_FP, legacy_fp)
+    meta = dict(table.schema.metadata or {})
+    meta[HELD_BACK] = json.dumps({k: v for k, v in held.items() if v}).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def _schema(fields: list[pa.Field]) -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema(fields)
+
+
+def held_back(table: pa.Table) -> dict[str, int]:
+    """Per ancestor, the clips it holds back as stale (:data:`HELD_BACK` of an upstream table)."""
+    import json
+
+    raw = (table.schema.metadata or {}).get(HELD_BACK)
+    return {str(k): int(v) for k, v in json.loads(raw).items()} if raw else {}
+
+
+def waiting_line(held: dict[str, int]) -> str:
+    """One line on the clips held back by stale upstream rows, and the command that redoes them
+    (empty when none is)."""
+    if not held:
+        return ""
+    parts = [f"{n} wait for stage {dirname}, whose rows of them are stale" for dirname, n in held.items()]
+    first = next(iter(held))
+    return (
+        "; ".join(parts)
+        + f" (made with other settings or from other inputs): run `avcaps run {int(first[:2])}` first"
+    )
+
+
+@dataclass
+class Expected:
+    """What rows of a stage made now from each clip of an upstream table get: their fingerprint,
+    the legacy chain fingerprints that still count as current, and the layer's fingerprint."""
+
+    rows: pa.Array
+    legacy: list[pa.Array]
+    layer: pa.Array
+
+    def current(self, actual: pa.Array) -> pa.Array:
+        return _is_current(actual, self.rows, self.legacy)
+
+    def filter(self, mask: pa.Array) -> Expected:
+        return Expected(
+            self.rows.filter(mask), [x.filter(mask) for x in self.legacy], self.layer.filter(mask)
+        )
+
+    def take(self, idx: pa.Array) -> Expected:
+        return Expected(self.rows.take(idx), [x.take(idx) for x in self.legacy], self.layer.take(idx))
+
+
+def expected(stage: Stage, upstream: pa.Table) -> Expected:
+    """The fingerprints rows of ``stage`` made now from each clip of ``upstream`` get."""
+    import pyarrow as pa
+
+    from pipeline.fingerprint import chain, layer_fingerprints, settings_fingerprint, value_fingerprints
+
+    schema = upstream_schema(type(stage))
+    rows = value_fingerprints(settings_fingerprint(stage), upstream, fingerprint_columns(stage, schema))
+    legacy = [
+        chain(settings_fingerprint(stage, s), upstream[UPSTREAM_FP])
+        for s in stage.legacy_fingerprint_settings()
+    ]
+    if isinstance(stage, ItemStage):
+        layer = layer_fingerprints(
+            stage.layer_settings(), stage, rows, upstream, layer_columns(stage, schema)
+        )
+    else:
+        layer = pa.nulls(len(rows), pa.string())
+    return Expected(rows, legacy, layer)
 
 
 def expected_fingerprints(stage: Stage, upstream: pa.Table) -> pa.Array:
     """The fingerprint a row of ``stage`` made now from each clip of ``upstream`` gets."""
-    from pipeline.fingerprint import chain, settings_fingerprint
-
-    return chain(settings_fingerprint(stage), upstream[UPSTREAM_FP])
+    return expected(stage, upstream).rows
 
 
 def selected(stage: ItemStage, table: pa.Table) -> pa.Table:
@@ -138,10 +307,16 @@ def eligible_table(
     stage: ItemStage, ctx: RunContext, columns: list[str] | tuple[str, ...] = (), current_only: bool = True
 ) -> pa.Table:
     """The clips ``stage`` applies to (ok upstream, kept by ``select``): ``clip_id``, the upstream
-    ``columns`` asked for (e.g. ``split``) and :data:`UPSTREAM_FP`, as Arrow."""
+    ``columns`` asked for (e.g. ``split``), what the stage's fingerprints hash (so
+    :func:`expected` can be taken of it) and :data:`UPSTREAM_FP`, as Arrow, with the
+    :data:`HELD_BACK` metadata."""
     cols = list(dict.fromkeys([*stage.selection_columns, *columns]))
-    table = selected(stage, upstream_ok(type(stage), ctx, cols, current_only))
-    return table.select(["clip_id", *[c for c in columns if c in table.column_names], UPSTREAM_FP])
+    found = upstream_ok(type(stage), ctx, cols, current_only)
+    table = selected(stage, found)
+    schema = upstream_schema(type(stage))
+    keep = [*columns, *fingerprint_columns(stage, schema), *layer_columns(stage, schema)]
+    names = list(dict.fromkeys(["clip_id", *[c for c in keep if c in table.column_names], UPSTREAM_FP]))
+    return table.select(names).replace_schema_metadata(found.schema.metadata)
 
 
 def eligible_frame(
@@ -155,34 +330,50 @@ def eligible_frame(
 
 def expected_table(cls: type[Stage], ctx: RunContext) -> pa.Table:
     """``clip_id`` and ``expected``: the fingerprint a row of item stage ``cls`` would get if made
-    now, for every clip it applies to (stale upstream rows included, as if redone)."""
+    now, for every clip it applies to (stale upstream rows included, as if redone), and
+    ``legacy``, the legacy chain fingerprint that still counts as current."""
     import pyarrow as pa
 
     stage = cls(ctx)
     if not isinstance(stage, ItemStage):
         raise TypeError(f"expected_table: {cls.dirname()} is not an item stage")
     eligible = eligible_table(stage, ctx, current_only=False)
-    return pa.table({"clip_id": eligible["clip_id"], "expected": expected_fingerprints(stage, eligible)})
+    exp = expected(stage, eligible)
+    legacy = exp.legacy[0] if exp.legacy else pa.nulls(eligible.num_rows, pa.string())
+    return pa.table({"clip_id": eligible["clip_id"], "expected": exp.rows, "legacy": legacy})
+
+
+def stale_mask(state: pa.Table, ids: pa.Array, exp: Expected) -> pa.Array:
+    """Per row of ``state`` (clip_id, status, fingerprint): ok but not current, against the
+    expectation ``exp`` aligned with ``ids`` (a clip not among them is not stale)."""
+    import pyarrow.compute as pc
+
+    idx = pc.index_in(state["clip_id"], value_set=ids)
+    known = pc.is_valid(idx)
+    aligned = exp.take(idx.fill_null(0)) if len(ids) else None
+    if aligned is None:
+        return pc.and_(known, known)  # all false (no eligible clip)
+    current = aligned.current(state["fingerprint"].combine_chunks())
+    ok = pc.equal(state["status"], "ok")
+    return pc.and_(pc.and_(known, ok), pc.invert(current)).fill_null(False)
 
 
 def stale_ids(cls: type[Stage], ctx: RunContext) -> set[str]:
     """Clips whose current row of item stage ``cls`` is ok but stale: made from other settings or
-    other upstream rows than a run would use today (:mod:`pipeline.fingerprint`)."""
-    import pyarrow.compute as pc
-
+    other values of what it reads than a run would use today (:mod:`pipeline.fingerprint`)."""
     ledger = stage_ledger(cls, ctx.workdir)
     if not ledger.exists():
         return set()
+    stage = cls(ctx)
+    if not isinstance(stage, ItemStage):
+        return set()
     try:
-        expected = expected_table(cls, ctx)
+        eligible = eligible_table(stage, ctx, current_only=False)
     except AbortRun:  # an upstream stage has not run: nothing to compare with
         return set()
     state = ledger.latest_table(["status", "fingerprint"])
-    idx = pc.index_in(state["clip_id"], value_set=expected["clip_id"].combine_chunks())
-    want = expected["expected"].combine_chunks().take(idx)
-    ok = pc.equal(state["status"], "ok")
-    stale = pc.and_(ok, pc.not_equal(state["fingerprint"], want)).fill_null(False)
-    return set(state["clip_id"].filter(stale).to_pylist())
+    mask = stale_mask(state, eligible["clip_id"].combine_chunks(), expected(stage, eligible))
+    return set(state["clip_id"].filter(mask).to_pylist())
 
 
 # -- what is pending ------------------------------------------------------------------------------
@@ -191,53 +382,77 @@ def select_pending(
     state: pa.Table,
     options: RunOptions,
     max_attempts: int,
-    expected: pa.Array | None = None,
+    exp: Expected | None = None,
+    can_refresh: bool = False,
 ) -> pd.DataFrame:
     """The items to work on, in ``eligible_ids`` order: ``clip_id``, ``attempt``, ``seq`` (the seq
-    of the row each one supersedes), ``fingerprint`` (what its new row gets: ``expected``, aligned
-    with ``eligible_ids``) and ``redo`` (it is ok now: a forced or stale redo). ``state`` is the
-    stage's current rows (clip_id, status, attempts, seq, fingerprint). An ok item whose
-    fingerprint is not the expected one is stale and redone; a null fingerprint is taken as current.
+    of the row each one supersedes), ``fingerprint`` and ``layer_fingerprint`` (what its new row
+    gets: ``exp``, aligned with ``eligible_ids``), ``redo`` (it is ok now: a forced or stale redo)
+    and ``refresh`` (its row is current, only its layer is to be made anew: ``can_refresh``).
+    ``state`` is the stage's current rows (clip_id, status, attempts, seq, fingerprint,
+    layer_fingerprint). An ok item whose row is not current is stale and redone.
     """
     import numpy as np
     import pandas as pd
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from pipeline.fingerprint import is_legacy
+
     ids = pa.array(eligible_ids, type=pa.string()) if isinstance(eligible_ids, list) else eligible_ids
-    if expected is None:
-        expected = pa.nulls(len(ids), pa.string())
+    if exp is None:
+        nulls = pa.nulls(len(ids), pa.string())
+        exp = Expected(nulls, [], nulls)
     if options.shard is not None:
         keep = pa.array([in_shard(c, options.shard) for c in ids.to_pylist()], type=pa.bool_())
-        ids, expected = ids.filter(keep), expected.filter(keep)
+        ids, exp = ids.filter(keep), exp.filter(keep)
     idx = pc.index_in(ids, value_set=state["clip_id"].combine_chunks())
     has_row = pc.is_valid(idx).to_numpy(zero_copy_only=False)
     status = state["status"].take(idx).fill_null("").to_numpy(zero_copy_only=False)
     tries = state["attempts"].take(idx).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     seq = state["seq"].take(idx).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    ok = status == "ok"
+    stale = np.zeros(len(ids), dtype=bool)
+    layer_stale = np.zeros(len(ids), dtype=bool)
     if "fingerprint" in state.column_names:
         actual = state["fingerprint"].take(idx)
-        differs = pc.and_(pc.is_valid(actual), pc.not_equal(actual, expected.cast(pa.string())))
-        stale = (status == "ok") & differs.fill_null(False).to_numpy(zero_copy_only=False)
-    else:
-        stale = np.zeros(len(ids), dtype=bool)
+        current = exp.current(actual).fill_null(True).to_numpy(zero_copy_only=False)
+        stale = ok & ~current
+        if "layer_fingerprint" in state.column_names:
+            # A layer is stale where the stage has one now and the row's is another (or none);
+            # a legacy row equal to its legacy form was made with today's layer settings too.
+            have = state["layer_fingerprint"].take(idx)
+            differs = pc.or_(pc.is_null(have), pc.not_equal(have, exp.layer)).fill_null(True)
+            wants = pc.is_valid(exp.layer)
+            legacy = np.array([is_legacy(a) for a in actual.to_pylist()], dtype=bool)
+            layer_stale = (
+                ok
+                & current
+                & ~legacy
+                & pc.and_(wants, differs).fill_null(False).to_numpy(zero_copy_only=False)
+            )
+    refresh = layer_stale & can_refresh
     if options.force:
         pending = np.ones(len(ids), dtype=bool)
         attempt = np.ones(len(ids), dtype=np.int64)
+        refresh = np.zeros(len(ids), dtype=bool)
     elif options.retry_failed:
-        pending = ~has_row | (status != "ok") | stale
+        pending = ~has_row | (status != "ok") | stale | layer_stale
         attempt = np.ones(len(ids), dtype=np.int64)
     else:
         retryable = (status != "ok") & (status != "failed_permanent") & (tries < max_attempts)
-        pending = ~has_row | retryable | stale
-        attempt = np.where(has_row & ~stale, tries + 1, 1)
+        pending = ~has_row | retryable | stale | layer_stale
+        attempt = np.where(has_row & ~stale & ~layer_stale, tries + 1, 1)
+    mask = pa.array(pending)
     out = pd.DataFrame(
         {
-            "clip_id": ids.filter(pa.array(pending)).to_pylist(),
+            "clip_id": ids.filter(mask).to_pylist(),
             "attempt": attempt[pending],
             "seq": seq[pending],
-            "fingerprint": expected.filter(pa.array(pending)).to_pylist(),
-            "redo": (status == "ok")[pending],
+            "fingerprint": exp.rows.filter(mask).to_pylist(),
+            "layer_fingerprint": exp.layer.filter(mask).to_pylist(),
+            "redo": ok[pending],
+            "refresh": refresh[pending],
         }
     )
     if options.limit is not None:
@@ -256,12 +471,16 @@ class WorkList:
         seqs: list[int],
         fingerprints: list[str | None] | None = None,
         previous: pa.Table | None = None,
+        layer_fingerprints: list[str | None] | None = None,
+        refresh: list[bool] | None = None,
     ) -> None:
         self.data = data  # clip_id + upstream columns, one row per item
         self.attempts = attempts
         self.seqs = seqs
         self.fingerprints = fingerprints or [None] * len(attempts)
         self.previous = previous  # a redo's current ok row (null row otherwise), aligned with data
+        self.layer_fingerprints = layer_fingerprints or [None] * len(attempts)
+        self.refresh = refresh or [False] * len(attempts)
 
     @classmethod
     def of(cls, upstream: pa.Table, pending: pd.DataFrame, current: pa.Table | None = None) -> WorkList:
@@ -287,6 +506,8 @@ class WorkList:
             pending["seq"].tolist(),
             pending["fingerprint"].tolist(),
             previous,
+            pending["layer_fingerprint"].tolist() if "layer_fingerprint" in pending else None,
+            [bool(r) for r in pending["refresh"]] if "refresh" in pending else None,
         )
 
     def __len__(self) -> int:
@@ -308,6 +529,8 @@ class WorkList:
                     int(self.seqs[start + k]),
                     self.fingerprints[start + k],
                     _previous(prev[k]),
+                    self.layer_fingerprints[start + k],
+                    self.refresh[start + k],
                 )
                 for k, row in enumerate(rows)
             ]
@@ -323,13 +546,15 @@ class WorkList:
 
         ids = pa.array([r["clip_id"] for r in rows], type=pa.string())
         idx = pc.index_in(ids, value_set=self.data["clip_id"].combine_chunks())
-        fps = [self.fingerprints[i] for i in idx.to_pylist()]
+        at = idx.to_pylist()
         return WorkList(
             self.data.take(idx),
             [int(r["attempts"]) + 1 for r in rows],
             [int(r["seq"]) for r in rows],
-            fps,
+            [self.fingerprints[i] for i in at],
             self.previous.take(idx) if self.previous is not None else None,
+            [self.layer_fingerprints[i] for i in at],
+            [self.refresh[i] for i in at],
         )
 
 
@@ -338,4 +563,5 @@ def _previous(row: dict[str, Any] | None) -> dict[str, Any] | None:
     if not row or row.get("clip_id") is None:
         return None
     drop = {"clip_id", "status", "reason", "message", "attempts", "seq", "updated_at"}
+    # fingerprint and layer_fingerprint stay: a kept row keeps what it was made from
     return {k: v for k, v in row.items() if k not in drop}

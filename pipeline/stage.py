@@ -52,10 +52,14 @@ class Item:
     data: dict[str, Any]
     attempt: int = 1
     seq: int = 0
-    #: The fingerprint this attempt's row gets (its settings and upstream rows, hashed).
+    #: The fingerprint this attempt's row gets (its settings and the values it reads, hashed).
     fingerprint: str | None = None
     #: A redo's previous ok row (its output columns and fingerprint): kept current if the redo fails.
     previous: dict[str, Any] | None = None
+    #: The fingerprint of the stage's layer (scores) for this row, when the stage has one.
+    layer_fingerprint: str | None = None
+    #: Only the layer is to be made anew (:meth:`ItemStage.refresh`): ``previous`` is the row.
+    refresh: bool = False
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -70,6 +74,9 @@ class Result:
     outputs: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     message: str = ""
+    #: Whether the stage's layer (its scores) was made: False keeps the row (its captions, its
+    #: merges) with the layer missing, which the next plain run refreshes.
+    layer: bool = True
 
     @classmethod
     def ok(cls, clip_id: str, **outputs: Any) -> Result:
@@ -170,8 +177,13 @@ class Stage(ABC, Generic[C]):
     def fingerprint_settings(self) -> dict[str, Any]:
         """The settings that change this stage's output (model id and revision, prompt hash,
         decoding parameters...; not batch sizes, devices or paths of temp files). A row made under
-        other settings, or from other upstream rows, is stale (:mod:`pipeline.fingerprint`)."""
+        other settings, or from other values of what it reads, is stale (:mod:`pipeline.fingerprint`)."""
         return {}
+
+    def legacy_fingerprint_settings(self) -> list[dict[str, Any]]:
+        """The settings as this stage declared them when its rows were chain-fingerprinted (before
+        fingerprints hashed the values read): a legacy row equal to one of them is current."""
+        return [self.fingerprint_settings()]
 
     def write_dirs(self) -> list[Path]:
         """The folders this stage writes to, whose filesystems must stay writable with room to
@@ -202,6 +214,39 @@ class ItemStage(Stage[IC]):
 
     #: Upstream columns :meth:`select` looks at (read for every clip, so keep it short).
     selection_columns: ClassVar[tuple[str, ...]] = ()
+    #: Output columns that make the stage's layer (scores): recomputed on their own by
+    #: :meth:`refresh`, fingerprinted apart (:meth:`layer_settings`), never making the row stale.
+    layer_columns: ClassVar[tuple[str, ...]] = ()
+    #: What the layer is called in messages and status ("scores").
+    layer_name: ClassVar[str] = "layer"
+    #: What this run has to do, set by the runner before :meth:`setup`: "process" (rows to make)
+    #: and/or "refresh" (layers to make anew), so setup loads only what that needs.
+    work: frozenset[str] = frozenset({"process"})
+
+    def reads(self) -> tuple[str, ...] | None:
+        """The upstream columns this stage's rows are made from: the runner reads them (with
+        :meth:`carries` and :attr:`selection_columns`), checks them against the upstream schema,
+        and a row's fingerprint hashes their values (a file column by its file's digest). None:
+        every upstream output column."""
+        return None
+
+    def carries(self) -> tuple[str, ...]:
+        """Upstream columns the items carry that do not make the row (read, not fingerprinted)."""
+        return ()
+
+    def layer_settings(self) -> dict[str, Any] | None:
+        """The settings of the layer (a scorer's model and revision); None: no layer now."""
+        return None
+
+    def layer_reads(self) -> tuple[str, ...]:
+        """Upstream columns the layer is made from (fingerprinted into the layer only)."""
+        return ()
+
+    def refresh(self, batch: list[Item]) -> list[Result]:
+        """Make the layer of ``batch`` anew (``item.previous``: its current row, kept as it is
+        otherwise): one result per item, the row's outputs with new layer columns. A stage that
+        has a layer implements it; without it, a stale layer is a full redo."""
+        raise NotImplementedError
 
     def select(self, table: pd.DataFrame) -> Any:
         """Which clips this stage applies to at all (for example, only the test split): a boolean

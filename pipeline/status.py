@@ -16,7 +16,7 @@ from pipeline.executors import KEPT_PREVIOUS
 from pipeline.io import read_json
 from pipeline.ledger import QUARANTINE, DamagedPart, tolerating_damage
 from pipeline.registry import app, stage_classes
-from pipeline.selection import eligible_table, expected_fingerprints, stage_ledger
+from pipeline.selection import Expected, eligible_table, expected, held_back, stage_ledger, waiting_line
 from pipeline.stage import STATUSES, ItemStage, RunContext, Stage, WholeStage
 
 if TYPE_CHECKING:
@@ -58,15 +58,24 @@ def _current(eligible: pa.Table, state: pa.Table) -> tuple[pa.Array, pa.Array]:
     return status, state["reason"].combine_chunks().take(idx)
 
 
-def _stale(eligible: pa.Table, state: pa.Table, expected: pa.Array) -> pa.Array:
-    """Per eligible clip: its row is ok but was made from other settings or upstream rows than a run
-    would use today (a null fingerprint, from before fingerprints, counts as current)."""
+def _stale(eligible: pa.Table, state: pa.Table, exp: Expected) -> tuple[pa.Array, pa.Array]:
+    """Per eligible clip: its row is ok but was made from other settings or other values of what
+    it reads than a run would use today (a null fingerprint, from before fingerprints, counts as
+    current); and, among current rows, its layer (scores) is not the one a run would make."""
     import pyarrow.compute as pc
 
+    from pipeline.fingerprint import PREFIX
+
     idx = pc.index_in(eligible["clip_id"], value_set=state["clip_id"].combine_chunks())
-    ok = pc.equal(state["status"].combine_chunks().take(idx), "ok")
+    ok = pc.equal(state["status"].combine_chunks().take(idx), "ok").fill_null(False)
     actual = state["fingerprint"].combine_chunks().take(idx)
-    return pc.and_(ok, pc.not_equal(actual, expected)).fill_null(False)
+    current = exp.current(actual).fill_null(True)
+    stale = pc.and_(ok, pc.invert(current))
+    have = state["layer_fingerprint"].combine_chunks().take(idx)
+    differs = pc.or_(pc.is_null(have), pc.not_equal(have, exp.layer)).fill_null(True)
+    fresh = pc.starts_with(actual, PREFIX).fill_null(False)
+    layer = pc.and_(pc.and_(pc.and_(ok, current), fresh), pc.and_(pc.is_valid(exp.layer), differs))
+    return stale, layer.fill_null(False)
 
 
 def _by_group(groups: pa.Array, status: pa.Array, reason: pa.Array) -> dict[str, Any]:
@@ -103,11 +112,17 @@ def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
         except AbortRun:  # upstream has not run: nothing is eligible yet
             entry["waiting_for_upstream"] = True
             return entry
-        state = ledger.latest_table(["status", "reason", "fingerprint"])
+        state = ledger.latest_table(["status", "reason", "fingerprint", "layer_fingerprint"])
         status, reason = _current(eligible, state)
-        stale = _stale(eligible, state, expected_fingerprints(stage, eligible))
+        stale, layer = _stale(eligible, state, expected(stage, eligible))
         entry.update(_counts(status, reason))
         entry["stale"] = int(pc.sum(stale).as_py() or 0)
+        if stage.layer_columns:
+            entry["layer"] = stage.layer_name
+            entry["layer_stale"] = int(pc.sum(layer).as_py() or 0)
+        held = held_back(eligible)
+        if held:
+            entry["waiting_on_stale"] = held
         entry["redo_failed"] = int(pc.sum(pc.equal(reason, KEPT_PREVIOUS).fill_null(False)).as_py() or 0)
         if group and group in eligible.column_names:
             groups = eligible[group].combine_chunks()
@@ -180,6 +195,8 @@ def format_table(status: dict[str, Any]) -> str:
             notes.append(", ".join(f"{k}={v}" for k, v in st["reasons"].items()))
         if st.get("redo_failed"):
             notes.append(f"{st['redo_failed']} failed redos kept their previous result")
+        if st.get("layer_stale"):
+            notes.append(f"{st['layer_stale']} with {st['layer']} to make anew (a plain run does)")
         stale = "" if st.get("stale") is None else st["stale"]
         last = st.get("last_run") or {}
         if last.get("exit_code"):
@@ -198,6 +215,8 @@ def format_table(status: dict[str, Any]) -> str:
         lines += [f"  ! {note}" for note in summary.get("notes", [])]
         if last.get("exit_code"):
             lines.append(f"  ! {last.get('message', '')}")
+        if st.get("waiting_on_stale"):
+            lines.append(f"  ! {waiting_line(st['waiting_on_stale'])}")
         lines += [f"  ! damaged ledger part {d['text']}" for d in damaged]
         if damaged:
             lines.append("  ! `avcaps repair` moves it to quarantine/; the next run redoes its items")

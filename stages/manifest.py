@@ -431,6 +431,7 @@ class ManifestStage(WholeStage[ManifestConfig]):
         # captions (or times, or split) makes everything made from it stale.
         content = ["clip_id", "youtube_id", "start_s", "end_s", "split", "audio_captions", "audiocap_ids"]
         columns["fingerprint"] = content_fingerprints(pa.table({c: columns[c] for c in content}), content)
+        columns["layer_fingerprint"] = pa.nulls(n, pa.string())  # the clip table has no layer
         return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
 
     def _previous_summary(self) -> dict[str, Any]:

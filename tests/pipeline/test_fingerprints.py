@@ -52,19 +52,24 @@ def current(info: dict, stage: str) -> pd.DataFrame:
     return stage_ledger(find_stage(stage), info["workdir"]).latest()
 
 
-def test_a_changed_setting_makes_its_stage_and_every_later_one_stale(fp: dict) -> None:
+def test_a_changed_setting_makes_its_stage_stale_and_later_ones_wait(fp: dict) -> None:
     st = status(fp)
     assert st["01-toy"]["stale"] == 0 and st["02-echo"]["stale"] == 0 and st["02-echo"]["ok"] == N
 
     spicy = ("toy.flavour=spicy",)
     st = status(fp, *spicy)
-    assert st["01-toy"]["stale"] == N and st["02-echo"]["stale"] == N  # the echo of a stale toy row
-    assert st["02-echo"]["by_split"]["test"]["stale"] == N
-    # Nothing downstream takes a stale row: echo waits until toy is redone.
-    assert run(fp, "echo", *spicy).selected == 0
+    # Toy's rows are stale; echo's are made from toy's current values, so they wait (and say so).
+    assert st["01-toy"]["stale"] == N and st["02-echo"]["stale"] == 0
+    assert st["02-echo"]["waiting_on_stale"] == {"01-toy": N}
+    # Nothing downstream takes a stale row: echo waits until toy is redone, and its run says so.
+    report = run(fp, "echo", *spicy)
+    assert report.selected == 0
+    assert f"{N} wait for stage 01-toy" in report.message and "run `avcaps run 1` first" in report.message
     assert run(fp, "toy", *spicy).selected == N
     st = status(fp, *spicy)
+    # Toy's new values are not the ones echo's rows read: now they are stale.
     assert st["01-toy"]["stale"] == 0 and st["02-echo"]["stale"] == N
+    assert st["02-echo"]["by_split"]["test"]["stale"] == N
     assert run(fp, "echo", *spicy).selected == N
     assert status(fp, *spicy)["02-echo"]["stale"] == 0
     assert all(v.endswith(":spicy/v1") for v in current(fp, "echo")["echo"])
@@ -72,6 +77,48 @@ def test_a_changed_setting_makes_its_stage_and_every_later_one_stale(fp: dict) -
 
     # Back to the first setting: stale again (a fingerprint is of the settings, not of a version).
     assert status(fp)["01-toy"]["stale"] == N
+
+
+def test_a_redo_that_makes_the_same_values_leaves_later_stages_current(fp: dict) -> None:
+    """A setting in toy's fingerprint that leaves its output as it is: toy is redone, echo (which
+    reads toy's values, not its rows' fingerprints) stays current and is not redone."""
+    neutral = ("toy.neutral=b",)
+    assert status(fp, *neutral)["01-toy"]["stale"] == N
+    assert run(fp, "toy", *neutral).selected == N
+    st = status(fp, *neutral)
+    assert st["01-toy"]["stale"] == 0 and st["02-echo"]["stale"] == 0
+    assert "waiting_on_stale" not in st["02-echo"]
+    assert run(fp, "echo", *neutral).selected == 0
+
+
+def test_rows_of_the_chained_fingerprints_keep_working(fp: dict) -> None:
+    """A run folder whose rows carry the fingerprints of before (the settings chained with the
+    upstream row's fingerprint): current as they are, stale when a setting changes."""
+    import pyarrow as pa
+
+    from pipeline.fingerprint import chain, settings_fingerprint
+
+    manifest = stage_ledger(find_stage("manifest"), fp["workdir"]).latest_table(["fingerprint"])
+    by_id = dict(zip(manifest["clip_id"].to_pylist(), manifest["fingerprint"].to_pylist(), strict=True))
+    c = ctx(fp)
+    toy, echo = find_stage("toy")(c), find_stage("echo")(c)
+    toy_fp: dict[str, str] = {}
+    for stage, up in ((toy, by_id), (echo, None)):
+        led = stage_ledger(type(stage), fp["workdir"])
+        rows = led.latest_table().drop_columns(["seq", "updated_at"]).to_pylist()
+        settings = settings_fingerprint(stage, stage.legacy_fingerprint_settings()[0])
+        ups = [(up or toy_fp)[r["clip_id"]] for r in rows]
+        old = chain(settings, pa.array(ups, pa.string())).to_pylist()
+        if stage is toy:
+            toy_fp = {r["clip_id"]: f for r, f in zip(rows, old, strict=True)}
+        led.commit(
+            [{**r, "fingerprint": f, "layer_fingerprint": None} for r, f in zip(rows, old, strict=True)]
+        )
+    assert not any(current(fp, s)["fingerprint"].str.startswith("r:").any() for s in ("toy", "echo"))
+    st = status(fp)
+    assert st["01-toy"]["stale"] == 0 and st["02-echo"]["stale"] == 0
+    assert run(fp, "toy").selected == 0 and run(fp, "echo").selected == 0
+    assert status(fp, "toy.flavour=x")["01-toy"]["stale"] == N
 
 
 def test_only_the_stage_whose_setting_changed_is_stale(fp: dict) -> None:

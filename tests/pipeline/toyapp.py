@@ -39,6 +39,7 @@ class ToySection(StageConfig):
     only_split: str | None = None
     write_file: bool = Field(True, description="Write a media file per ok item (off: pure engine cost).")
     flavour: str = Field("plain", description="A setting that changes the output (fingerprinted).")
+    neutral: str = Field("a", description="A fingerprinted setting that leaves the output as it is.")
     order: str = Field("table", description="table | reverse | broken (not a permutation): ToyStage.order.")
     file_bytes: int = Field(0, description="Pad each item's media file to this many bytes (fills a disk).")
     writer: str = Field(
@@ -70,7 +71,11 @@ class ToyStage(ItemStage):
         return None if only is None else table["split"] == only
 
     def fingerprint_settings(self) -> dict[str, Any]:
-        return {"flavour": self.stage_config.flavour}  # type: ignore[attr-defined]
+        cfg = self.stage_config
+        return {"flavour": cfg.flavour, "neutral": cfg.neutral}  # type: ignore[attr-defined]
+
+    def legacy_fingerprint_settings(self) -> list[dict[str, Any]]:
+        return [{"flavour": self.stage_config.flavour}]  # type: ignore[attr-defined]
 
     def order(self, table: pa.Table) -> Any:
         how = self.stage_config.order  # type: ignore[attr-defined]
