@@ -152,6 +152,7 @@ def result_rows(
             )
             continue
         row = {
+            **res.outputs,  # first: the row's own fields below win over a copied previous row's
             "clip_id": res.clip_id,
             "status": res.status,
             "reason": res.reason,
@@ -160,7 +161,6 @@ def result_rows(
             "seq": item.seq + 1,
             "fingerprint": item.fingerprint,
             "layer_fingerprint": item.layer_fingerprint if res.status == "ok" and res.layer else None,
-            **res.outputs,
         }
         rows.append(row)
         if res.status != "ok" and item.previous is not None and not drop_previous:

@@ -15,6 +15,7 @@ from stages.manifest import ManifestConfig
 from stages.merge.config import MergeConfig
 from stages.publish import PublishConfig
 from stages.review.connection import ReviewConfig
+from stages.scoring import ScoringConfig
 
 
 class RunConfig(RunConfigBase):
@@ -27,3 +28,5 @@ class RunConfig(RunConfigBase):
     export: ExportConfig = ExportConfig()
     publish: PublishConfig = PublishConfig()
     merge: MergeConfig = MergeConfig()
+    # The CLIP and CLAP scorers of stages 3 and 4 (their quality scores: a layer of their own).
+    scoring: ScoringConfig = ScoringConfig()

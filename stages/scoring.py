@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
+from pipeline.config import StrictModel
 from pipeline.errors import AbortRun
 from pipeline.io import folder_fingerprint
 
@@ -46,6 +49,63 @@ CLIP_MODEL = "openai/clip-vit-large-patch14"
 CLIP_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"
 CLAP_MODEL = "laion/larger_clap_general"
 CLAP_REVISION = "ada0c23a36c4e8582805bb38fec3905903f18b41"
+
+
+def moved_keys(data: Any, section: str, moved: dict[str, str]) -> Any:
+    """A config section's raw data, refused with one message naming the new place of every key
+    that moved (a manifest written before the keys moved)."""
+    if isinstance(data, dict):
+        found = [f"{section}.{k} is now {new}" for k, new in moved.items() if k in data]
+        if found:
+            raise ValueError("; ".join(found))
+    return data
+
+
+def model_ident(model: str, revision: str | None = None) -> str:
+    """What a fingerprint records of a model: a local folder by its files (``local:<hash>``,
+    however its path is spelled: relative, absolute, through a link), a Hub id with its revision."""
+    if Path(model).expanduser().is_dir():
+        return folder_fingerprint(Path(model).expanduser())
+    return f"{model}@{revision}" if revision else model
+
+
+class ScoringConfig(StrictModel):
+    """The ``scoring:`` section: the CLIP and CLAP scorers and how they run, one for stages 3 and
+    4 (each stage's ``score`` switch says whether it scores). A scorer's model and revision
+    fingerprint the score columns only: another scorer re-scores, it makes no caption or merge stale."""
+
+    clip_model: str = Field(CLIP_MODEL, description="CLIP model: Hub id or local folder.")
+    clip_revision: str | None = Field(
+        CLIP_REVISION, description="Hub commit of the CLIP model (ignored for a local folder)."
+    )
+    clap_model: str = Field(CLAP_MODEL, description="CLAP model: Hub id or local folder.")
+    clap_revision: str | None = Field(
+        CLAP_REVISION, description="Hub commit of the CLAP model (ignored for a local folder)."
+    )
+    device: str = Field("auto", description="The scorers' device: auto (cuda if any), cpu, cuda:N.")
+    dtype: str = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU; or a torch dtype name.")
+    batch_size: int = Field(64, gt=0, description="Inputs (images, clips, texts) per scorer forward.")
+    local_files_only: bool = Field(False, description="Load the scorers from the local cache only.")
+
+    def clip(self) -> ScorerSpec:
+        return ScorerSpec(
+            self.clip_model,
+            self.clip_revision,
+            self.device,
+            self.dtype,
+            self.batch_size,
+            self.local_files_only,
+        )
+
+    def clap(self) -> ScorerSpec:
+        return ScorerSpec(
+            self.clap_model,
+            self.clap_revision,
+            self.device,
+            self.dtype,
+            self.batch_size,
+            self.local_files_only,
+        )
 
 
 class ScoreError(Exception):
@@ -70,7 +130,11 @@ class ScorerSpec:
     local_files_only: bool = False
 
     def ident(self) -> str:
-        """``model@revision`` as the fingerprint and the ledger record it (before loading)."""
+        """What the score layer's fingerprint records of the model (:func:`model_ident`)."""
+        return model_ident(self.model, self.revision)
+
+    def legacy_ident(self) -> str:
+        """``model@revision`` as fingerprints recorded it before models were known by content."""
         return (
             f"{self.model}@{self.revision}" if self.revision and not Path(self.model).is_dir() else self.model
         )

@@ -172,7 +172,7 @@ def scorer_overrides(models_dir: Path | str) -> list[str]:
     models_dir = Path(models_dir)
     clip = build_tiny_clip(models_dir / "clip-tiny").resolve()
     clap = build_tiny_clap(models_dir / "clap-tiny").resolve()
-    return [f"caption.clip_model={clip}", f"merge.clip_model={clip}", f"merge.clap_model={clap}"]
+    return [f"scoring.clip_model={clip}", f"scoring.clap_model={clap}"]
 
 
 # -- the real architectures, for the benchmark (random weights, no download) ---------------------

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from pipeline.config import StageConfig
-from stages.scoring import CLIP_MODEL, CLIP_REVISION
+from stages.scoring import moved_keys
+
+# Settings that moved to the shared scoring: section (issue 25): old manifests get a line saying where.
+MOVED = {
+    "clip_model": "scoring.clip_model",
+    "clip_revision": "scoring.clip_revision",
+    "clip_batch_size": "scoring.batch_size",
+}
 
 # A commit of https://huggingface.co/Salesforce/blip2-opt-2.7b widely pinned in public code.
 DEFAULT_REVISION = "51572668da0eb669e01a189dc22abe6088589a24"
@@ -55,18 +62,21 @@ class CaptionConfig(StageConfig):
             "default on with CUDA, off on CPU. decoder=generate: needs static_cache; default off."
         ),
     )
-    # Quality signal (issue 18): a CLIP score of each frame caption against its keyframe.
-    score: bool = Field(True, description="Score every frame caption against its keyframe with CLIP.")
-    clip_model: str = Field(CLIP_MODEL, description="CLIP model: Hub id or local folder.")
-    clip_revision: str | None = Field(
-        CLIP_REVISION, description="Hub commit of the CLIP model (ignored for a local folder)."
+    # Quality signal (issue 18): a CLIP score of each frame caption against its keyframe; the
+    # scorer itself (model, device, batch) is the scoring: section, shared with stage 4.
+    score: bool = Field(
+        True, description="Score every frame caption against its keyframe with CLIP (scoring.clip_model)."
     )
-    clip_batch_size: int = Field(64, gt=0, description="Images (and texts) per CLIP forward.")
     simulate_oom_above: int | None = Field(
         None,
         gt=0,
         description="Testing hook: raise CUDA out-of-memory for generate() chunks larger than this.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return moved_keys(data, "caption", MOVED)
 
     @model_validator(mode="after")
     def _decoder_options(self) -> CaptionConfig:

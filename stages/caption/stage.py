@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,19 +37,27 @@ from stages.caption.captioner import CLEANING_VERSION, Captioner, FrameError
 from stages.caption.config import CaptionConfig
 from stages.keyframes import middle_index
 from stages.scores import VISUAL_CLIP, caption_score_fields
-from stages.scoring import ClipScorer, ScoreError, ScorerSpec, cosine
+from stages.scoring import ClipScorer, ScoreError, ScorerSpec, ScoringConfig, cosine, model_ident
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
     import pyarrow as pa
 
+log = logging.getLogger("avcaps")
 
-def settings_hash(cfg: CaptionConfig) -> str:
-    """A short hash of every setting that changes the caption text (not batch sizes or devices)."""
+
+def settings_hash(cfg: CaptionConfig, legacy: bool = False) -> str:
+    """A short hash of every setting that changes the caption text (not batch sizes or devices);
+    the model by its files when it is a local folder (``legacy``: by its name, as rows made before
+    models were known by content recorded it)."""
+    model = (
+        {"model": cfg.model, "revision": cfg.revision}
+        if legacy
+        else {"model": model_ident(cfg.model, cfg.revision)}
+    )
     keys = {
-        "model": cfg.model,
-        "revision": cfg.revision,
+        **model,
         "dtype": cfg.dtype,
         "prompt": cfg.prompt,
         "num_beams": cfg.num_beams,
@@ -92,23 +101,28 @@ class CaptionStage(ItemStage[CaptionConfig]):
     description = "Caption every keyframe with BLIP-2; the middle frame's caption is the clip's."
     resources = Resources(cpus=4, gpus=1)
 
+    uses = (ScoringConfig,)  # the CLIP scorer (scoring: section), shared with stage 4
+    layer_columns = (VISUAL_CLIP, "clip_model")
+    layer_name = "scores"
+
     def fingerprint_settings(self) -> dict[str, Any]:
-        # The scorer is part of what a row holds: another CLIP model makes the rows stale.
-        return {
-            "settings_hash": settings_hash(self.cfg),
-            "clip": self.clip_spec().ident() if self.cfg.score else None,
-        }
+        # What the caption text is made with. The scorer is not here: its scores are the layer.
+        return {"settings_hash": settings_hash(self.cfg)}
+
+    def legacy_fingerprint_settings(self) -> list[dict[str, Any]]:
+        # Before scores were a layer, the scorer was part of the row's fingerprint.
+        clip = self.clip_spec().legacy_ident() if self.cfg.score else None
+        return [{"settings_hash": settings_hash(self.cfg, legacy=True), "clip": clip}]
+
+    def reads(self) -> tuple[str, ...]:
+        # The keyframes (by their files' digests) and which of them is the middle one.
+        return ("frame_paths", "middle_frame")
+
+    def layer_settings(self) -> dict[str, Any] | None:
+        return {"clip": self.clip_spec().ident()} if self.cfg.score else None
 
     def clip_spec(self) -> ScorerSpec:
-        cfg = self.cfg
-        return ScorerSpec(
-            cfg.clip_model,
-            cfg.clip_revision,
-            cfg.device,
-            cfg.dtype,
-            cfg.clip_batch_size,
-            cfg.local_files_only,
-        )
+        return self.section(ScoringConfig).clip()
 
     @classmethod
     def output_schema(cls) -> list[pa.Field]:
@@ -132,17 +146,22 @@ class CaptionStage(ItemStage[CaptionConfig]):
         return [d for d in super().write_dirs() if d != self.ctx.tmp_dir]
 
     def setup(self) -> None:
-        captioner = Captioner(self.cfg)
+        # A run that only re-scores (another scorer) never loads BLIP-2.
+        captioner = Captioner(self.cfg) if "process" in self.work else None
         self.start(captioner, ClipScorer(self.clip_spec()) if self.cfg.score else None)
 
-    def start(self, captioner: Captioner, scorer: ClipScorer | None = None) -> None:
+    def start(self, captioner: Captioner | None, scorer: ClipScorer | None = None) -> None:
         """Take a loaded captioner and scorer (``setup`` loads them; the benchmark passes its own;
-        without a scorer the score columns stay empty)."""
-        self.captioner = captioner
+        without a scorer the score columns stay empty; without a captioner only scores are made)."""
         self.pool = ThreadPoolExecutor(self.cfg.loader_workers, thread_name_prefix="caption-load")
         self.scorer = scorer
         if scorer is not None:
             scorer.pool = self.pool  # JPEGs are read ahead in the same threads
+        self.unique_frames = 0
+        self.total_frames = 0
+        if captioner is None:
+            return
+        self.captioner = captioner
         self.provenance = {
             "caption_model": self.cfg.model,
             "caption_revision": self.captioner.revision,
@@ -150,8 +169,6 @@ class CaptionStage(ItemStage[CaptionConfig]):
             "caption_settings_hash": settings_hash(self.cfg),
             "caption_versions": library_versions(),
         }
-        self.unique_frames = 0
-        self.total_frames = 0
 
     def teardown(self) -> None:
         pool = getattr(self, "pool", None)
@@ -258,18 +275,39 @@ class CaptionStage(ItemStage[CaptionConfig]):
                     **self.provenance,
                 )
             )
-        if self.scorer is not None:
-            try:
-                results = self.score(batch, results)
-            except torch.OutOfMemoryError as exc:
-                err = TransientError("cuda_oom", f"CUDA out of memory in CLIP scoring: {exc}")
-                return [Result.failed(item.clip_id, err) for item in batch]
-        return results
+        return self.scored(batch, results)
+
+    def refresh(self, batch: list[Item]) -> list[Result]:
+        """New scores for rows whose captions are current (another CLIP scorer, or scores that
+        were not made): the row's captions as they are, BLIP-2 untouched."""
+        results = [Result.ok(item.clip_id, **(item.previous or {})) for item in batch]
+        for r in results:
+            r.outputs.pop("fingerprint", None)
+            r.outputs.pop("layer_fingerprint", None)
+        return self.scored(batch, results)
+
+    def scored(self, batch: list[Item], results: list[Result]) -> list[Result]:
+        """The ok results with their scores, or, when scoring fails for the batch (CUDA out of
+        memory), with their captions and no scores: the layer is left to the next run."""
+        import torch
+
+        if self.scorer is None:
+            return results
+        try:
+            return self.score(batch, results)
+        except torch.OutOfMemoryError as exc:
+            log.warning("%s: CLIP ran out of CUDA memory; captions kept, scores left to the next run: %s",
+                        self.dirname(), exc)  # fmt: skip
+            for r in results:
+                if r.status == "ok":
+                    r.layer = False
+                    r.message = f"scores not made: CUDA out of memory in CLIP scoring: {exc}"[:500]
+            return results
 
     def score(self, batch: list[Item], results: list[Result]) -> list[Result]:
         """Add ``visual_clip_score`` (keyframe i <-> frame caption i) to the ok results: every
         distinct frame and caption of the batch embedded once, in batches. A frame the scorer
-        cannot read fails its clip (with the captions kept on the row), not the batch."""
+        cannot read leaves its clip without scores (its captions kept), not the batch."""
         assert self.scorer is not None
         ok = {r.clip_id: r for r in results if r.status == "ok"}
         paths = {
@@ -287,8 +325,9 @@ class CaptionStage(ItemStage[CaptionConfig]):
             embs = [images[p] for p in paths[r.clip_id]]
             bad = next((e for e in embs if isinstance(e, ScoreError)), None)
             if bad is not None:
-                err = PermanentError(bad.reason, f"clip {r.clip_id}: CLIP cannot score its keyframe: {bad}")
-                out.append(Result.failed(r.clip_id, err, **r.outputs))
+                r.layer = False
+                r.message = f"scores not made ({bad.reason}): CLIP cannot score its keyframe: {bad}"[:500]
+                out.append(r)
                 continue
             caps = r.outputs["frame_captions"]
             vectors = [e for e in embs if not isinstance(e, ScoreError)]  # every one, checked above

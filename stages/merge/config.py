@@ -9,7 +9,19 @@ from pydantic import Field, model_validator
 
 from pipeline.config import StageConfig
 from stages.merge.gate import GateSettings
-from stages.scoring import CLAP_MODEL, CLAP_REVISION, CLIP_MODEL, CLIP_REVISION
+from stages.scoring import moved_keys
+
+# Settings that moved to the shared scoring: section (issue 25): old manifests get a line saying where.
+MOVED = {
+    "clap_model": "scoring.clap_model",
+    "clap_revision": "scoring.clap_revision",
+    "clip_model": "scoring.clip_model",
+    "clip_revision": "scoring.clip_revision",
+    "score_device": "scoring.device",
+    "score_dtype": "scoring.dtype",
+    "score_batch_size": "scoring.batch_size",
+    "score_local_files_only": "scoring.local_files_only",
+}
 
 
 class MergeConfig(StageConfig):
@@ -67,28 +79,28 @@ class MergeConfig(StageConfig):
 
     # Quality signals (issue 18): CLAP (audio) and CLIP (middle keyframe) scores of each merge and
     # of what it merged, and the optional keep-the-best rule on the CLAP score.
-    score: bool = Field(True, description="Score merges and source captions with CLAP and CLIP.")
-    clap_model: str = Field(CLAP_MODEL, description="CLAP model: Hub id or local folder.")
-    clap_revision: str | None = Field(CLAP_REVISION, description="Hub commit of the CLAP model.")
-    clip_model: str = Field(CLIP_MODEL, description="CLIP model: Hub id or local folder.")
-    clip_revision: str | None = Field(CLIP_REVISION, description="Hub commit of the CLIP model.")
-    score_device: str = Field("auto", description="Scorers' device: auto (cuda if any), cpu, cuda:N.")
-    score_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Scorers' dtype: auto is bfloat16 on CUDA, float32 on CPU."
+    score: bool = Field(
+        True, description="Score merges and source captions with CLAP and CLIP (the scoring: section)."
     )
-    score_batch_size: int = Field(64, gt=0, description="Inputs per scorer forward.")
-    score_local_files_only: bool = Field(False, description="Load the scorers from the local cache only.")
     min_clap_percentile: float | None = Field(
         None,
         ge=0,
         le=100,
         description="Off by default. A merge whose CLAP score ranks below this percentile of the "
-        "run's merge CLAP scores is asked again with a new seed; the best-scoring answer is kept.",
+        "run's merge CLAP scores is asked again with a new seed; the best-scoring answer is kept. "
+        "It picks answers by score, so with it on the CLAP model (scoring.clap_model) and the "
+        "clip's audio and keyframe are part of what a merge is made from: another CLAP model "
+        "makes the merges stale, not only their scores.",
     )
     max_score_tries: int = Field(3, ge=1, description="Answers per merge the CLAP rule may ask for.")
     score_min_population: int = Field(
         200, ge=1, description="The CLAP rule fires only once this many merge scores are known."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        return moved_keys(data, "merge", MOVED)
 
     @model_validator(mode="after")
     def _rule_needs_scores(self) -> MergeConfig:

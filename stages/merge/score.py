@@ -27,7 +27,7 @@ from stages.scores import (
     SOURCE_VISUAL_CLAP,
     SOURCE_VISUAL_CLIP,
 )
-from stages.scoring import ClapScorer, ClipScorer, ScoreError, ScorerSpec, cosine
+from stages.scoring import ClapScorer, ClipScorer, ScoreError, ScoringConfig, cosine
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,33 +43,12 @@ if TYPE_CHECKING:
     Media = dict[int, tuple[np.ndarray, np.ndarray] | ScoreError]
 
 
-def clap_spec(cfg: MergeConfig) -> ScorerSpec:
-    return ScorerSpec(
-        cfg.clap_model,
-        cfg.clap_revision,
-        cfg.score_device,
-        cfg.score_dtype,
-        cfg.score_batch_size,
-        cfg.score_local_files_only,
-    )
-
-
-def clip_spec(cfg: MergeConfig) -> ScorerSpec:
-    return ScorerSpec(
-        cfg.clip_model,
-        cfg.clip_revision,
-        cfg.score_device,
-        cfg.score_dtype,
-        cfg.score_batch_size,
-        cfg.score_local_files_only,
-    )
-
-
-def score_settings(cfg: MergeConfig) -> dict[str, Any] | None:
-    """The scorers and the CLAP rule: another model changes the scores, the rule the merges."""
+def legacy_score_settings(cfg: MergeConfig, scoring: ScoringConfig) -> dict[str, Any] | None:
+    """The scorers and the CLAP rule as rows fingerprinted before scores were a layer recorded
+    them (model names, not contents)."""
     if not cfg.score:
         return None
-    out: dict[str, Any] = {"clap": clap_spec(cfg).ident(), "clip": clip_spec(cfg).ident()}
+    out: dict[str, Any] = {"clap": scoring.clap().legacy_ident(), "clip": scoring.clip().legacy_ident()}
     if cfg.min_clap_percentile is not None:
         out |= {
             "min_clap_percentile": cfg.min_clap_percentile,
@@ -77,6 +56,19 @@ def score_settings(cfg: MergeConfig) -> dict[str, Any] | None:
             "score_min_population": cfg.score_min_population,
         }
     return out
+
+
+def rule_settings(cfg: MergeConfig, scoring: ScoringConfig) -> dict[str, Any] | None:
+    """The CLAP rule, when it is on: it picks the kept answer by its CLAP score, so the CLAP model
+    and the rule's figures are part of what a merge is made with (None when it is off)."""
+    if cfg.min_clap_percentile is None:
+        return None
+    return {
+        "clap": scoring.clap().ident(),
+        "min_clap_percentile": cfg.min_clap_percentile,
+        "max_score_tries": cfg.max_score_tries,
+        "score_min_population": cfg.score_min_population,
+    }
 
 
 def committed_clap_scores(ledger: Ledger, clap_ident: str) -> list[float]:
@@ -96,15 +88,15 @@ class MergeScoring:
     """One worker's scorers, and the CLAP rule's population: the run's committed merge CLAP
     scores (read here, when the worker starts) and those this worker made since."""
 
-    def __init__(self, cfg: MergeConfig, workdir: Path, ledger: Ledger) -> None:
+    def __init__(self, cfg: MergeConfig, scoring: ScoringConfig, workdir: Path, ledger: Ledger) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.cfg = cfg
         self.workdir = workdir
         self.loader = ThreadPoolExecutor(4, thread_name_prefix="merge-score-load")
         try:
-            self.clap = ClapScorer(clap_spec(cfg), pool=self.loader)
-            self.clip = ClipScorer(clip_spec(cfg), pool=self.loader)
+            self.clap = ClapScorer(scoring.clap(), pool=self.loader)
+            self.clip = ClipScorer(scoring.clip(), pool=self.loader)
             self.population = committed_clap_scores(ledger, self.clap.ident)
         except BaseException:
             self.close()
@@ -134,7 +126,17 @@ class MergeScoring:
         if self.cfg.min_clap_percentile is not None:
             self.keep_best(answered, media, backend, gate)
             self.population += [j.clap for j in answered if j.clap is not None]
-        return self._columns(batch, by_clip, media)
+        merged = {i: [j.caption for j in jobs] for i, jobs in by_clip.items()}
+        tries = {i: max(j.score_tries for j in jobs) for i, jobs in by_clip.items()}
+        return self.columns(batch, merged, tries, media)
+
+    def rescore(self, batch: list[Item]) -> dict[int, dict[str, Any] | ItemError]:
+        """The score columns of rows whose merges are current (``item.previous``): another scorer,
+        or scores that were not made. No LLM is asked."""
+        media = self._media(batch, list(range(len(batch))))
+        merged = {i: list((it.previous or {}).get("merged_captions") or []) for i, it in enumerate(batch)}
+        tries = {i: int((it.previous or {}).get("merge_score_tries") or 1) for i, it in enumerate(batch)}
+        return self.columns(batch, merged, tries, media)
 
     def _media(self, batch: list[Item], clips: list[int]) -> Media:
         """(CLAP audio embedding, CLIP embedding of the middle keyframe) of each clip, from
@@ -163,35 +165,35 @@ class MergeScoring:
                 out[i] = (a, v)
         return out
 
-    def _columns(
-        self, batch: list[Item], by_clip: dict[int, list[Job]], media: Media
+    def columns(
+        self, batch: list[Item], merged: dict[int, list[str | None]], tries: dict[int, int], media: Media
     ) -> dict[int, dict[str, Any] | ItemError]:
-        """The score columns of each clip's kept merges and of its source captions."""
+        """The score columns of each clip's merges (``merged``: None where a merge failed) and of
+        its source captions; a clip whose media the scorers cannot read gets the error instead."""
         texts: list[str] = []
-        for jobs in by_clip.values():
-            texts += [c for j in jobs if (c := j.caption) is not None]
-            texts += [*batch[jobs[0].clip].data["audio_captions"], batch[jobs[0].clip].data["visual_caption"]]
+        for i, caps in merged.items():
+            texts += [c for c in caps if c is not None]
+            texts += [*batch[i].data["audio_captions"], batch[i].data["visual_caption"]]
         clap_t, clip_t = self.clap.text_embeds(texts), self.clip.text_embeds(texts)
         models = json.dumps({"clap": self.clap.ident, "clip": self.clip.ident})
         out: dict[int, dict[str, Any] | ItemError] = {}
-        for i, jobs in by_clip.items():
+        for i, caps in merged.items():
             m = media[i]
             if isinstance(m, ScoreError):
                 msg = f"{batch[i].clip_id}: cannot score the merge: {m.message}"
                 out[i] = PermanentError(m.reason, msg)
                 continue
             a, v = m
-            merged = [j.verdict.caption if j.verdict and j.verdict.ok else None for j in jobs]
             sources = batch[i].data["audio_captions"]
             visual = batch[i].data["visual_caption"]
             out[i] = {
-                MERGE_CLAP: [cosine(a, clap_t[c]) if c else None for c in merged],
-                MERGE_CLIP: [cosine(v, clip_t[c]) if c else None for c in merged],
+                MERGE_CLAP: [cosine(a, clap_t[c]) if c else None for c in caps],
+                MERGE_CLIP: [cosine(v, clip_t[c]) if c else None for c in caps],
                 SOURCE_AUDIO_CLAP: [cosine(a, clap_t[c]) for c in sources],
                 SOURCE_AUDIO_CLIP: [cosine(v, clip_t[c]) for c in sources],
                 SOURCE_VISUAL_CLAP: cosine(a, clap_t[visual]),
                 SOURCE_VISUAL_CLIP: cosine(v, clip_t[visual]),
-                "merge_score_tries": max(j.score_tries for j in jobs),
+                "merge_score_tries": tries[i],
                 "score_models": models,
             }
         return out

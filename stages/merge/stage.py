@@ -44,8 +44,9 @@ from stages.merge.dry_run import preview
 from stages.merge.gate import GATE_VERSION, GateSettings
 from stages.merge.jobs import Job, ask, jobs_for
 from stages.merge.prompt import DEFAULT_PROMPT, Prompt
-from stages.merge.score import MergeScoring, score_settings
-from stages.scores import merge_score_fields
+from stages.merge.score import MergeScoring, legacy_score_settings, rule_settings
+from stages.scores import MERGE_SCORE_COLUMNS, merge_score_fields
+from stages.scoring import ScoringConfig, model_ident
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,6 +59,10 @@ class MergeStage(ItemStage[MergeConfig]):
     upstream: ClassVar[str | None] = "caption"
     description: ClassVar[str] = "LLM merge of the audio and visual captions, with a quality gate"
     resources: ClassVar[Resources] = Resources(cpus=1.0)
+
+    uses = (ScoringConfig,)  # the CLAP and CLIP scorers (scoring: section), shared with stage 3
+    layer_columns = MERGE_SCORE_COLUMNS
+    layer_name = "scores"
 
     backend: Backend | None = None
     scoring: MergeScoring | None = None  # with merge.score: the scorers, loaded at setup
@@ -85,7 +90,34 @@ class MergeStage(ItemStage[MergeConfig]):
         )
         keys += ("min_audio_overlap", "min_visual_overlap", "max_invented", "max_quality_retries")
         out = {k: getattr(cfg, k) for k in keys}
-        return {**out, "prompt": self.prompt.sha256, "gate": GATE_VERSION, "scores": score_settings(cfg)}
+        # A local model by its files, however its path is spelled (relative, absolute, a link).
+        out["model"] = model_ident(cfg.model) if Path(cfg.model).expanduser().is_dir() else cfg.model
+        # The scorers are the layer; only the CLAP rule, which picks answers by score, is here.
+        rule = rule_settings(cfg, self.section(ScoringConfig))
+        return {**out, "prompt": self.prompt.sha256, "gate": GATE_VERSION, "clap_rule": rule}
+
+    def legacy_fingerprint_settings(self) -> list[dict[str, Any]]:
+        # Before scores were a layer: the model by name and both scorers in the row's fingerprint.
+        out = {**self.fingerprint_settings(), "model": self.cfg.model}
+        del out["clap_rule"]
+        return [{**out, "scores": legacy_score_settings(self.cfg, self.section(ScoringConfig))}]
+
+    def reads(self) -> tuple[str, ...]:
+        # The captions it merges; with the CLAP rule on, also the media the rule scores against.
+        media = (
+            ("audio_path", "frame_paths", "middle_frame") if self.cfg.min_clap_percentile is not None else ()
+        )
+        return ("audio_captions", "visual_caption", *media)
+
+    def layer_settings(self) -> dict[str, Any] | None:
+        if not self.cfg.score:
+            return None
+        scoring = self.section(ScoringConfig)
+        return {"clap": scoring.clap().ident(), "clip": scoring.clip().ident()}
+
+    def layer_reads(self) -> tuple[str, ...]:
+        # The scores compare the merges with the clip's audio and middle keyframe.
+        return ("audio_path", "frame_paths", "middle_frame") if self.cfg.score else ()
 
     @cached_property
     def prompt(self) -> Prompt:
@@ -122,14 +154,16 @@ class MergeStage(ItemStage[MergeConfig]):
 
     def setup(self) -> None:
         _ = self.prompt  # a broken prompt file aborts before any model loads
-        self.backend = make_backend(self.cfg)
         try:
-            self.backend.preflight()  # no item is tried against a backend that cannot answer
+            # A run that only re-scores (another scorer) asks no LLM: none is started or checked.
+            if "process" in self.work:
+                self.backend = make_backend(self.cfg)
+                self.backend.preflight()  # no item is tried against a backend that cannot answer
             if self.cfg.score:
                 from pipeline.selection import stage_ledger
 
                 ledger = stage_ledger(type(self), self.ctx.workdir)
-                self.scoring = MergeScoring(self.cfg, self.ctx.workdir, ledger)
+                self.scoring = MergeScoring(self.cfg, self.section(ScoringConfig), self.ctx.workdir, ledger)
         except BaseException:
             self.teardown()
             raise
@@ -162,11 +196,39 @@ class MergeStage(ItemStage[MergeConfig]):
             try:
                 scores = self.scoring.score(batch, by_clip, self.backend, self.gate)
             except torch.OutOfMemoryError as exc:
-                err = TransientError("cuda_oom", f"CUDA out of memory in CLAP/CLIP scoring: {exc}")
-                return [Result.failed(item.clip_id, err) for item in batch]
+                # The merges stand; their scores are left to the next run (the layer).
+                oom = TransientError("cuda_oom", f"CUDA out of memory in CLAP/CLIP scoring: {exc}")
+                scores = dict.fromkeys(by_clip, oom)
         for i, clip_jobs in by_clip.items():
             results[i] = self._result(batch[i], clip_jobs, scores.get(i))
         return [results[i] for i in range(len(batch))]
+
+    def refresh(self, batch: list[Item]) -> list[Result]:
+        """New scores for rows whose merges are current (another scorer, or scores not made):
+        no LLM is asked; the merges, raw answers and checks stay as they are."""
+        import torch
+
+        assert self.scoring is not None, "refresh needs merge.score"
+        results = []
+        try:
+            scores = self.scoring.rescore(batch)
+        except torch.OutOfMemoryError as exc:
+            oom = TransientError("cuda_oom", f"CUDA out of memory in CLAP/CLIP scoring: {exc}")
+            scores = dict.fromkeys(range(len(batch)), oom)
+        for i, item in enumerate(batch):
+            prev = {
+                k: v
+                for k, v in (item.previous or {}).items()
+                if k not in ("fingerprint", "layer_fingerprint")
+            }
+            got = scores.get(i)
+            if isinstance(got, dict):
+                results.append(Result.ok(item.clip_id, **{**prev, **got}))
+            else:
+                r = Result.ok(item.clip_id, **prev)
+                r.layer, r.message = False, f"scores not made: {got}"[:500]
+                results.append(r)
+        return results
 
     def _result(
         self, item: Item, jobs: list[Job], scores: dict[str, Any] | ItemError | None = None
@@ -215,9 +277,10 @@ class MergeStage(ItemStage[MergeConfig]):
                 f"after {len(j.tries)} tries; last answer: {j.raw[:200]!r}"
             )
             return Result.failed(item.clip_id, PermanentError(f"gate_{reason}", msg), **outputs)
-        if isinstance(scores, ItemError):  # merged, but the scorers could not read the clip's media
-            return Result.failed(item.clip_id, scores, **outputs)
-        return Result.ok(item.clip_id, **outputs)
+        result = Result.ok(item.clip_id, **outputs)
+        if isinstance(scores, ItemError):  # merged; the scores are left to the next run
+            result.layer, result.message = False, f"scores not made: {scores}"[:500]
+        return result
 
     def dry_run(self, batch: list[Item]) -> Iterator[str]:
         """Each merge of ``batch``: the request exactly as the backend sends it, the answer, and

@@ -111,12 +111,20 @@ def make_items(workdir: Path, n_clips: int, frames: int = 3, seed: int = 0) -> l
     return items
 
 
-def make_stage(workdir: Path, model: Path, clip: Path | None = None, **caption: Any) -> CaptionStage:
-    """A caption stage on ``model``; scoring with the CLIP at ``clip`` (none: scoring off)."""
+def make_stage(
+    workdir: Path,
+    model: Path,
+    clip: Path | None = None,
+    scoring: dict[str, Any] | None = None,
+    **caption: Any,
+) -> CaptionStage:
+    """A caption stage on ``model``; scoring with the CLIP at ``clip`` (none: scoring off) and the
+    ``scoring:`` settings given."""
     settings = {"model": str(model), "num_beams": 1, "max_new_tokens": 8, "loader_workers": 2}
-    settings |= {"clip_model": str(clip)} if clip is not None else {"score": False}
+    settings |= {} if clip is not None else {"score": False}
     settings |= caption
-    cfg = RunConfig.model_validate({"workdir": str(workdir), "caption": settings})
+    scorer = ({"clip_model": str(clip)} if clip is not None else {}) | (scoring or {})
+    cfg = RunConfig.model_validate({"workdir": str(workdir), "caption": settings, "scoring": scorer})
     return CaptionStage(RunContext(workdir, cfg))
 
 

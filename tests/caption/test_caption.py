@@ -213,12 +213,8 @@ def test_demo_hook_builds_the_tiny_model_once(tmp_path: Path) -> None:
     assert Path(cfg.caption.model) == (tmp_path / "models" / "blip2-tiny").resolve()
     Captioner(cfg.caption)  # loads with from_pretrained(path)
     # The demo scores with the tiny CLIP and CLAP (stages 3 and 4), built in the same folder.
-    assert (
-        Path(cfg.caption.clip_model)
-        == Path(cfg.merge.clip_model)
-        == (tmp_path / "models" / "clip-tiny").resolve()
-    )
-    assert Path(cfg.merge.clap_model) == (tmp_path / "models" / "clap-tiny").resolve()
+    assert Path(cfg.scoring.clip_model) == (tmp_path / "models" / "clip-tiny").resolve()
+    assert Path(cfg.scoring.clap_model) == (tmp_path / "models" / "clap-tiny").resolve()
 
 
 def test_checkpoint_without_image_token_settings_still_captions_the_image(

@@ -27,9 +27,9 @@ def write_config(tmp_path: Path, model: Path, clip: Path) -> Path:
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
         f"workdir: {tmp_path / 'run'}\n"
+        f"scoring:\n  clip_model: {clip}\n"
         "caption:\n"
         f"  model: {model}\n"
-        f"  clip_model: {clip}\n"
         "  batch_size: 1\n"
         "  num_beams: 2\n"
         "  max_new_tokens: 12\n"

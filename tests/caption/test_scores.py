@@ -121,7 +121,7 @@ def test_stage3_scores_keyframe_i_with_caption_i(
     tmp_path: Path, stage_factory: Any, items_factory: Any, tiny_clip: Path
 ) -> None:
     items = items_factory(tmp_path, n_clips=3, frames=3)
-    st = stage_factory(tmp_path, clip_batch_size=4)
+    st = stage_factory(tmp_path, scoring={"batch_size": 4})
     results = st.process(items)
     assert all(r.status == "ok" for r in results)
     for item, r in zip(items, results, strict=True):
@@ -135,29 +135,37 @@ def test_stage3_scores_keyframe_i_with_caption_i(
     assert off.status == "ok" and "visual_clip_score" not in off.outputs
 
 
-def test_stage3_scorer_is_in_the_fingerprint(tmp_path: Path, tiny_blip2: Path, tiny_clip: Path) -> None:
+def test_stage3_scorer_is_its_layer_not_in_its_fingerprint(
+    tmp_path: Path, tiny_blip2: Path, tiny_clip: Path
+) -> None:
+    """Another CLIP model changes the score layer's settings only: the captions stay current."""
+    from pipeline.io import folder_fingerprint
     from pipeline.stage import RunContext
     from stages.caption.stage import CaptionStage
     from stages.config import RunConfig
 
-    def fp(**caption: Any) -> dict[str, Any]:
-        cfg = RunConfig.model_validate(
-            {"workdir": str(tmp_path), "caption": {"model": str(tiny_blip2)} | caption}
-        )
-        return CaptionStage(RunContext(tmp_path, cfg)).fingerprint_settings()
+    def fp(caption: dict[str, Any] | None = None, **scoring: Any) -> tuple[dict[str, Any], Any]:
+        data = {"workdir": str(tmp_path), "caption": {"model": str(tiny_blip2)} | (caption or {})}
+        cfg = RunConfig.model_validate(data | {"scoring": scoring})
+        st = CaptionStage(RunContext(tmp_path, cfg))
+        return st.fingerprint_settings(), st.layer_settings()
 
-    base = fp()
-    assert base["clip"] == "openai/clip-vit-large-patch14@32bd64288804d66eefd0ccbe215aa642df71cc41"
-    assert fp(clip_revision="main") != base and fp(clip_model=str(tiny_clip)) != base
-    assert fp(score=False) != base
-    assert fp(clip_batch_size=3) == base  # batching changes no score
+    base, layer = fp()
+    assert layer == {"clip": "openai/clip-vit-large-patch14@32bd64288804d66eefd0ccbe215aa642df71cc41"}
+    assert fp(clip_revision="main") == (base, {"clip": "openai/clip-vit-large-patch14@main"})
+    assert fp(clip_model=str(tiny_clip)) == (base, {"clip": folder_fingerprint(tiny_clip)})
+    assert fp({"score": False}) == (base, None)
+    assert fp(batch_size=3, device="cpu") == (base, layer)  # batching and devices change no score
+    with pytest.raises(Exception, match=r"caption\.clip_model is now scoring\.clip_model"):
+        RunConfig.model_validate({"caption": {"clip_model": "x"}})
 
 
-def test_stage3_frame_the_scorer_cannot_read_fails_its_clip(
+def test_stage3_frame_the_scorer_cannot_read_leaves_its_clip_unscored(
     tmp_path: Path, stage_factory: Any, items_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A keyframe that BLIP-2 read but CLIP cannot (gone in between: a cleanup ran) fails its
-    clip with the path in the message, keeps its captions on the row, and the others score."""
+    """A keyframe that BLIP-2 read but CLIP cannot (gone in between: a cleanup ran) leaves its
+    clip's captions made and its scores not (the layer, for the next run), with the path in the
+    message; the others score."""
     items = items_factory(tmp_path, n_clips=3, frames=2)
     st = stage_factory(tmp_path)
     victim = tmp_path / items[1]["frame_paths"][1]
@@ -171,7 +179,9 @@ def test_stage3_frame_the_scorer_cannot_read_fails_its_clip(
     monkeypatch.setattr(ClipScorer, "read_image", staticmethod(flaky))
     results = {r.clip_id: r for r in st.process(items)}
     bad = results[items[1].clip_id]
-    assert bad.status == "failed_permanent" and bad.reason == "score_missing_frame"
-    assert items[1].clip_id in bad.message and str(victim) in bad.message
-    assert bad.outputs["frame_captions"]  # the captions made are kept on the failed row
-    assert all(results[it.clip_id].status == "ok" for it in (items[0], items[2]))
+    assert bad.status == "ok" and not bad.layer and "score_missing_frame" in bad.message
+    assert str(victim) in bad.message
+    assert bad.outputs["frame_captions"] and "visual_clip_score" not in bad.outputs
+    assert all(
+        results[it.clip_id].status == "ok" and results[it.clip_id].layer for it in (items[0], items[2])
+    )

@@ -304,7 +304,6 @@ def test_realistic_run(
             },
             caption={
                 "model": str(tiny_blip2),
-                "clip_model": str(tiny_clip),
                 "num_beams": 1,
                 "max_new_tokens": 8,
                 "batch_size": 16,
@@ -320,10 +319,9 @@ def test_realistic_run(
                 # "dog dog ..." keeps 1 of the 3 content words of "Dogs bark in the distance".
                 "min_audio_overlap": 0.3,
                 "max_quality_retries": 1,
-                "clip_model": str(tiny_clip),
-                "clap_model": str(tiny_clap),
             },
             review={"url": ls_server.url, "document_root": str(ls_root)},
+            scoring={"clip_model": str(tiny_clip), "clap_model": str(tiny_clap)},
         )
         run_pipeline(config, env, workdir, ls_server.url)
 

@@ -111,7 +111,6 @@ def test_a_changed_caption_setting_is_followed_through_to_the_export(
                 "download": {"url_template": media.url_template(), "backoff_s": 0.2},
                 "caption": {
                     "model": str(tiny_blip2),
-                    "clip_model": str(tiny_clip),
                     "num_beams": 1,
                     "max_new_tokens": max_new_tokens,
                 },
@@ -123,10 +122,9 @@ def test_a_changed_caption_setting_is_followed_through_to_the_export(
                     "max_new_tokens": 24,
                     "min_visual_overlap": 0.0,
                     "max_quality_retries": 1,
-                    "clip_model": str(tiny_clip),
-                    "clap_model": str(tiny_clap),
                 },
                 "review": {"url": ls_server.url, "document_root": str(ls_root)},
+                "scoring": {"clip_model": str(tiny_clip), "clap_model": str(tiny_clap)},
             }
             path.write_text(yaml.safe_dump(sections, sort_keys=False))
             return path

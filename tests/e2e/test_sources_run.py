@@ -147,7 +147,6 @@ def test_stages_0_to_6_through_every_kind_of_source(
             },
             caption={
                 "model": str(tiny_blip2),
-                "clip_model": str(tiny_clip),
                 "num_beams": 1,
                 "max_new_tokens": 8,
             },
@@ -160,10 +159,9 @@ def test_stages_0_to_6_through_every_kind_of_source(
                 "min_visual_overlap": 0.0,
                 "min_audio_overlap": 0.3,
                 "max_quality_retries": 1,
-                "clip_model": str(tiny_clip),
-                "clap_model": str(tiny_clap),
             },
             review={"url": ls_server.url, "document_root": str(ls_root)},
+            scoring={"clip_model": str(tiny_clip), "clap_model": str(tiny_clap)},
         )
         for stage in (0, 1, 2, 3, 4, 5):
             avcaps_run(stage, config, env)

@@ -128,7 +128,7 @@ def merge_run(tmp_path: Path, tiny_clip: Path, tiny_clap: Path) -> Callable[...,
             "sample_per_split": n + 1,
         }
         scorers = {"clip_model": str(tiny_clip), "clap_model": str(tiny_clap)}
-        cfg.write_text(yaml.safe_dump({"manifest": manifest, "merge": scorers | (merge or {})}))
+        cfg.write_text(yaml.safe_dump({"manifest": manifest, "merge": merge or {}, "scoring": scorers}))
         run_stage(ManifestStage, load_context(cfg, workdir, ()), RunOptions(progress=False))
         clips = Ledger(workdir / "00-manifest" / "ledger").latest()
         ids = sorted(clips.index)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from stages.scoring import ClapScorer, ClipScorer, ScorerSpec, cosine
@@ -86,17 +87,20 @@ def test_scores_reach_the_ledger(
     assert ok["source_visual_clip_score"].notna().all() and ok["source_visual_clap_score"].notna().all()
 
 
-def test_unreadable_audio_fails_only_that_clip(merge_run: Any, tiny_chat_model: Path) -> None:
+def test_unreadable_audio_leaves_only_that_clip_unscored(merge_run: Any, tiny_chat_model: Path) -> None:
+    """Audio the scorers cannot read keeps the clip's merges (ok) with no scores and no layer
+    fingerprint, named in the message; the other clips score."""
     run = merge_run(3, merge=tf(tiny_chat_model))
     victim = run.clip_ids[1]
     (run.workdir / f"media/audio/{victim}.flac").write_bytes(b"fLaC this is not audio")
     state = run_merge(run)
     row = state.loc[victim]
-    assert row["status"] == "failed_permanent" and row["reason"] == "score_unreadable_audio"
+    assert row["status"] == "ok" and "score_unreadable_audio" in row["message"]
     assert victim in row["message"] and f"media/audio/{victim}.flac" in row["message"]
-    assert len(row["merged_captions"]) == 5  # the merges made are kept on the failed row
+    assert len(row["merged_captions"]) == 5 and pd.isna(row["layer_fingerprint"])
     others = state.loc[[c for c in run.clip_ids if c != victim]]
     assert (others["status"] == "ok").all() and others["merge_clap_score"].notna().all()
+    assert others["layer_fingerprint"].notna().all()
 
 
 def kept_and_tries(row: Any) -> list[tuple[str, float | None, list[dict[str, Any]]]]:
@@ -149,7 +153,9 @@ def test_clap_rule_waits_for_its_population(merge_run: Any, tiny_chat_model: Pat
     )
 
 
-def test_rule_and_scorers_are_in_the_fingerprint(tmp_path: Path) -> None:
+def test_the_rule_is_in_the_fingerprint_the_scorers_in_the_layer(tmp_path: Path) -> None:
+    """Another CLIP or CLAP model changes the score layer only; the CLAP rule, which picks the
+    kept answer by its CLAP score, makes the CLAP model part of what a merge is made with."""
     from pipeline.config import load_config
     from pipeline.stage import RunContext
     from stages.config import RunConfig
@@ -158,16 +164,24 @@ def test_rule_and_scorers_are_in_the_fingerprint(tmp_path: Path) -> None:
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("manifest: {splits: {test: test.csv}}\n")
 
-    def fp(*overrides: str) -> dict[str, Any]:
+    def fp(*overrides: str) -> tuple[dict[str, Any], Any, tuple[str, ...]]:
         cfg = load_config(RunConfig, cfg_file, list(overrides))
-        return MergeStage(RunContext(tmp_path, cfg)).fingerprint_settings()
+        st = MergeStage(RunContext(tmp_path, cfg))
+        return st.fingerprint_settings(), st.layer_settings(), st.reads()
 
-    base = fp()
-    assert base["scores"]["clap"] == "laion/larger_clap_general@ada0c23a36c4e8582805bb38fec3905903f18b41"
+    base, layer, reads = fp()
+    assert base["clap_rule"] is None and reads == ("audio_captions", "visual_caption")
+    assert layer["clap"] == "laion/larger_clap_general@ada0c23a36c4e8582805bb38fec3905903f18b41"
+    other = fp("scoring.clip_model=other/clip")
+    assert other[0] == base and other[1] != layer  # the merges stay current, their scores do not
+    assert fp("merge.score=false")[:2] == (base, None)
+    assert fp("scoring.batch_size=3")[:2] == fp("scoring.device=cpu")[:2] == (base, layer)
     rule = fp("merge.min_clap_percentile=20")
-    assert rule != base and rule["scores"]["min_clap_percentile"] == 20
-    assert fp("merge.min_clap_percentile=20", "merge.max_score_tries=5") != rule
-    assert fp("merge.clip_model=other/clip") != base and fp("merge.score=false")["scores"] is None
-    assert fp("merge.score_batch_size=3") == base and fp("merge.score_device=cpu") == base
+    assert rule[0] != base and rule[0]["clap_rule"]["min_clap_percentile"] == 20
+    assert rule[0]["clap_rule"]["clap"] == layer["clap"] and "audio_path" in rule[2]
+    assert fp("merge.min_clap_percentile=20", "merge.max_score_tries=5")[0] != rule[0]
+    assert fp("merge.min_clap_percentile=20", "scoring.clap_model=other/clap")[0] != rule[0]
     with pytest.raises(Exception, match=r"min_clap_percentile needs merge\.score"):
         fp("merge.score=false", "merge.min_clap_percentile=10")
+    with pytest.raises(Exception, match=r"merge\.score_device is now scoring\.device"):
+        fp("merge.score_device=cpu")
