@@ -24,7 +24,8 @@ from pydantic import Field
 
 from pipeline.config import StageConfig
 from pipeline.errors import ItemError, PermanentError
-from pipeline.io import atomic_path
+from pipeline.fingerprint import DIGEST_KEY
+from pipeline.io import atomic_path, file_digest
 from pipeline.stage import Item, ItemStage, Result
 from stages.audio import resample
 
@@ -162,6 +163,10 @@ class KeyframesStage(ItemStage[KeyframesConfig]):
     upstream = "download"
     description = "Extract keyframes (JPEG) and 16 kHz mono audio from each clip, with quality flags."
 
+    def reads(self) -> tuple[str, ...]:
+        # The clip's file (by its digest) and its length.
+        return ("video_path", "start_s", "end_s", "video_duration_s")
+
     def fingerprint_settings(self) -> dict[str, Any]:
         cfg = self.cfg
         keys = ("frames", "frame_max_side", "jpeg_quality", "sample_rate", "audio_format", "black_luma")
@@ -172,10 +177,13 @@ class KeyframesStage(ItemStage[KeyframesConfig]):
         import pyarrow as pa
 
         return [
-            pa.field("frame_paths", pa.list_(pa.string())),
+            # Later stages' fingerprints hash the files' contents (their digests), not their paths.
+            pa.field("frame_paths", pa.list_(pa.string()), metadata={DIGEST_KEY: b"frame_digests"}),
+            pa.field("frame_digests", pa.list_(pa.string())),  # sha256 of each JPEG written
             pa.field("frame_times_s", pa.list_(pa.float64())),
             pa.field("middle_frame", pa.int32()),
-            pa.field("audio_path", pa.string()),
+            pa.field("audio_path", pa.string(), metadata={DIGEST_KEY: b"audio_file_digest"}),
+            pa.field("audio_file_digest", pa.string()),
             pa.field("audio_samples", pa.int64()),
             pa.field("audio_sample_rate", pa.int32()),
             pa.field("audio_padded_s", pa.float64()),
@@ -224,7 +232,7 @@ class KeyframesStage(ItemStage[KeyframesConfig]):
             raise PermanentError("no_audio", f"{item['video_path']}: no audio stream")
 
         frame_dir = self.ctx.media_dir / "frames" / item.clip_id
-        paths, times, means, stds = [], [], [], []
+        paths, times, means, stds, digests = [], [], [], [], []
         for k, (t, frame) in enumerate(frames):
             w, h = frame.width, frame.height
             if cfg.frame_max_side and max(w, h) > cfg.frame_max_side:
@@ -238,6 +246,7 @@ class KeyframesStage(ItemStage[KeyframesConfig]):
             dest = frame_dir / f"{k}.jpg"
             with atomic_path(dest, self.ctx.tmp_dir) as tmp:
                 img.save(tmp, "JPEG", quality=cfg.jpeg_quality)
+                digests.append("sha256:" + file_digest(tmp))
             paths.append(dest.relative_to(workdir).as_posix())
             times.append(round(t, 4))
         # Frames of an earlier run with more frames per clip would look like ours: remove them.
@@ -254,13 +263,16 @@ class KeyframesStage(ItemStage[KeyframesConfig]):
         audio_dest = self.ctx.media_dir / "audio" / f"{item.clip_id}.{cfg.audio_format}"
         with atomic_path(audio_dest, self.ctx.tmp_dir) as tmp:
             sf.write(tmp, out, cfg.sample_rate, subtype="PCM_16", format=cfg.audio_format.upper())
+            audio_digest = "sha256:" + file_digest(tmp)
         padded = (want - have) / cfg.sample_rate
         middle = min(range(len(times)), key=lambda i: abs(times[i] - clip_s / 2))
         return {
             "frame_paths": paths,
+            "frame_digests": digests,
             "frame_times_s": times,
             "middle_frame": middle,
             "audio_path": audio_dest.relative_to(workdir).as_posix(),
+            "audio_file_digest": audio_digest,
             "audio_samples": want,
             "audio_sample_rate": cfg.sample_rate,
             "audio_padded_s": round(padded, 4),

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AbortRun, ItemError, PermanentError, RunThrottled, TransientError
-from pipeline.io import atomic_path
+from pipeline.fingerprint import DIGEST_KEY
+from pipeline.io import atomic_path, file_digest
 from pipeline.machine import machine_cause
 from pipeline.selection import upstream_ok
 from pipeline.stage import Item, ItemStage, Resources, Result
@@ -87,7 +88,9 @@ class DownloadStage(ItemStage[DownloadConfig]):
         import pyarrow as pa
 
         return [
-            pa.field("video_path", pa.string()),
+            # The file's content (its digest) is what later stages' fingerprints hash, not its path.
+            pa.field("video_path", pa.string(), metadata={DIGEST_KEY: b"video_file_digest"}),
+            pa.field("video_file_digest", pa.string()),  # sha256 of the placed file
             pa.field("video_duration_s", pa.float64()),
             pa.field("audio_duration_s", pa.float64()),
             pa.field("source_duration_s", pa.float64()),
@@ -105,6 +108,13 @@ class DownloadStage(ItemStage[DownloadConfig]):
             pa.field("audio_ref", pa.string()),
             pa.field("audio_digest", pa.string()),
         ]
+
+    def reads(self) -> tuple[str, ...]:
+        # The clip: which video and which 10 s of it (where a copy is found is not part of it).
+        return ("youtube_id", "start_s", "end_s")
+
+    def carries(self) -> tuple[str, ...]:
+        return ("audiocap_ids",)  # sources named by audiocap id find the clip by them
 
     def write_dirs(self) -> list[Path]:
         """The media (through its temp folder) and, with local sources, their indexes."""
@@ -307,6 +317,7 @@ class DownloadStage(ItemStage[DownloadConfig]):
         digest = video.digest() if video.url is None else None
         return {
             "video_path": dest.relative_to(self.ctx.workdir).as_posix(),
+            "video_file_digest": "sha256:" + file_digest(dest),
             "video_duration_s": round(info["video_end_s"], 3),
             "audio_duration_s": round(info["audio_end_s"], 3),
             "source_duration_s": float(src_dur) if src_dur else None,

@@ -102,20 +102,27 @@ class ExportStage(WholeStage[ExportConfig]):
         path = self.folder / INPUTS_FILE
         if not path.exists():
             return None
+        from pipeline.fingerprint import is_legacy
+
         exported = pq.read_table(path).to_pylist()
-        expected: dict[str, dict[str, str]] = {}
+        expected: dict[str, dict[str, tuple[str, str]]] = {}
         for stage in {r["stage"] for r in exported}:
             cls = MERGE if stage == MERGE.dirname() else CAPTION
             try:
                 table = expected_table(cls, self.ctx).to_pydict()
             except AbortRun:
-                table = {"clip_id": [], "expected": []}
-            expected[stage] = dict(zip(table["clip_id"], table["expected"], strict=True))
-        return sum(
-            1
-            for r in exported
-            if r["fingerprint"] is not None and expected[r["stage"]].get(r["clip_id"]) != r["fingerprint"]
-        )
+                table = {"clip_id": [], "expected": [], "legacy": []}
+            pairs = zip(table["expected"], table["legacy"], strict=True)
+            expected[stage] = dict(zip(table["clip_id"], pairs, strict=True))
+
+        def stale(r: dict[str, Any]) -> bool:
+            fp = r["fingerprint"]
+            if fp is None:
+                return False
+            now = expected[r["stage"]].get(r["clip_id"])
+            return now is None or fp != now[1 if is_legacy(fp) else 0]
+
+        return sum(1 for r in exported if stale(r))
 
     def run(self, options: RunOptions) -> dict[str, Any]:
         cfg = self.cfg

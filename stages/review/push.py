@@ -94,9 +94,62 @@ class ReviewStage(ItemStage[ReviewConfig]):
         ]
 
     selection_columns = ("split",)
+    # The scores a task shows (its risk, the merge's CLAP/CLIP scores): refreshed in place when
+    # stage 4 re-scores, the annotations left as they are.
+    layer_name = "task scores"
 
     def select(self, table: pd.DataFrame) -> Any:
         return table["split"].isin(self.cfg.splits)
+
+    def reads(self) -> tuple[str, ...]:
+        # What a task shows the annotator: the merges, what they were made from, the keyframe and
+        # the audio (by their files' digests), and the model that merged.
+        return (
+            "merged_captions",
+            "audio_captions",
+            "visual_caption",
+            "merge_model",
+            "frame_paths",
+            "middle_frame",
+            "audio_path",
+        )
+
+    def layer_settings(self) -> dict[str, Any] | None:
+        return {"display": TASK_FORMAT}
+
+    def layer_reads(self) -> tuple[str, ...]:
+        from stages.review.risk import SCORE_COLUMNS
+
+        return SCORE_COLUMNS
+
+    def refresh(self, batch: list[Item]) -> list[Result]:
+        """Tasks whose merge and media are as pushed but whose scores changed (stage 4 re-scored):
+        the scores they show are updated in place; their annotations stay valid."""
+        from stages.review.risk import DISPLAY_KEYS
+
+        results = []
+        for item in batch:
+            prev = {
+                k: v
+                for k, v in (item.previous or {}).items()
+                if k not in ("fingerprint", "layer_fingerprint")
+            }
+            task_id = self.existing.get(item.clip_id)
+            if task_id is None:  # gone from the server: the next plain run pushes it again
+                r = Result.ok(item.clip_id, **prev)
+                r.layer, r.message = False, f"task of {item.clip_id} not found in project {self.project_id}"
+                results.append(r)
+                continue
+            display = self.scores.task_fields(
+                item.clip_id, len(item.data["audio_captions"]), len(item.data["merged_captions"])
+            )
+            shown = self.existing_data.get(item.clip_id) or {}
+            data = {**shown, **{k: v for k, v in display.items() if k in DISPLAY_KEYS}}
+            if data != shown:
+                self.client.update_task(task_id, data)
+                self.existing_data[item.clip_id] = data
+            results.append(Result.ok(item.clip_id, **prev))
+        return results
 
     def fingerprint_settings(self, task_format: int | None = None) -> dict[str, Any]:
         # A task shows the merge as a prediction of this model_version; the task's form is ours.
