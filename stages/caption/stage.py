@@ -333,7 +333,7 @@ class CaptionStage(ItemStage[CaptionConfig]):
             vectors = [e for e in embs if not isinstance(e, ScoreError)]  # every one, checked above
             scores = [cosine(e, texts[c]) for e, c in zip(vectors, caps, strict=True)]
             out.append(
-                Result.ok(r.clip_id, **r.outputs, **{VISUAL_CLIP: scores, "clip_model": self.scorer.ident})
+                Result.ok(r.clip_id, **{**r.outputs, VISUAL_CLIP: scores, "clip_model": self.scorer.ident})
             )
         return out
 

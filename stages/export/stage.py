@@ -37,14 +37,14 @@ from typing import Any
 
 from pipeline.errors import AbortRun
 from pipeline.io import atomic_path
-from pipeline.selection import expected_table, to_python
+from pipeline.selection import expected_table, stale_ids, to_python
 from pipeline.stage import RunOptions, WholeStage
 from stages.caption.config import CaptionConfig
 from stages.export.config import ExportConfig
 from stages.export.plan import HF_SPLITS, Plan, plan_export
 from stages.export.rows import export_rows, row_schema
 from stages.export.statistics import export_statistics
-from stages.export.tables import CAPTION, MERGE, REVIEW, RunTables
+from stages.export.tables import CAPTION, DOWNLOAD, KEYFRAMES, MERGE, REVIEW, RunTables
 from stages.export.write import swap_in, write_checksums, write_configs, write_documents
 from stages.manifest import ManifestConfig
 from stages.review.connection import PROJECT_FILE
@@ -122,7 +122,10 @@ class ExportStage(WholeStage[ExportConfig]):
             now = expected[r["stage"]].get(r["clip_id"])
             return now is None or fp != now[1 if is_legacy(fp) else 0]
 
-        return sum(1 for r in exported if stale(r))
+        # And a clip whose row in a stage it went through is stale (its merge may be current while
+        # the captions it was made from are not: the merge waits, the export's captions are stale).
+        through = set().union(*(stale_ids(s, self.ctx) for s in (DOWNLOAD, KEYFRAMES, CAPTION, MERGE)))
+        return sum(1 for r in exported if stale(r) or r["clip_id"] in through)
 
     def run(self, options: RunOptions) -> dict[str, Any]:
         cfg = self.cfg

@@ -169,17 +169,22 @@ def test_a_changed_caption_setting_is_followed_through_to_the_export(
         )
         assert status(first, env)["04-merge"]["stale"] == 0
 
-        # The caption setting changes: stages 3 to 6 are stale, with counts; 1 and 2 are not.
+        # The caption setting changes: stage 3 is stale, with counts, and the merges made from its
+        # rows wait for it (said, with the command); 1 and 2 are not stale; every exported clip is.
         st = status(changed, env)
         assert [st[s]["stale"] for s in ("01-download", "02-keyframes")] == [0, 0]
-        assert (
-            st["03-caption"]["stale"] == 6 and st["04-merge"]["stale"] == 3 and st["05-review"]["stale"] == 3
-        )
+        assert st["03-caption"]["stale"] == 6 and st["04-merge"]["stale"] == 0
+        assert st["04-merge"]["waiting_on_stale"] == {"03-caption": 3}
         assert st["06-export"]["stale"] == 6
+        waits = avcaps("run", "4", "--config", str(changed), "--no-progress", env=env).stdout
+        assert "3 wait for stage 03-caption" in waits and "avcaps run 3" in waits
         refused = avcaps("run", "6", "--config", str(changed), env=env, ok=False)
         assert refused.returncode == 2 and "03-caption" in refused.stderr and "stale" in refused.stderr
 
-        for stage in (3, 4, 5):
+        avcaps("run", "3", "--config", str(changed), "--no-progress", env=env)
+        # The new captions are not those the merges were made from: now the merges are stale.
+        assert status(changed, env)["04-merge"]["stale"] == 3
+        for stage in (4, 5):
             avcaps("run", str(stage), "--config", str(changed), "--no-progress", env=env)
         st = status(changed, env)
         assert all(st[s]["stale"] == 0 for s in ("03-caption", "04-merge", "05-review"))
