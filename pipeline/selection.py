@@ -202,7 +202,10 @@ def upstream_ok(
         new = value_fingerprints(settings_fingerprint(anc), table, made_from[anc_cls.dirname()])
         legacy = [chain(settings_fingerprint(anc, s), legacy_fp) for s in anc.legacy_fingerprint_settings()]
         current = _is_current(state["fingerprint"].take(idx), new, legacy)
-        held[anc_cls.dirname()] = int(pc.sum(pc.invert(current)).as_py() or 0)
+        stale = pc.invert(current)
+        if isinstance(target, ItemStage):  # only the clips the stage applies to wait for it
+            stale = pc.and_(stale, _selects(target, table))
+        held[anc_cls.dirname()] = int(pc.sum(stale).as_py() or 0)
         legacy_fp = legacy[0]
         if current_only:
             table, idx, legacy_fp = table.filter(current), idx.filter(current), legacy_fp.filter(current)
@@ -288,6 +291,18 @@ def expected(stage: Stage, upstream: pa.Table) -> Expected:
 def expected_fingerprints(stage: Stage, upstream: pa.Table) -> pa.Array:
     """The fingerprint a row of ``stage`` made now from each clip of ``upstream`` gets."""
     return expected(stage, upstream).rows
+
+
+def _selects(stage: ItemStage, table: pa.Table) -> pa.Array:
+    """``stage.select``'s mask over ``table`` (all true where it selects by columns not in it yet)."""
+    import numpy as np
+    import pyarrow as pa
+
+    cols = stage.selection_columns
+    if not cols or table.num_rows == 0 or not set(cols) <= set(table.column_names):
+        return pa.array(np.ones(table.num_rows, dtype=bool))
+    mask = stage.select(to_pandas(table.select(["clip_id", *cols])).set_index("clip_id", drop=False))
+    return pa.array(np.ones(table.num_rows, dtype=bool) if mask is None else np.asarray(mask, dtype=bool))
 
 
 def selected(stage: ItemStage, table: pa.Table) -> pa.Table:
