@@ -112,7 +112,7 @@ def run_item_stage(stage: ItemStage, options: RunOptions, report: RunReport | No
     del found
     state = ledger.latest_table(["status", "attempts", "fingerprint", "layer_fingerprint"])
     exp = expected(stage, upstream)
-    can_refresh = type(stage).refresh is not ItemStage.refresh
+    can_refresh = stage.has_layer()
     ids = upstream["clip_id"].combine_chunks()
     pending = select_pending(ids, state, options, cfg.max_attempts, exp, can_refresh)
     report.selected = len(pending)

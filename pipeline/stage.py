@@ -242,6 +242,11 @@ class ItemStage(Stage[IC]):
         """Upstream columns the layer is made from (fingerprinted into the layer only)."""
         return ()
 
+    @classmethod
+    def has_layer(cls) -> bool:
+        """Whether the stage makes a layer apart from its rows (it implements :meth:`refresh`)."""
+        return cls.refresh is not ItemStage.refresh
+
     def refresh(self, batch: list[Item]) -> list[Result]:
         """Make the layer of ``batch`` anew (``item.previous``: its current row, kept as it is
         otherwise): one result per item, the row's outputs with new layer columns. A stage that

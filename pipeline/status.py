@@ -117,7 +117,7 @@ def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
         stale, layer = _stale(eligible, state, expected(stage, eligible))
         entry.update(_counts(status, reason))
         entry["stale"] = int(pc.sum(stale).as_py() or 0)
-        if stage.layer_columns:
+        if stage.has_layer():
             entry["layer"] = stage.layer_name
             entry["layer_stale"] = int(pc.sum(layer).as_py() or 0)
         held = held_back(eligible)

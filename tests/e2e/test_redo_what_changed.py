@@ -7,13 +7,18 @@ that fails its download and one rate-limited once:
 - a stage-2 redo with another ``frame_max_side`` (same file names) makes every caption stale;
 - a scorer out of CUDA memory keeps the batch's captions and merges, and the next run makes only
   the scores, calling BLIP-2 and the LLM zero times;
-- a local model named by a relative and by an absolute path is one model.
+- a local model named by a relative and by an absolute path is one model;
+- on a reviewed run (two annotators per task, the real Label Studio), a CLIP swap re-scores every
+  clip with no BLIP-2 or LLM call, shows the new scores on the same tasks, keeps every annotation
+  current, and the export then names the new model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +34,19 @@ from pipeline.status import run_status
 from stages.caption.captioner import Captioner
 from stages.caption.stage import CaptionStage
 from stages.download.stage import DownloadStage
+from stages.export.stage import ExportStage
 from stages.keyframes import KeyframesStage
 from stages.manifest import ManifestStage
 from stages.merge import backends
 from stages.merge.stage import MergeStage
+from stages.review.client import LabelStudio
+from stages.review.labeling import verdict_result
+from stages.review.push import ReviewStage
+from stages.review.server import LabelStudioServer
 from stages.scoring import ClapScorer, ClipScorer
 from standins.media import MediaServer, make_clip
+from standins.review_run import TEST_CREDS as CREDS
+from standins.scorers import build_tiny_clip
 
 pytestmark = pytest.mark.slow
 # youtube id -> what its source is: "still" (a black picture: its three keyframes are equal, so
@@ -47,10 +59,9 @@ def cid(yt: str) -> str:
     return f"{yt}_1000_11000"
 
 
-@pytest.fixture
-def run_dir(
-    tmp_path: Path, tiny_blip2: Path, dog_chat_model: Path, tiny_clip: Path, tiny_clap: Path
-) -> Iterator[Any]:
+@contextmanager
+def made_run(tmp_path: Path, workdir: Path, models: dict[str, Path], **extra: Any) -> Iterator[Any]:
+    """Stages 0-4 run in this process in ``workdir`` (``extra``: more config sections)."""
     (tmp_path / "sources").mkdir()
     for yt, kind in CLIPS.items():
         os.replace(
@@ -64,27 +75,28 @@ def run_dir(
     with MediaServer(tmp_path / "sources") as media:
         media.set_fault("te-r429-000.mp4", "429", 1)
         sections = {
-            "workdir": str(tmp_path / "run"),
+            "workdir": str(workdir),
             "manifest": {"csv_dir": str(tmp_path / "csv"), "splits": {"test": "test.csv"}, "checksums": None},
             "download": {"url_template": media.url_template(), "backoff_s": 0.2, "max_attempts": 2},
             "keyframes": {"frames": 3},
-            "caption": {"model": str(tiny_blip2), "num_beams": 1, "max_new_tokens": 8},
+            "caption": {"model": str(models["blip2"]), "num_beams": 1, "max_new_tokens": 8},
             "merge": {
                 "backend": "transformers",
-                "model": str(dog_chat_model),
+                "model": str(models["chat"]),
                 "device": "cpu",
                 "reasoning_effort": None,
                 "max_new_tokens": 24,
                 "min_visual_overlap": 0.0,
                 "max_quality_retries": 1,
             },
-            "scoring": {"clip_model": str(tiny_clip), "clap_model": str(tiny_clap)},
+            "scoring": {"clip_model": str(models["clip"]), "clap_model": str(models["clap"])},
+            **extra,
         }
         config = tmp_path / "run.yaml"
         config.write_text(yaml.safe_dump(sections))
 
         class Run:
-            dir = tmp_path / "run"
+            dir = workdir
             path = config
 
             def ctx(self, *sets: str) -> Any:
@@ -102,6 +114,17 @@ def run_dir(
         r = Run()
         for cls in (ManifestStage, DownloadStage, KeyframesStage, CaptionStage, MergeStage):
             r.run(cls)
+        yield r
+
+
+@pytest.fixture
+def models(tiny_blip2: Path, dog_chat_model: Path, tiny_clip: Path, tiny_clap: Path) -> dict[str, Path]:
+    return {"blip2": tiny_blip2, "chat": dog_chat_model, "clip": tiny_clip, "clap": tiny_clap}
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, models: dict[str, Path]) -> Iterator[Any]:
+    with made_run(tmp_path, tmp_path / "run", models) as r:
         yield r
 
 
@@ -234,3 +257,89 @@ def test_a_local_model_by_any_path_is_one_model(
     for name in (model.name, f"./{model.name}", str(model.resolve()), str(link)):
         st = run_dir.status(f"merge.model={name}")
         assert st["04-merge"]["stale"] == 0, name
+
+
+def test_a_clip_model_swap_keeps_the_merges_and_their_reviews(
+    tmp_path: Path,
+    models: dict[str, Path],
+    ls_server: LabelStudioServer,
+    ls_root: Path,
+    calls: dict[str, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The issue's case: a finished, reviewed run (two annotators per task) changes its CLIP model.
+    Only the scores are stale; stages 3 and 4 make them without BLIP-2 or the LLM, stage 5 shows
+    them on the same tasks, the reviews stay current, and the export names the new model."""
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", CREDS.api_key)
+    monkeypatch.delenv("AVCAPS_APP", raising=False)
+    other_clip = build_tiny_clip(tmp_path / "clip-other", seed=1)
+    review = {"url": ls_server.url, "document_root": str(ls_root), "annotators_per_task": 2}
+    with made_run(tmp_path, ls_root / tmp_path.name, models, review=review) as run:
+        assert run.run(ReviewStage).counts == {"ok": 4}
+        client = LabelStudio(ls_server.url, CREDS.api_key)
+        people = []
+        for i in range(2):
+            name = f"{tmp_path.name}-annotator-{i}"[-60:]
+            body = {"username": name, "email": f"{name}@avcaps.test"}
+            user = client.request("POST", "/api/users/", json=body)
+            people.append(int(user["id"]))
+        tasks = {str(k): int(v) for k, v in run.rows(ReviewStage)["ls_task_id"].items()}
+        for task_id in tasks.values():
+            for who in people:
+                body = {"result": [verdict_result("accept")], "completed_by": who}
+                client.request("POST", f"/api/tasks/{task_id}/annotations/", json=body)
+        exported = run.run(ExportStage)
+        assert exported.exit_code == 0, exported.message
+        stats = json.loads((run.dir / "export" / "statistics.json").read_text())
+        old_model = stats["scores"]["clip_model"]
+        assert stats["review"] == {"accept": 4, "edited": 0, "rejected": 0, "unreviewed": 0}
+
+        swap = (f"scoring.clip_model={other_clip}",)
+        captions, merges = run.rows(CaptionStage), run.rows(MergeStage)
+        shown = {c: client.task(t)["data"] for c, t in tasks.items()}
+        st = run.status(*swap)
+        assert [st[s]["stale"] for s in ("03-caption", "04-merge", "05-review", "06-export")] == [0, 0, 0, 0]
+        assert st["03-caption"]["layer_stale"] == 4 and st["04-merge"]["layer_stale"] == 4
+
+        made = dict(calls)
+        assert run.run(CaptionStage, *swap).selected == 4
+        assert run.run(MergeStage, *swap).selected == 4
+        assert calls == made  # no BLIP-2 or LLM loaded or asked: only CLIP ran
+        captions2, merges2 = run.rows(CaptionStage), run.rows(MergeStage)
+        assert (captions2["frame_captions"].map(list) == captions["frame_captions"].map(list)).all()
+        assert (merges2["merged_captions"].map(list) == merges["merged_captions"].map(list)).all()
+        assert (captions2["clip_model"] != captions["clip_model"]).all()
+        assert all(
+            list(a) != list(b)
+            for a, b in zip(captions2["visual_clip_score"], captions["visual_clip_score"], strict=True)
+        )
+        assert (merges2["score_models"] != merges["score_models"]).all()
+        st = run.status(*swap)
+        assert st["04-merge"]["layer_stale"] == 0 and st["05-review"]["layer_stale"] == 4
+
+        assert run.run(ReviewStage, *swap).selected == 4
+        after = run.rows(ReviewStage)
+        assert {str(k): int(v) for k, v in after["ls_task_id"].items()} == tasks  # the same tasks
+        assert after["ls_outdated_annotations"].map(len).eq(0).all()
+        for c, t in tasks.items():
+            data = client.task(t)["data"]
+            assert data["merged_captions"] == shown[c]["merged_captions"]
+            assert data["scores"] != shown[c]["scores"]  # the new CLIP's scores
+            assert len(client.annotations(t)) == 2
+        st = run.status(*swap)
+        assert all(st[s].get("stale", 0) == 0 and st[s].get("layer_stale", 0) == 0 for s in st if s < "06")
+
+        exported = run.run(ExportStage, *swap)
+        assert exported.exit_code == 0, exported.message
+        stats = json.loads((run.dir / "export" / "statistics.json").read_text())
+        assert stats["scores"]["clip_model"] == sorted(set(captions2["clip_model"])) != old_model
+        assert stats["review"] == {"accept": 4, "edited": 0, "rejected": 0, "unreviewed": 0}
+        assert stats["outdated_reviews"] == 0 and stats["stale_items"] == 0
+        assert stats["review_agreement"]["votes"] == 8  # both annotators' answers, still counted
+
+        # A caption redo whose setting changes no caption (the dtype `auto` is on a CPU) leaves the
+        # merges, the review tasks and the export current.
+        same = (*swap, "caption.dtype=float32")
+        assert run.run(CaptionStage, *same).selected == 4
+        st = run.status(*same)
+        assert [st[s]["stale"] for s in ("03-caption", "04-merge", "05-review", "06-export")] == [0, 0, 0, 0]
