@@ -2,8 +2,11 @@
 
 The demo prepares a local stand-in for each external thing a stage needs (generated media on an
 HTTP server on 127.0.0.1 for yt-dlp, tiny random-weight models built from the real classes, a local
-Label Studio), points the config at them with overrides, and runs every registered stage in order
-through the same runner as ``avcaps run``. Then it runs the evaluation kit on the run
+Label Studio) and runs every registered stage in order through the same runner as ``avcaps run``.
+The models are built where the config names them (``manifests/demo.yaml``: under the run folder),
+so that file describes the demo folder afterwards (``avcaps status --config manifests/demo.yaml``);
+only what exists while the demo runs (the media server's and Label Studio's ports) is passed as
+overrides. Then it runs the evaluation kit on the run
 (:func:`show_evaluation`). Its captions are meaningless: it shows the pipeline working end to end.
 """
 
@@ -19,8 +22,9 @@ from pathlib import Path
 from pipeline.errors import AbortRun
 from pipeline.stage import RunContext, RunOptions
 
-# A prepare hook gets (exit stack, run folder) and returns config overrides ("key=value").
-Prepare = Callable[[contextlib.ExitStack, Path], list[str]]
+# A prepare hook gets (exit stack, the run's context so far) and returns config overrides
+# ("key=value") for what exists only while the demo runs.
+Prepare = Callable[[contextlib.ExitStack, RunContext], list[str]]
 PREPARE: dict[str, Prepare] = {}
 
 
@@ -33,18 +37,22 @@ def prepare(stage_name: str) -> Callable[[Prepare], Prepare]:
 
 
 @prepare("merge")
-def prepare_merge(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
-    """Stage 4 in-process (backend transformers) on the tiny random chat model, built once under
-    the run folder. The gate's relaxed thresholds for its word salad are in manifests/demo.yaml."""
+def prepare_merge(stack: contextlib.ExitStack, ctx: RunContext) -> list[str]:
+    """Stage 4 in-process (backend transformers, named in manifests/demo.yaml) on the tiny random
+    chat model, built once where ``merge.model`` names it. The gate's relaxed thresholds for its
+    word salad are in manifests/demo.yaml."""
     from standins.llm import build_tiny_chat_model
 
-    model = build_tiny_chat_model(workdir / "models" / "tiny-chat")
-    return [
-        "merge.backend=transformers",
-        f"merge.model={model}",
-        "merge.device=cpu",
-        "merge.reasoning_effort=null",  # a gpt-oss chat template option; the tiny model has none
-    ]
+    build_tiny_chat_model(_local(ctx.config.merge.model, "merge.model"))  # type: ignore[attr-defined]
+    return []
+
+
+def _local(model: str | None, key: str) -> Path:
+    """The folder the config names for a model: where the demo builds its stand-in (a path
+    relative to the current folder, as every path of a config is)."""
+    if not model:
+        raise AbortRun(f"the demo builds a stand-in model where {key} names it; it names none")
+    return Path(model)
 
 
 # The demo's Label Studio login when LABEL_STUDIO_USERNAME/PASSWORD/API_KEY are not set: public,
@@ -53,7 +61,7 @@ DEMO_LOGIN = ("demo@avcaps.local", "avcaps-demo-only", "de305d5475b4431badb2eb6b
 
 
 @prepare("review")
-def review_server(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
+def review_server(stack: contextlib.ExitStack, ctx: RunContext) -> list[str]:
     """Start a local Label Studio for the demo run (stopped at exit); stage 5 pushes to it and the
     export pulls from it. Nobody reviews in a demo, so the pull finds no annotations and the export
     runs with ``export.allow_unreviewed=true`` (raw merges flagged "unreviewed")."""
@@ -73,7 +81,7 @@ def review_server(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
     else:
         creds = Credentials(*DEMO_LOGIN)
         os.environ[API_KEY_ENV] = creds.api_key  # for the stage's client, in this process only
-    root = workdir.resolve()
+    root = ctx.workdir.resolve()
     server = LabelStudioServer(
         Path(".venv-labelstudio"), root / "05-review" / "label-studio", root, creds, port=free_port()
     )
@@ -86,18 +94,25 @@ def review_server(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
 
 
 @prepare("caption")
-def prepare_caption(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
-    """A tiny random BLIP-2, CLIP and CLAP, built once under the run folder, loaded by path like
-    real ones (CLIP scores stage 3's captions; CLIP and CLAP score stage 4's merges)."""
+def prepare_caption(stack: contextlib.ExitStack, ctx: RunContext) -> list[str]:
+    """A tiny random BLIP-2, CLIP and CLAP, built once where ``caption.model`` and the
+    ``scoring`` section name them, loaded by path like real ones (CLIP scores stage 3's captions;
+    CLIP and CLAP score stage 4's merges)."""
     from standins.blip2 import build_tiny_blip2
-    from standins.scorers import scorer_overrides
+    from standins.scorers import build_tiny_clap, build_tiny_clip
 
-    path = build_tiny_blip2(workdir / "models" / "blip2-tiny")
-    return [f"caption.model={path.resolve()}", *scorer_overrides(workdir / "models")]
+    cfg = ctx.config
+    build_tiny_blip2(_local(cfg.caption.model, "caption.model"))  # type: ignore[attr-defined]
+    scoring = cfg.scoring  # type: ignore[attr-defined]
+    if scoring.clip_model:
+        build_tiny_clip(_local(scoring.clip_model, "scoring.clip_model"))
+    if scoring.clap_model:
+        build_tiny_clap(_local(scoring.clap_model, "scoring.clap_model"))
+    return []
 
 
 @prepare("download")
-def serve_demo_media(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
+def serve_demo_media(stack: contextlib.ExitStack, ctx: RunContext) -> list[str]:
     """Stage 1 takes half the demo clips from a local folder of full-length videos named as
     AudioSet copies are (``lab-media/Y<id>.mp4``, cut here in-process) and the other half from a
     stand-in YouTube: generated videos served on 127.0.0.1 for yt-dlp."""
@@ -107,6 +122,7 @@ def serve_demo_media(stack: contextlib.ExitStack, workdir: Path) -> list[str]:
 
     from standins.media import MediaServer, make_sources
 
+    workdir = ctx.workdir
     clips = pd.read_parquet(workdir / "00-manifest" / "ledger", columns=["youtube_id", "start_s"])
     pairs = sorted((str(r.youtube_id), int(r.start_s)) for r in clips.itertuples())
     lab = workdir / "lab-media"
@@ -261,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             for cls in stage_classes():
                 hook = PREPARE.get(cls.name)
                 if hook is not None:
-                    overrides += hook(stack, workdir)
+                    overrides += hook(stack, ctx)
                 ctx = load_context(args.config, args.workdir, tuple(overrides))
                 report = run_stage(cls, ctx, RunOptions())
                 print(report.line(), flush=True)
@@ -275,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     for child in sorted(workdir.iterdir()):
         print(f"  {child}")
     print("The captions are made by random-weight stand-in models: meaningless by design.")
+    print(
+        f"{args.config} describes this folder: try `avcaps status --config {args.config}`, or "
+        f"`avcaps run 3 --force --config {args.config}` (README: Playing with the demo folder)."
+    )
     return 0
 
 

@@ -197,24 +197,31 @@ def test_pick_frame() -> None:
     assert pick_frame(7, 5, 3) == 4
 
 
-def test_demo_hook_builds_the_tiny_model_once(tmp_path: Path) -> None:
+def test_demo_hook_builds_the_models_where_the_demo_config_names_them(tmp_path: Path) -> None:
+    """The demo's models are where manifests/demo.yaml names them (issue 25), built once."""
     import contextlib
 
-    from pipeline.config import load_config
-    from stages.config import RunConfig
+    import yaml
+
+    from pipeline.cli import load_context
     from standins.demo import PREPARE
 
+    text = Path("manifests/demo.yaml").read_text().replace("runs/demo", str(tmp_path / "demo"))
+    manifest = tmp_path / "demo.yaml"
+    manifest.write_text(text)
+    ctx = load_context(manifest, None, ())
     with contextlib.ExitStack() as stack:
-        overrides = PREPARE["caption"](stack, tmp_path)
-        stamp = (tmp_path / "models" / "blip2-tiny" / ".complete").stat().st_mtime_ns
-        assert PREPARE["caption"](stack, tmp_path) == overrides
-    assert (tmp_path / "models" / "blip2-tiny" / ".complete").stat().st_mtime_ns == stamp
-    cfg = load_config(RunConfig, "manifests/demo.yaml", overrides)
-    assert Path(cfg.caption.model) == (tmp_path / "models" / "blip2-tiny").resolve()
-    Captioner(cfg.caption)  # loads with from_pretrained(path)
+        assert PREPARE["caption"](stack, ctx) == []  # nothing to override: the file says it
+        stamp = (tmp_path / "demo" / "models" / "blip2-tiny" / ".complete").stat().st_mtime_ns
+        assert PREPARE["caption"](stack, ctx) == []
+    assert (tmp_path / "demo" / "models" / "blip2-tiny" / ".complete").stat().st_mtime_ns == stamp
+    cfg = ctx.config
+    assert Path(cfg.caption.model) == tmp_path / "demo" / "models" / "blip2-tiny"  # type: ignore[attr-defined]
+    Captioner(cfg.caption)  # type: ignore[attr-defined]  # loads with from_pretrained(path)
     # The demo scores with the tiny CLIP and CLAP (stages 3 and 4), built in the same folder.
-    assert Path(cfg.scoring.clip_model) == (tmp_path / "models" / "clip-tiny").resolve()
-    assert Path(cfg.scoring.clap_model) == (tmp_path / "models" / "clap-tiny").resolve()
+    for key in ("clip", "clap"):
+        assert (tmp_path / "demo" / "models" / f"{key}-tiny" / "config.json").is_file()
+    assert yaml.safe_load(text)["scoring"]["clip_model"] == str(tmp_path / "demo" / "models" / "clip-tiny")
 
 
 def test_checkpoint_without_image_token_settings_still_captions_the_image(

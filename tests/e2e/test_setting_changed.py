@@ -178,6 +178,12 @@ def test_a_changed_caption_setting_is_followed_through_to_the_export(
         assert st["06-export"]["stale"] == 6
         waits = avcaps("run", "4", "--config", str(changed), "--no-progress", env=env).stdout
         assert "3 wait for stage 03-caption" in waits and "avcaps run 3" in waits
+        # The same in a forced run, its dry run and the status table: never a bare "nothing to do".
+        forced = avcaps("run", "4", "--force", "--config", str(changed), "--no-progress", env=env).stdout
+        dry = avcaps("run", "4", "--dry-run", "2", "--config", str(changed), env=env).stdout
+        table = avcaps("status", "--config", str(changed), env=env).stdout
+        for said in (forced, dry, table):
+            assert "3 wait for stage 03-caption" in said and "avcaps run 3" in said, said
         refused = avcaps("run", "6", "--config", str(changed), env=env, ok=False)
         assert refused.returncode == 2 and "03-caption" in refused.stderr and "stale" in refused.stderr
 
