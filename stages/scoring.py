@@ -51,6 +51,46 @@ CLAP_MODEL = "laion/larger_clap_general"
 CLAP_REVISION = "ada0c23a36c4e8582805bb38fec3905903f18b41"
 
 
+def move_scorer_keys(data: Any, moved: dict[str, dict[str, str]]) -> Any:
+    """A whole manifest's raw data with the scorer keys that moved (``moved``: section -> old key
+    -> ``scoring.<key>``) moved into ``scoring:``, each with a warning, so a manifest or a run
+    folder's ``config.yaml`` written before the move keeps working. Two places that give one new
+    key different values (``caption.clip_model`` and ``merge.clip_model``, or either and
+    ``scoring.clip_model``) are refused, naming them: which one was meant cannot be told."""
+    if not isinstance(data, dict):
+        return data
+    out = dict(data)
+    given = out.get("scoring")
+    scoring = dict(given) if isinstance(given, dict) else {}
+    came_from = {k: f"scoring.{k}" for k in scoring}
+    clashes, notes = [], []
+    for section, keys in moved.items():
+        raw = out.get(section)
+        if not isinstance(raw, dict) or not set(keys) & set(raw):
+            continue
+        raw = dict(raw)
+        for old, new in keys.items():
+            if old not in raw:
+                continue
+            value, key, where = raw.pop(old), new.removeprefix("scoring."), f"{section}.{old}"
+            if key in scoring and scoring[key] != value:
+                clashes.append(f"{came_from[key]}={scoring[key]!r} and {where}={value!r}")
+                continue
+            scoring.setdefault(key, value)
+            came_from.setdefault(key, where)
+            notes.append(f"{where} is now {new}")
+        out[section] = raw
+    if clashes:
+        raise ValueError(
+            "the scorer settings moved to one scoring: section, and these give one setting two values: "
+            + "; ".join(clashes)
+        )
+    if notes:
+        log.warning("%s (read in their new place this time: move them in the manifest)", "; ".join(notes))
+        out["scoring"] = scoring
+    return out
+
+
 def moved_keys(data: Any, section: str, moved: dict[str, str]) -> Any:
     """A config section's raw data, refused with one message naming the new place of every key
     that moved (a manifest written before the keys moved)."""

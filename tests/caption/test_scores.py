@@ -4,6 +4,7 @@ with caption i, and a frame the scorer cannot read fails only its clip."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,7 @@ def test_stage3_scores_keyframe_i_with_caption_i(
 
 
 def test_stage3_scorer_is_its_layer_not_in_its_fingerprint(
-    tmp_path: Path, tiny_blip2: Path, tiny_clip: Path
+    tmp_path: Path, tiny_blip2: Path, tiny_clip: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Another CLIP model changes the score layer's settings only: the captions stay current."""
     from pipeline.io import folder_fingerprint
@@ -156,8 +157,16 @@ def test_stage3_scorer_is_its_layer_not_in_its_fingerprint(
     assert fp(clip_model=str(tiny_clip)) == (base, {"clip": folder_fingerprint(tiny_clip)})
     assert fp({"score": False}) == (base, None)
     assert fp(batch_size=3, device="cpu") == (base, layer)  # batching and devices change no score
-    with pytest.raises(Exception, match=r"caption\.clip_model is now scoring\.clip_model"):
-        RunConfig.model_validate({"caption": {"clip_model": "x"}})
+    # A manifest written before the scoring: section: its keys are read in their new place, said.
+    with caplog.at_level(logging.WARNING, logger="avcaps"):
+        moved = RunConfig.model_validate({"caption": {"clip_model": "x", "clip_batch_size": 8}})
+    assert (moved.scoring.clip_model, moved.scoring.batch_size) == ("x", 8)
+    assert "caption.clip_model is now scoring.clip_model" in caplog.text
+    # Two places that give one setting two values: refused, naming both.
+    with pytest.raises(Exception, match=r"caption\.clip_model='x' and merge\.clip_model='y'"):
+        RunConfig.model_validate({"caption": {"clip_model": "x"}, "merge": {"clip_model": "y"}})
+    with pytest.raises(Exception, match=r"scoring\.clip_model='z' and caption\.clip_model='x'"):
+        RunConfig.model_validate({"caption": {"clip_model": "x"}, "scoring": {"clip_model": "z"}})
 
 
 def test_stage3_frame_the_scorer_cannot_read_leaves_its_clip_unscored(
