@@ -91,20 +91,70 @@ def _canonical(value: Any) -> Any:
 
 
 def value_fingerprints(settings_fp: str, table: pa.Table, columns: Sequence[str]) -> pa.Array:
-    """Per row of ``table``: ``r:`` + the hash of ``settings_fp`` and the values of ``columns``
-    (names sorted, values as JSON)."""
+    """Per row of ``table``: ``r:`` + the hash of ``settings_fp``, the column names (sorted) and
+    the row's values of ``columns``, each cell as unambiguous text (:func:`_cell_texts`).
+
+    The texts are built column-wise by Arrow; only the hash is per row in Python (~1 µs), so a
+    status over 2M clips stays in seconds."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     names = sorted(dict.fromkeys(columns))
     missing = [c for c in names if c not in table.column_names]
     if missing:
         raise KeyError(f"fingerprint columns not read: {missing}")
-    values = [table[c].to_pylist() for c in names]
-    out = []
-    for row in zip(*values, strict=True) if names else [() for _ in range(table.num_rows)]:
-        text = json.dumps(dict(zip(names, map(_canonical, row), strict=True)), sort_keys=True, default=str)
-        out.append(PREFIX + digest(settings_fp + "|" + text))
-    return pa.array(out, pa.string())
+    prefix = f"{settings_fp}|{chr(0x1F).join(names)}|".encode()
+    if not names:
+        return pa.array([PREFIX + _hash(prefix)] * table.num_rows, pa.string())
+    parts = [_cell_texts(table[c].combine_chunks()) for c in names]
+    text = parts[0] if len(parts) == 1 else pc.binary_join_element_wise(*parts, "\x1e")
+    return pa.array([PREFIX + _hash(prefix + t) for t in text.cast(pa.binary()).to_pylist()], pa.string())
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=_DIGEST).hexdigest()
+
+
+def _cell_texts(col: pa.Array) -> pa.Array:
+    """Each cell of ``col`` as text no other cell gives: a string as ``s<length>:<text>``, an
+    integer or a boolean as ``i<value>``, a float as ``f<its float32 bits>``, a list of those as
+    ``[<n>:`` and its items' texts joined by commas, null as ``\x00``; any other type as JSON."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        length = pc.utf8_length(col).cast(pa.string())
+        out = pc.binary_join_element_wise(pa.scalar("s"), length, pa.scalar(":"), col.cast(pa.string()), "")
+    elif pa.types.is_integer(t) or pa.types.is_boolean(t):
+        out = pc.binary_join_element_wise(pa.scalar("i"), col.cast(pa.string()), "")
+    elif pa.types.is_floating(t):
+        # As float32 bits: a number reads the same whether it was stored as float32 or float64.
+        bits = col.cast(pa.float32(), safe=False).view(pa.int32()).cast(pa.string())
+        out = pc.binary_join_element_wise(pa.scalar("f"), bits, "")
+    elif (pa.types.is_list(t) or pa.types.is_large_list(t)) and _plain(t.value_type):
+        items = _cell_texts(pc.list_flatten(col))
+        counts = pc.list_value_length(col).fill_null(0)
+        offsets = pa.concat_arrays([pa.array([0], pa.int32()), pc.cumulative_sum(counts).cast(pa.int32())])
+        joined = pc.binary_join(pa.ListArray.from_arrays(offsets, items), ",")
+        n = pc.list_value_length(col).cast(pa.string())
+        out = pc.binary_join_element_wise(pa.scalar("["), n, pa.scalar(":"), joined, "")
+    else:
+        values = [json.dumps(_canonical(v), sort_keys=True, default=str) for v in col.to_pylist()]
+        return pa.array(["j" + v for v in values], pa.string()).fill_null("\x00")
+    return out.fill_null("\x00")
+
+
+def _plain(t: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    return bool(
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_integer(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_floating(t)
+    )
 
 
 def layer_fingerprints(

@@ -32,6 +32,7 @@ from pipeline.machine import halt_for, machine_cause
 from pipeline.selection import (
     WorkList,
     expected,
+    has_legacy,
     held_back,
     item_columns,
     select_pending,
@@ -111,7 +112,7 @@ def run_item_stage(stage: ItemStage, options: RunOptions, report: RunReport | No
     upstream = ordered(stage, selected(stage, found))
     del found
     state = ledger.latest_table(["status", "attempts", "fingerprint", "layer_fingerprint"])
-    exp = expected(stage, upstream)
+    exp = expected(stage, upstream, has_legacy(state["fingerprint"]))
     can_refresh = stage.has_layer()
     ids = upstream["clip_id"].combine_chunks()
     pending = select_pending(ids, state, options, cfg.max_attempts, exp, can_refresh)
@@ -211,7 +212,7 @@ def dry_run_stage(cls: type[Stage], ctx: RunContext, options: RunOptions, n: int
     state = stage_ledger(stage).latest_table(["status", "attempts", "fingerprint", "layer_fingerprint"])
     limited = RunOptions(**{**options.__dict__, "limit": n})
     max_attempts = stage.stage_config.max_attempts
-    exp = expected(stage, upstream)
+    exp = expected(stage, upstream, has_legacy(state["fingerprint"]))
     pending = select_pending(upstream["clip_id"].combine_chunks(), state, limited, max_attempts, exp)
     if not len(pending):
         done = f"{upstream.num_rows} eligible items are all done or failed"

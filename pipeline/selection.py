@@ -60,6 +60,10 @@ def to_python(value: Any) -> Any:
 #: Column of :func:`upstream_ok`'s table: the legacy chain fingerprint the direct upstream row has
 #: (or would have, redone with today's settings), for rows fingerprinted before values were.
 UPSTREAM_FP = "__upstream_fp"
+#: Schema metadata of :func:`upstream_ok`'s table: the settings fingerprints still to chain onto
+#: :data:`UPSTREAM_FP` (JSON list). Chaining costs a hash per row and stage, and only rows made
+#: before fingerprints followed values need it, so it is done when a ledger holds such rows.
+LEGACY_PENDING = b"avcaps_legacy_pending"
 #: Schema metadata of :func:`upstream_ok`'s table: per ancestor, its ok rows that are stale
 #: (JSON ``{dirname: n}``): clips waiting for that stage to be redone.
 HELD_BACK = b"avcaps_held_back"
@@ -174,6 +178,7 @@ def upstream_ok(
         fields += type(anc).output_schema()
     table: pa.Table | None = None
     legacy_fp = None
+    pending: list[str] = []  # settings fingerprints not yet chained onto legacy_fp
     held: dict[str, int] = {}
     for anc_cls, anc in zip(chain_of, stages, strict=True):
         ledger = stage_ledger(anc_cls, ctx.workdir)
@@ -200,13 +205,21 @@ def upstream_ok(
         keep = pc.is_valid(idx)
         table, idx, legacy_fp = table.filter(keep), idx.filter(keep), legacy_fp.filter(keep)
         new = value_fingerprints(settings_fingerprint(anc), table, made_from[anc_cls.dirname()])
-        legacy = [chain(settings_fingerprint(anc, s), legacy_fp) for s in anc.legacy_fingerprint_settings()]
-        current = _is_current(state["fingerprint"].take(idx), new, legacy)
+        olds = [settings_fingerprint(anc, s) for s in anc.legacy_fingerprint_settings()]
+        actual = state["fingerprint"].take(idx)
+        legacy: list[pa.Array] = []
+        if has_legacy(actual):  # rows from before values were fingerprinted: chain to compare
+            legacy_fp, pending = chain_all(legacy_fp, pending), []
+            legacy = [chain(old, legacy_fp) for old in olds]
+        current = _is_current(actual, new, legacy)
         stale = pc.invert(current)
         if isinstance(target, ItemStage):  # only the clips the stage applies to wait for it
             stale = pc.and_(stale, _selects(target, table))
         held[anc_cls.dirname()] = int(pc.sum(stale).as_py() or 0)
-        legacy_fp = legacy[0]
+        if legacy:
+            legacy_fp = legacy[0]
+        else:
+            pending.append(olds[0])
         if current_only:
             table, idx, legacy_fp = table.filter(current), idx.filter(current), legacy_fp.filter(current)
         for name in want:
@@ -215,6 +228,7 @@ def upstream_ok(
         raise AbortRun(f"stage {cls.dirname()} has no upstream stage to take items from")
     table = table.append_column(UPSTREAM_FP, legacy_fp)
     meta = dict(table.schema.metadata or {})
+    meta[LEGACY_PENDING] = json.dumps(pending).encode()
     meta[HELD_BACK] = json.dumps({k: v for k, v in held.items() if v}).encode()
     return table.replace_schema_metadata(meta)
 
@@ -223,6 +237,34 @@ def _schema(fields: list[pa.Field]) -> pa.Schema:
     import pyarrow as pa
 
     return pa.schema(fields)
+
+
+def has_legacy(fingerprints: pa.Array | pa.ChunkedArray) -> bool:
+    """Whether any of ``fingerprints`` is a legacy chain one (neither null nor over values)."""
+    import pyarrow.compute as pc
+
+    from pipeline.fingerprint import PREFIX
+
+    return bool(pc.any(pc.invert(pc.starts_with(fingerprints, PREFIX))).as_py())
+
+
+def chain_all(upstream: pa.Array | pa.ChunkedArray, settings: list[str]) -> pa.Array:
+    """``upstream`` chained with each of ``settings`` in turn (:func:`pipeline.fingerprint.chain`)."""
+    from pipeline.fingerprint import chain
+
+    out = upstream.combine_chunks() if hasattr(upstream, "combine_chunks") else upstream
+    for fp in settings:
+        out = chain(fp, out)
+    return out
+
+
+def upstream_legacy(table: pa.Table) -> pa.Array:
+    """Per clip of an :func:`upstream_ok` table: the legacy chain fingerprint its direct upstream
+    row has (or would have, redone with today's settings)."""
+    import json
+
+    pending = json.loads((table.schema.metadata or {}).get(LEGACY_PENDING, b"[]"))
+    return chain_all(table[UPSTREAM_FP], pending)
 
 
 def held_back(table: pa.Table) -> dict[str, int]:
@@ -267,18 +309,19 @@ class Expected:
         return Expected(self.rows.take(idx), [x.take(idx) for x in self.legacy], self.layer.take(idx))
 
 
-def expected(stage: Stage, upstream: pa.Table) -> Expected:
-    """The fingerprints rows of ``stage`` made now from each clip of ``upstream`` get."""
+def expected(stage: Stage, upstream: pa.Table, legacy_rows: bool = True) -> Expected:
+    """The fingerprints rows of ``stage`` made now from each clip of ``upstream`` get
+    (``legacy_rows``: whether the stage's ledger holds legacy rows, whose chain is then made)."""
     import pyarrow as pa
 
     from pipeline.fingerprint import chain, layer_fingerprints, settings_fingerprint, value_fingerprints
 
     schema = upstream_schema(type(stage))
     rows = value_fingerprints(settings_fingerprint(stage), upstream, fingerprint_columns(stage, schema))
-    legacy = [
-        chain(settings_fingerprint(stage, s), upstream[UPSTREAM_FP])
-        for s in stage.legacy_fingerprint_settings()
-    ]
+    legacy: list[pa.Array] = []
+    if legacy_rows:
+        base = upstream_legacy(upstream)
+        legacy = [chain(settings_fingerprint(stage, s), base) for s in stage.legacy_fingerprint_settings()]
     if isinstance(stage, ItemStage):
         layer = layer_fingerprints(
             stage.layer_settings(), stage, rows, upstream, layer_columns(stage, schema)
@@ -387,7 +430,8 @@ def stale_ids(cls: type[Stage], ctx: RunContext) -> set[str]:
     except AbortRun:  # an upstream stage has not run: nothing to compare with
         return set()
     state = ledger.latest_table(["status", "fingerprint"])
-    mask = stale_mask(state, eligible["clip_id"].combine_chunks(), expected(stage, eligible))
+    exp = expected(stage, eligible, has_legacy(state["fingerprint"]))
+    mask = stale_mask(state, eligible["clip_id"].combine_chunks(), exp)
     return set(state["clip_id"].filter(mask).to_pylist())
 
 

@@ -16,7 +16,15 @@ from pipeline.executors import KEPT_PREVIOUS
 from pipeline.io import read_json
 from pipeline.ledger import QUARANTINE, DamagedPart, tolerating_damage
 from pipeline.registry import app, stage_classes
-from pipeline.selection import Expected, eligible_table, expected, held_back, stage_ledger, waiting_line
+from pipeline.selection import (
+    Expected,
+    eligible_table,
+    expected,
+    has_legacy,
+    held_back,
+    stage_ledger,
+    waiting_line,
+)
 from pipeline.stage import STATUSES, ItemStage, RunContext, Stage, WholeStage
 
 if TYPE_CHECKING:
@@ -114,7 +122,7 @@ def stage_status(cls: type[Stage], ctx: RunContext) -> dict[str, Any]:
             return entry
         state = ledger.latest_table(["status", "reason", "fingerprint", "layer_fingerprint"])
         status, reason = _current(eligible, state)
-        stale, layer = _stale(eligible, state, expected(stage, eligible))
+        stale, layer = _stale(eligible, state, expected(stage, eligible, has_legacy(state["fingerprint"])))
         entry.update(_counts(status, reason))
         entry["stale"] = int(pc.sum(stale).as_py() or 0)
         if stage.has_layer():

@@ -192,7 +192,7 @@ class ReviewStage(ItemStage[ReviewConfig]):
         :meth:`order` ranks too), and the fingerprint of each clip's merge row, which tells a task
         of an older form apart from a task of another merge."""
         from pipeline.fingerprint import chain, settings_fingerprint, value_fingerprints
-        from pipeline.selection import UPSTREAM_FP, eligible_table, fingerprint_columns
+        from pipeline.selection import eligible_table, fingerprint_columns, upstream_legacy
         from stages.review.risk import SCORE_COLUMNS, RunScores
 
         table = eligible_table(self, self.ctx, SCORE_COLUMNS)
@@ -200,10 +200,11 @@ class ReviewStage(ItemStage[ReviewConfig]):
         ids = table["clip_id"].to_pylist()
         self.older_fps: dict[str, set[str]] = {cid: set() for cid in ids}
         columns = fingerprint_columns(self)
+        legacy = upstream_legacy(table)
         for fmt in OLDER_TASK_FORMATS:
             old = settings_fingerprint(self, self.fingerprint_settings(fmt))
             # The row that form made from the same inputs, fingerprinted as today or as by the chain.
-            for made in (value_fingerprints(old, table, columns), chain(old, table[UPSTREAM_FP])):
+            for made in (value_fingerprints(old, table, columns), chain(old, legacy)):
                 for cid, fp in zip(ids, made.to_pylist(), strict=True):
                     self.older_fps[cid].add(fp)
 
