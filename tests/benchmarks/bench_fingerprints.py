@@ -8,7 +8,8 @@ run would make now. Two steps, each against the naive way in the same process, r
    one hash per row) against the naive way, one ``json.dumps`` of the row's values per row (the
    first form of the function), on the columns stages read: strings and integers (stage 1:
    ``youtube_id``, ``start_s``, ``end_s``), a list of strings (stage 4: the captions), a float
-   column (stage 2's ``video_duration_s``: JSON in both). Both are checked to tell every row apart.
+   column (stage 2 reads ``video_duration_s``). Both are checked to give one fingerprint per
+   distinct row.
 2. ``legacy``: the legacy chains (a hash per row and stage, needed only for rows made before
    fingerprints followed values): :func:`pipeline.selection.chain_all` through 4 stages, which a
    status of stage 5 made for every ancestor before it skipped them on a run folder with no such row.
