@@ -331,11 +331,6 @@ def expected(stage: Stage, upstream: pa.Table, legacy_rows: bool = True) -> Expe
     return Expected(rows, legacy, layer)
 
 
-def expected_fingerprints(stage: Stage, upstream: pa.Table) -> pa.Array:
-    """The fingerprint a row of ``stage`` made now from each clip of ``upstream`` gets."""
-    return expected(stage, upstream).rows
-
-
 def _selects(stage: ItemStage, table: pa.Table) -> pa.Array:
     """``stage.select``'s mask over ``table`` (all true where it selects by columns not in it yet)."""
     import numpy as np
