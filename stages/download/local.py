@@ -165,22 +165,7 @@ class LocalMedia:
             taken.link_from = media if isinstance(media, Path) else None
         suffix = Path(row["name"]).suffix.lower() if src.kind != "hf" else ""
         taken.suffix = suffix if suffix in self.suffixes else ".mp4"
-        try:
-            if taken.precut:
-                taken.info = decode_media(media, ref)
-                self.check_length(taken, taken.info["video_end_s"], "video")
-            else:
-                duration, has_video, has_audio = media_duration(media)
-                if not has_video:
-                    raise PermanentError("no_video", f"{ref}: no video stream")
-                self.cut_range(taken, item, duration)
-                taken.info = {"has_audio": has_audio}
-        except ItemError:
-            raise
-        except Exception as exc:
-            if _machine(exc):
-                raise
-            raise _corrupt(ref, exc) from exc
+        self.examine(taken, item, media, ref, "video")
         return taken
 
     def audio(self, label: str, item: Item) -> Taken | None:
@@ -192,23 +177,28 @@ class LocalMedia:
         media, ref = self.read(index, row)
         length = float(item["end_s"]) - float(item["start_s"])
         taken = Taken(label, ref, media, index.pattern.precut, 0.0, length)
+        self.examine(taken, item, media, ref, "audio")
+        return taken
+
+    def examine(self, taken: Taken, item: Item, media: Path | bytes, ref: str, stream: str) -> None:
+        """Check ``taken``'s ``stream`` ("video" or "audio"): a pre-cut clip decoded whole and its
+        length checked, a full-length file probed and its cut placed; damage is ``corrupt_source``."""
         try:
             if taken.precut:
-                taken.info = decode_audio(media, ref)
-                self.check_length(taken, taken.info["audio_end_s"], "audio")
+                taken.info = (decode_media if stream == "video" else decode_audio)(media, ref)
+                self.check_length(taken, taken.info[f"{stream}_end_s"], stream)
             else:
-                duration, _, has_audio = media_duration(media)
-                if not has_audio:
-                    raise PermanentError("no_audio", f"{ref}: no audio stream")
+                duration, has_video, has_audio = media_duration(media)
+                if not (has_video if stream == "video" else has_audio):
+                    raise PermanentError(f"no_{stream}", f"{ref}: no {stream} stream")
                 self.cut_range(taken, item, duration)
-                taken.info = {"has_audio": True}
+                taken.info = {"has_audio": has_audio}
         except ItemError:
             raise
         except Exception as exc:
             if _machine(exc):
                 raise
             raise _corrupt(ref, exc) from exc
-        return taken
 
     def check_length(self, taken: Taken, decoded_s: float, what: str) -> None:
         """A pre-cut clip must hold the whole clip: a shorter one is truncated (or cut wrong)."""
