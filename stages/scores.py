@@ -53,16 +53,17 @@ def caption_score_fields() -> list[pa.Field]:
     ]
 
 
-#: Stage 4's score columns (its layer: another scorer re-scores, the merges stay).
-MERGE_SCORE_COLUMNS: tuple[str, ...] = (
+#: Stage 4's scores (what a review task shows, raw and as percentiles).
+MERGE_SCORES: tuple[str, ...] = (
     MERGE_CLAP,
     MERGE_CLIP,
     SOURCE_AUDIO_CLAP,
     SOURCE_AUDIO_CLIP,
     SOURCE_VISUAL_CLAP,
     SOURCE_VISUAL_CLIP,
-    "score_models",
 )
+#: Stage 4's score columns (its layer: another scorer re-scores, the merges stay).
+MERGE_SCORE_COLUMNS: tuple[str, ...] = (*MERGE_SCORES, "score_models")
 
 
 def merge_score_fields() -> list[pa.Field]:

@@ -24,6 +24,7 @@ from pipeline.ranks import cell_percentiles
 from stages.scores import (
     MERGE_CLAP,
     MERGE_CLIP,
+    MERGE_SCORES,
     SOURCE_AUDIO_CLAP,
     SOURCE_AUDIO_CLIP,
     SOURCE_VISUAL_CLAP,
@@ -34,14 +35,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 #: Stage 4's score columns that a task shows (raw and percentile).
-SCORE_COLUMNS: tuple[str, ...] = (
-    MERGE_CLAP,
-    MERGE_CLIP,
-    SOURCE_AUDIO_CLAP,
-    SOURCE_AUDIO_CLIP,
-    SOURCE_VISUAL_CLAP,
-    SOURCE_VISUAL_CLIP,
-)
+SCORE_COLUMNS = MERGE_SCORES
 #: Task data keys that only help the annotator (scores): refreshing them is no new task to review.
 DISPLAY_KEYS: frozenset[str] = frozenset({"risk", "scores", "scores_text"})
 
