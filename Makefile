@@ -90,7 +90,7 @@ status: setup
 stage-0: setup
 	$(AVCAPS) run 0 $(RUN_FLAGS)
 
-## stage-1: download each clip's 10-s section with yt-dlp, validated by decoding (CONFIG=..., WORKDIR=..., ARGS=...)
+## stage-1: take each clip from the media you hold (download.sources), else its 10-s section with yt-dlp; validated by decoding (CONFIG=..., WORKDIR=..., ARGS=...)
 stage-1: setup
 	$(AVCAPS) run 1 $(RUN_FLAGS)
 
